@@ -1,0 +1,142 @@
+"""Losses, error seeds and loss-Hessian quadratic forms.  Pure: tensors in, tensors out.
+
+Every loss is a mean over *loss terms* (see docs/design.md):
+
+    L = (1/N) Σ_t ℓ_t
+
+- ``cross_entropy``: logits (B, C) with targets (B,), or (B, T, V) with targets (B, T); target -100 is ignored.
+  ℓ_t = logsumexp(z_t) − z_t[y_t].
+- ``mse``: logits and targets of the same shape (..., C); one term per row of the last axis,
+  ℓ_t = (1/C)‖z_t − y_t‖², so that L equals ``torch.nn.functional.mse_loss(z, y)`` (mean over elements).
+
+Seeds are tensors of the logits' shape that are back-propagated to obtain per-row errors δ_i.  They are
+gradients of the *summed* loss Σ_t ℓ_t (not the mean), so δ_i = N ∂L/∂s_i:
+
+- ``empirical``: ∂ℓ_t/∂z_t at the true labels (CE: p_t − e_{y_t}; MSE: (2/C)(z_t − y_t)).
+- ``mc``: the same at labels drawn from the model's predictive distribution (CE: y ~ Cat(p_t);
+  MSE: y ~ N(z_t, (C/2) I), whose negative log-likelihood is ℓ_t up to a constant); with S samples each seed is
+  scaled by 1/√S so that the seeds' outer products average to E[g gᵀ] = ∇²ℓ (the true Fisher).
+- ``type2``: the columns of an exact square root of ∇²_z ℓ_t (CE: q_c = √p_c (e_c − p_t), Σ_c q_c q_cᵀ = diag p − p pᵀ;
+  MSE: √(2/C) e_c): one seed per class.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+LOSSES = ("cross_entropy", "mse")
+FISHERS = ("empirical", "mc", "type2")
+IGNORE_INDEX = -100
+
+
+def check_loss(loss: str) -> None:
+    if loss not in LOSSES:
+        raise ValueError(f"loss={loss!r} is not supported; choose one of {', '.join(LOSSES)}")
+
+
+def check_fisher(fisher: str) -> None:
+    if fisher not in FISHERS:
+        raise ValueError(f"fisher={fisher!r} is not supported; choose one of {', '.join(FISHERS)}")
+
+
+def _flat(logits: torch.Tensor, targets: torch.Tensor, loss: str):
+    """(R, C) logits, (R,) or (R, C) targets and the (R,) mask of valid terms."""
+    check_loss(loss)
+    C = logits.shape[-1]
+    z = logits.reshape(-1, C)
+    if loss == "cross_entropy":
+        if targets.shape != logits.shape[:-1]:
+            raise ValueError(
+                f"cross_entropy needs targets of shape {tuple(logits.shape[:-1])} for logits of shape "
+                f"{tuple(logits.shape)}, got {tuple(targets.shape)}")
+        y = targets.reshape(-1)
+        mask = y != IGNORE_INDEX
+    else:
+        if targets.shape != logits.shape:
+            raise ValueError(f"mse needs targets of the logits' shape {tuple(logits.shape)}, got {tuple(targets.shape)}")
+        y = targets.reshape(-1, C).to(logits.dtype)
+        mask = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
+    return z, y, mask
+
+
+def loss_terms(logits: torch.Tensor, targets: torch.Tensor, loss: str):
+    """Return ``(L_mean, n_terms, term_mask)``; the loss is computed in the logits' dtype."""
+    z, y, mask = _flat(logits, targets, loss)
+    n = int(mask.sum())
+    if n == 0:
+        raise ValueError("the micro-batch has no loss terms (every target is -100); drop it or fix the targets")
+    if loss == "cross_entropy":
+        yy = torch.where(mask, y, torch.zeros_like(y))
+        ell = torch.logsumexp(z, dim=-1) - z.gather(1, yy[:, None]).squeeze(1)
+        total = (ell * mask.to(z.dtype)).sum()
+    else:
+        total = ((z - y) ** 2).sum() / z.shape[-1]
+    return total / n, n, mask
+
+
+def _probs(z: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(z, dim=-1)
+
+
+def error_seeds(logits: torch.Tensor, targets: torch.Tensor, loss: str, fisher: str,
+                generator: torch.Generator | None = None, mc_samples: int = 1) -> Iterator[torch.Tensor]:
+    """Yield seeds of the logits' shape (lazily: ``type2`` on a large vocabulary has one seed per class)."""
+    check_fisher(fisher)
+    z, y, mask = _flat(logits.detach(), targets, loss)
+    shape = logits.shape
+    C = z.shape[-1]
+    m = mask.to(z.dtype)[:, None]
+    if loss == "cross_entropy":
+        p = _probs(z)
+        if fisher == "empirical":
+            yy = torch.where(mask, y, torch.zeros_like(y))
+            yield ((p - torch.nn.functional.one_hot(yy, C).to(z.dtype)) * m).reshape(shape)
+        elif fisher == "mc":
+            for _ in range(mc_samples):
+                # sample on the CPU generator when given one so that runs are reproducible across devices
+                pc = p.float().cpu() if generator is not None else p.float()
+                ys = torch.multinomial(pc, 1, generator=generator).squeeze(1).to(z.device)
+                seed = (p - torch.nn.functional.one_hot(ys, C).to(z.dtype)) * m
+                yield (seed / mc_samples ** 0.5).reshape(shape)
+        else:
+            sq = p.sqrt()
+            for c in range(C):
+                seed = -sq[:, c:c + 1] * p
+                seed[:, c] += sq[:, c]
+                yield (seed * m).reshape(shape)
+    else:
+        if fisher == "empirical":
+            yield ((2.0 / C) * (z - y)).reshape(shape)
+        elif fisher == "mc":
+            for _ in range(mc_samples):
+                eps = torch.randn(z.shape, generator=generator, dtype=z.dtype,
+                                  device="cpu" if generator is not None else z.device).to(z.device)
+                yield (-(2.0 / C) ** 0.5 * eps / mc_samples ** 0.5).reshape(shape)
+        else:
+            for c in range(C):
+                seed = torch.zeros_like(z)
+                seed[:, c] = (2.0 / C) ** 0.5
+                yield seed.reshape(shape)
+
+
+def n_seeds(logits: torch.Tensor, fisher: str, mc_samples: int = 1) -> int:
+    return {"empirical": 1, "mc": mc_samples, "type2": logits.shape[-1]}[fisher]
+
+
+def hessian_quadratic(logits: torch.Tensor, targets: torch.Tensor, loss: str, zdot: torch.Tensor) -> torch.Tensor:
+    """Σ_t żᵀ_t ∇²_z ℓ_t ż_t / N for a batch of logit tangents ``zdot`` (K, *logits.shape) → (K,).
+
+    This is the Gauss–Newton quadratic form vᵀ Jᵀ H_ℓ J v once ż = J v is known.
+    """
+    z, _, mask = _flat(logits.detach(), targets, loss)
+    n = int(mask.sum())
+    K = zdot.shape[0]
+    zd = zdot.reshape(K, -1, z.shape[-1]).to(z.dtype)
+    m = mask.to(z.dtype)
+    if loss == "cross_entropy":
+        p = _probs(z)
+        q = (p[None] * zd * zd).sum(-1) - (p[None] * zd).sum(-1) ** 2  # (K, R)
+    else:
+        q = (2.0 / z.shape[-1]) * (zd * zd).sum(-1)
+    return (q * m[None]).sum(-1) / n
