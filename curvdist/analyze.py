@@ -1,0 +1,120 @@
+"""The in-process measurement: :func:`analyze` runs every step of SPEC §1 on one model in one process.
+
+    result = curvdist.analyze(model, data, loss="cross_entropy", top_k=20, fisher="empirical")
+    result.layers       # pyarrow.Table, one row per layer (α, α_Kron, β, φ, χ-slope, γ, s, …, status)
+    result.directions   # pyarrow.Table, one row per (layer, k)
+
+Three passes over the evaluation batch: (1) statistics G, C_A, C_δ; (2) projected statistics along the
+directions (h^SoP, and Rayleigh quotients for layers whose dense factors were over budget); (3) exact h and h^GN
+by batched Hessian- and Jacobian-vector products.  The Ray runner does the same work split across stages.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import pyarrow as pa
+import torch
+from torch import nn
+
+from . import families, forward, measure
+from .curvature import exact_curvature
+from .factors import collect_projections, collect_statistics
+from .losses import check_fisher, check_loss
+
+DIRECTION_COLUMNS = ["layer", "k", "sigma", "h", "h_gn", "h_kron", "h_sop", "rayleigh_delta", "rayleigh_A",
+                     "lambda_delta", "lambda_A", "rho_delta", "rho_A", "phi", "Lambda", "chi"]
+
+
+@dataclass
+class Result:
+    """Tables of one analysis: ``layers`` (one row per layer), ``directions`` (one per layer and k),
+    ``spectra`` (top eigenvalues of C_A and C_δ), and wall-clock ``timings`` per phase in seconds."""
+
+    layers: pa.Table
+    directions: pa.Table
+    spectra: pa.Table
+    timings: dict = field(default_factory=dict)
+
+    def layer(self, name: str) -> dict:
+        rows = [r for r in self.layers.to_pylist() if r["layer"] == name]
+        if not rows:
+            raise KeyError(f"no layer {name!r}; layers are {self.layers.column('layer').to_pylist()[:8]}…")
+        return rows[0]
+
+
+def _table(rows: list[dict], columns: list[str] | None = None) -> pa.Table:
+    if not rows:
+        return pa.table({c: pa.array([], pa.float64()) for c in (columns or [])})
+    return pa.Table.from_pylist(rows)
+
+
+def analyze(model: nn.Module, data: Iterable, loss: str = "cross_entropy", *, top_k: int = 20,
+            fisher: str = "empirical", exact: bool = True, gn: bool = True, layers=None,
+            dtype: torch.dtype | None = None, stat_dtype: torch.dtype | None = None,
+            factor_budget_bytes: int | None = None, mc_samples: int = 1, seed: int = 0) -> Result:
+    """Measure every selected layer of ``model`` on the evaluation batch ``data``.
+
+    Args:
+        model: any ``nn.Module``; Hugging Face models are called with keyword inputs.
+        data: iterable of ``(inputs, targets)`` micro-batches; it is read three times (materialised once).
+        loss: ``"cross_entropy"`` (targets -100 ignored) or ``"mse"``, always a mean over loss terms.
+        top_k: K, the number of singular directions per layer.
+        fisher: error kind of C_δ: ``"empirical"`` (SPEC default), ``"mc"`` or ``"type2"``.
+        exact: compute exact h (HVPs) and, with ``gn``, h^GN (JVPs); False leaves them null.
+        layers: None (all supported layers) or module names / glob patterns.
+        dtype: cast the model and floating inputs to this dtype first (float64 for validation).
+        stat_dtype: accumulation dtype of G, C_A, C_δ (default float64 when the model is float64, else float32).
+        factor_budget_bytes: dense factors larger than this are never allocated (layer status says so).
+    """
+    check_loss(loss)
+    check_fisher(fisher)
+    if top_k < 1:
+        raise ValueError(f"top_k={top_k} must be ≥ 1")
+    if dtype is not None:
+        model = model.to(dtype)
+    param = next(model.parameters())
+    device, mdtype = param.device, param.dtype
+    stat_dtype = stat_dtype or (torch.float64 if mdtype == torch.float64 else torch.float32)
+    batches = [(forward.to_device(x, device, mdtype), forward.to_device(y, device, mdtype if loss == "mse" else None))
+               for x, y in data]
+    if not batches:
+        raise ValueError("data is empty: pass at least one (inputs, targets) micro-batch")
+    family = families.detect_family(model)
+    selected = families.select_layers(model, layers, family)
+    timings: dict = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with forward.second_order_attention():
+            t0 = time.perf_counter()
+            stats = collect_statistics(model, batches, loss, fisher=fisher, layers=selected, stat_dtype=stat_dtype,
+                                       factor_budget_bytes=factor_budget_bytes, mc_samples=mc_samples, seed=seed)
+            timings["factors_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            spectra = {name: measure.spectral_step(st, top_k, seed=seed) for name, st in stats.items()}
+            timings["spectral_s"] = time.perf_counter() - t0
+            directions = {name: sp.directions for name, sp in spectra.items() if sp.directions is not None}
+            live = {name: selected[name] for name in directions}
+            t0 = time.perf_counter()
+            proj = collect_projections(model, batches, loss, fisher=fisher, layers=live, directions=directions,
+                                       stat_dtype=stat_dtype, mc_samples=mc_samples, seed=seed) if live else {}
+            timings["projections_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            curv = exact_curvature(model, batches, loss, directions, layers=live, hessian=True, gn=gn) \
+                if (exact and live) else {}
+            timings["exact_s"] = time.perf_counter() - t0
+    finally:
+        model.train(was_training)
+    layer_rows, direction_rows, spectra_rows = [], [], []
+    for name, sp in spectra.items():
+        layer_type, block = families.classify(name, family)
+        row, drows, srows = measure.layer_rows(sp, layer_type=layer_type, block=block, fisher=fisher,
+                                               projections=proj.get(name), curvature=curv.get(name),
+                                               extra={"family": family})
+        layer_rows.append(row)
+        direction_rows += drows
+        spectra_rows += srows
+    return Result(_table(layer_rows), _table(direction_rows, DIRECTION_COLUMNS),
+                  _table(spectra_rows, ["layer", "factor", "k", "eigenvalue"]), timings)

@@ -1,0 +1,151 @@
+"""From one layer's statistics to its output rows: spectral step, metrics, fits.  Pure: tensors in, rows out.
+
+Shared by the in-process :func:`curvdist.analyze` and by the pipeline stage actors, so that both paths compute
+every number with the same code.  A layer goes through three steps:
+
+1. :func:`spectral_step` — top-K singular triplets of G, top-K eigenpairs of C_A and C_δ (when the dense
+   factors exist), and the directions D_k = u_k v_kᵀ handed to the projected and exact passes;
+2. the projected pass (h^SoP, Rayleigh quotients from rows) and the exact pass (h, h^GN), run by the caller;
+3. :func:`layer_rows` — ρ, Φ, Λ, χ per direction and the exponent fits of the layer.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from . import fit, spectral
+
+
+@dataclass
+class LayerSpectra:
+    """Spectral results of one layer; tensors live on the layer's device until :func:`layer_rows`."""
+
+    name: str
+    m: int
+    n: int
+    rows: int
+    n_terms: int
+    k: int                                   # directions computed, min(top_k, m, n); 0 when none
+    sigma: torch.Tensor | None = None        # (k,)
+    U: torch.Tensor | None = None            # (k, m) rows are u_k
+    V: torch.Tensor | None = None            # (k, n) rows are v_k
+    lambda_A: torch.Tensor | None = None     # (k,)
+    lambda_delta: torch.Tensor | None = None
+    rayleigh_A: torch.Tensor | None = None   # from the dense factors; the projected pass fills them otherwise
+    rayleigh_delta: torch.Tensor | None = None
+    status: str = "ok"
+    factor_status: str = "ok"
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def directions(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if self.k == 0 else (self.U, self.V)
+
+
+def gradient_status(G: torch.Tensor) -> str:
+    if not bool(torch.isfinite(G).all()):
+        return "non_finite_gradient: G has NaN or Inf entries (check the loss, the dtype and the checkpoint)"
+    if not bool((G != 0).any()):
+        return "zero_gradient: G is identically zero (the layer does not influence the loss on this batch)"
+    return "ok"
+
+
+def spectral_step(stats, top_k: int, *, seed: int = 0) -> LayerSpectra:
+    """Top-K structure of one layer from its :class:`curvdist.factors.LayerStatistics`."""
+    import time
+
+    m, n = stats.m, stats.n
+    k = min(top_k, m, n)
+    out = LayerSpectra(stats.name, m, n, stats.rows, stats.n_terms, k, factor_status=stats.status)
+    status = gradient_status(stats.G)
+    if top_k > min(m, n):
+        status = f"top_k_exceeds_rank: top_k={top_k} > min(m, n)={min(m, n)}; lower top_k to fit exponents" \
+            if status == "ok" else status
+    if status.startswith(("non_finite", "zero_gradient")):
+        out.k, out.status = 0, status
+        return out
+    out.status = status
+    t0 = time.perf_counter()
+    sigma, U, V = spectral.top_singular(stats.G, k, seed=seed)
+    out.sigma, out.U, out.V = sigma, U.T.contiguous(), V.T.contiguous()
+    out.timings["svd_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if stats.C_A is not None:
+        out.lambda_A = spectral.top_eigen(stats.C_A, k, seed=seed)[0]
+        out.rayleigh_A = spectral.rayleigh(stats.C_A, V)
+    if stats.C_delta is not None:
+        out.lambda_delta = spectral.top_eigen(stats.C_delta, k, seed=seed)[0]
+        out.rayleigh_delta = spectral.rayleigh(stats.C_delta, U)
+    out.timings["eig_s"] = time.perf_counter() - t0
+    if out.status == "ok" and stats.status != "ok":
+        out.status = stats.status
+    return out
+
+
+def _hard(status: str) -> bool:
+    """Statuses that void the exponents (a factor over budget only voids β and φ, which the fit sees as nulls)."""
+    return status.startswith(("top_k_exceeds_rank", "non_finite", "zero_gradient"))
+
+
+def _np(t):
+    return None if t is None else t.detach().double().cpu()
+
+
+def _nullable(x) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def layer_rows(sp: LayerSpectra, *, layer_type: str, block: int | None, fisher: str,
+               projections=None, curvature=None, extra: dict | None = None):
+    """Output rows of one layer: ``(layer_row: dict, direction_rows: list[dict], spectra_rows: list[dict])``.
+
+    ``projections`` (from :func:`curvdist.factors.collect_projections`) supply h^SoP and, for layers whose dense
+    factors were over budget, the Rayleigh quotients; ``curvature`` supplies exact h and h^GN.
+    """
+    base = {"layer": sp.name, "layer_type": layer_type, "block": block, "m": sp.m, "n": sp.n, "rows": sp.rows,
+            "n_terms": sp.n_terms, "fisher": fisher}
+    base.update(extra or {})
+    directions, spectra_rows = [], []
+    summary = None
+    if sp.k > 0:
+        ray_d = sp.rayleigh_delta if sp.rayleigh_delta is not None else getattr(projections, "rayleigh_delta", None)
+        ray_a = sp.rayleigh_A if sp.rayleigh_A is not None else getattr(projections, "rayleigh_A", None)
+        h = getattr(curvature, "h", None)
+        h_gn = getattr(curvature, "h_gn", None)
+        h_sop = getattr(projections, "h_sop", None)
+        sigma = _np(sp.sigma)
+        nan = torch.full_like(sigma, float("nan"))
+        cols = spectral.direction_metrics(
+            sigma, _np(ray_d) if ray_d is not None else nan, _np(ray_a) if ray_a is not None else nan,
+            lambda_delta=_np(sp.lambda_delta), lambda_A=_np(sp.lambda_A), h=_np(h), h_sop=_np(h_sop))
+        cols = {key: _np(v) for key, v in cols.items()}
+        cols.update(sigma=sigma, h=_np(h), h_gn=_np(h_gn), h_sop=_np(h_sop), rayleigh_delta=_np(ray_d),
+                    rayleigh_A=_np(ray_a), lambda_delta=_np(sp.lambda_delta), lambda_A=_np(sp.lambda_A))
+        names = ["sigma", "h", "h_gn", "h_kron", "h_sop", "rayleigh_delta", "rayleigh_A", "lambda_delta",
+                 "lambda_A", "rho_delta", "rho_A", "phi", "Lambda", "chi"]
+        for i in range(sp.k):
+            row = {"layer": sp.name, "k": i + 1}
+            for c in names:
+                v = cols.get(c)
+                row[c] = None if v is None else _nullable(v[i])
+            directions.append(row)
+        summary = fit.summarize_layer(
+            sigma.numpy(), h=None if h is None else _np(h).numpy(), h_kron=_np(cols["h_kron"]).numpy(),
+            Lambda=_np(cols["Lambda"]).numpy(), Phi=_np(cols["phi"]).numpy(),
+            status=sp.status if _hard(sp.status) else None)
+        for factor, lam in (("A", sp.lambda_A), ("delta", sp.lambda_delta)):
+            if lam is not None:
+                spectra_rows += [{"layer": sp.name, "factor": factor, "k": i + 1, "eigenvalue": float(x)}
+                                 for i, x in enumerate(_np(lam).tolist())]
+    if summary is None:
+        summary = fit.summarize_layer([], status=sp.status if sp.status != "ok" else "no_directions")
+    row = dict(base)
+    row.update({key: (_nullable(v) if isinstance(v, float) else v) for key, v in summary.as_dict().items()})
+    if sp.status != "ok" and row.get("status", "ok") == "ok":
+        row["status"] = sp.status
+    return row, directions, spectra_rows

@@ -1,0 +1,317 @@
+"""The one IO module: Parquet schema, dataset paths, atomic writes and the DuckDB views.
+
+Layout of a dataset at ``OUT`` (hive-partitioned by ``run_id``)::
+
+    OUT/_curvdist.json                            marker: {"format": "curvdist", "schema_version": N}
+    OUT/runs/run_id=<id>/run.parquet              one row: config, versions, hardware, timings, status
+    OUT/layers/run_id=<id>/<part>.parquet         one row per layer
+    OUT/directions/run_id=<id>/<part>.parquet     one row per (layer, k), k = 1..K
+    OUT/spectra/run_id=<id>/<part>.parquet        one row per (layer, factor, k): eigenvalues of C_A, C_δ
+    OUT/plots/<run_id>/*.png                      figures (curvdist.plots)
+
+A file is whole or absent: every write goes to a hidden temporary name (``.tmp-…``, no ``.parquet`` suffix) in the
+destination directory, is fsync'ed, then ``os.replace``'d.  Readers (the views, ``done_layers``) skip names that
+start with ``.``.  Every table carries a ``schema_version`` column and ``curvdist.schema_version`` file metadata.
+
+Resume contract: a part's ``layers`` file is its commit record.  ``write_result`` writes ``directions`` and
+``spectra`` first and ``layers`` last, so ``done_layers`` only lists layers whose whole result is on disk.
+
+Example::
+
+    rows = [{"layer": "h.0.mlp.c_fc", "layer_type": "mlp_up", "alpha": 1.1}]
+    write_part("out", "layers", "run1", "stage0-pass0", rows)
+    con = open("out")
+    con.sql("SELECT layer_type, avg(alpha) FROM layers GROUP BY 1").fetchall()
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+TABLES = ("runs", "layers", "directions", "spectra")
+MARKER = "_curvdist.json"
+# canonical order of layer types (SPEC §1), used to sort summaries and plots
+LAYER_TYPES = ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_out", "mlp_up", "mlp_gate", "mlp_down",
+               "conv", "embedding", "head", "other")
+_SAFE = re.compile(r"^[A-Za-z0-9_.+-]+$")
+
+_f64, _i64, _i32, _str = pa.float64(), pa.int64(), pa.int32(), pa.string()
+
+
+def _fields(required: Sequence[tuple[str, pa.DataType]], optional: Sequence[tuple[str, pa.DataType]]):
+    return ([pa.field(n, t, nullable=False) for n, t in required] + [pa.field(n, t) for n, t in optional]
+            + [pa.field("schema_version", _i32, nullable=False)])
+
+
+_FIT = ["alpha", "r2_alpha", "alpha_kron", "r2_alpha_kron", "beta", "phi", "chi_slope", "gamma", "r2_gamma",
+        "s", "r2_s"]
+_SCHEMAS: dict[str, pa.Schema] = {
+    "runs": pa.schema(_fields(
+        [("run_id", _str)],
+        [("created_at", pa.timestamp("us", tz="UTC")), ("config_json", _str), ("config_hash", _str),
+         ("versions_json", _str), ("git_commit", _str), ("hardware_json", _str), ("timings_json", _str),
+         ("status", _str)])),
+    "layers": pa.schema(_fields(
+        [("run_id", _str), ("layer", _str)],
+        [("layer_type", _str), ("block", _i32), ("family", _str), ("m", _i64), ("n", _i64), ("rows", _i64),
+         ("n_terms", _i64), ("fisher", _str), ("stage", _i32), ("device", _str)]
+        + [(c, _f64) for c in _FIT]
+        + [("n_valid", _i32), ("n_valid_kron", _i32), ("pr_h", _f64), ("pr_grad", _f64),
+           ("triangle_error", _f64), ("triangle_rel_error", _f64), ("rank_model", _str),
+           ("bic_power_law", _f64), ("bic_exponential", _f64), ("bic_lognormal", _f64), ("status", _str),
+           ("t_factors_s", _f64), ("t_spectral_s", _f64), ("t_exact_s", _f64)])),
+    "directions": pa.schema(_fields(
+        [("run_id", _str), ("layer", _str), ("k", _i32)],
+        [(c, _f64) for c in ("sigma", "h", "h_gn", "h_kron", "h_sop", "rayleigh_delta", "rayleigh_A",
+                             "lambda_delta", "lambda_A", "rho_delta", "rho_A", "phi", "Lambda", "chi")])),
+    "spectra": pa.schema(_fields(
+        [("run_id", _str), ("layer", _str), ("factor", _str), ("k", _i32)],
+        [("eigenvalue", _f64)])),
+}
+
+
+def schema(table: str) -> pa.Schema:
+    """The Arrow schema of ``table`` (one of TABLES), with curvdist metadata."""
+    _check_table(table)
+    return _SCHEMAS[table].with_metadata({b"curvdist.table": table.encode(),
+                                          b"curvdist.schema_version": str(SCHEMA_VERSION).encode()})
+
+
+def _check_table(table: str) -> None:
+    if table not in _SCHEMAS:
+        raise ValueError(f"unknown table {table!r}; choose one of {', '.join(TABLES)}")
+
+
+def _check_name(what: str, value: str) -> None:
+    if not isinstance(value, str) or not _SAFE.match(value) or value.startswith("."):
+        raise ValueError(f"{what}={value!r} is not a safe file name: use letters, digits and _ . + - "
+                         "(not starting with '.')")
+
+
+# ---------------------------------------------------------------------------------------------------- tables
+def _column(values: Any, field: pa.Field) -> pa.Array:
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        arr = values.cast(field.type)
+    else:
+        if hasattr(values, "detach"):  # a torch tensor, without importing torch here
+            values = values.detach().cpu().numpy()
+        arr = pa.array(values, type=field.type, from_pandas=True)  # from_pandas: NaN -> null
+    if pa.types.is_floating(field.type):
+        # NaN means "undefined" here (a fit that failed): store it as null so that SQL aggregates skip it
+        arr = pc.if_else(pc.is_nan(arr), pa.scalar(None, field.type), arr)
+    return arr
+
+
+def to_table(table_name: str, rows: list[dict] | pa.Table | Mapping[str, Any], run_id: str | None = None) -> pa.Table:
+    """Cast ``rows`` (list of dicts, Arrow table or dict of columns) to the schema of ``table_name``.
+
+    Missing nullable columns are filled with nulls, NaN in float columns becomes null, ``schema_version`` is set,
+    ``run_id`` is filled from the argument when the data has no such column.  Unknown columns raise ValueError.
+    """
+    sch = schema(table_name)
+    if isinstance(rows, pa.Table):
+        names, n = rows.column_names, rows.num_rows
+        get = rows.column
+    elif isinstance(rows, Mapping):
+        names = list(rows)
+        lengths = {len(v) for v in rows.values()}
+        if len(lengths) > 1:
+            raise ValueError(f"{table_name}: columns have different lengths {sorted(lengths)}")
+        n = lengths.pop() if lengths else 0
+        get = rows.__getitem__
+    else:
+        rows = list(rows)
+        names = list(dict.fromkeys(k for r in rows for k in r))
+        n = len(rows)
+        get = lambda c: [r.get(c) for r in rows]  # noqa: E731
+    unknown = [c for c in names if c not in sch.names]
+    if unknown:
+        raise ValueError(f"{table_name}: unknown column(s) {', '.join(map(repr, unknown))}; "
+                         f"valid columns: {', '.join(sch.names)}")
+    cols = []
+    for field in sch:
+        if field.name in names:
+            arr = _column(get(field.name), field)
+        elif field.name == "schema_version":
+            arr = pa.array([SCHEMA_VERSION] * n, type=field.type)
+        elif field.name == "run_id" and run_id is not None:
+            arr = pa.array([run_id] * n, type=field.type)
+        elif field.nullable:
+            arr = pa.nulls(n, type=field.type)
+        else:
+            raise ValueError(f"{table_name}: required column {field.name!r} is missing")
+        if not field.nullable and arr.null_count:
+            raise ValueError(f"{table_name}: column {field.name!r} may not contain nulls")
+        cols.append(arr)
+    return pa.Table.from_arrays(cols, schema=sch)
+
+
+def empty_table(table_name: str) -> pa.Table:
+    return schema(table_name).empty_table()
+
+
+# ---------------------------------------------------------------------------------------------------- paths
+def partition_dir(out: str | os.PathLike, table_name: str, run_id: str) -> Path:
+    _check_table(table_name)
+    _check_name("run_id", run_id)
+    return Path(out) / table_name / f"run_id={run_id}"
+
+
+def plots_dir(out: str | os.PathLike, run_id: str) -> Path:
+    _check_name("run_id", run_id)
+    return Path(out) / "plots" / run_id
+
+
+def _visible_parquet(d: Path) -> list[Path]:
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if p.suffix == ".parquet" and not p.name.startswith("."))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a hidden temporary name beside ``path``, fsync it, then rename it onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{path.stem}-{uuid.uuid4().hex}"
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _ensure_marker(out: Path) -> None:
+    marker = out / MARKER
+    if not marker.exists():
+        text = json.dumps({"format": "curvdist", "schema_version": SCHEMA_VERSION})
+        atomic_write(marker, lambda p: p.write_text(text + "\n"))
+
+
+def write_part(out: str | os.PathLike, table_name: str, run_id: str, part_name: str,
+               table: pa.Table | list[dict] | Mapping[str, Any]) -> Path:
+    """Write one part file ``OUT/<table_name>/run_id=<run_id>/<part_name>.parquet`` atomically (replacing it)."""
+    _check_name("part_name", part_name)
+    d = partition_dir(out, table_name, run_id)
+    table = to_table(table_name, table, run_id=run_id)
+    if table.num_rows and not pc.all(pc.equal(table["run_id"], run_id)).as_py():
+        raise ValueError(f"{table_name}: rows carry a run_id other than {run_id!r}")
+    _ensure_marker(Path(out))
+    return atomic_write(d / f"{part_name}.parquet", lambda p: pq.write_table(table, p))
+
+
+def write_result(out: str | os.PathLike, run_id: str, part_name: str,
+                 tables: Mapping[str, pa.Table | list[dict] | Mapping[str, Any]]) -> list[Path]:
+    """Write the parts of one unit of work; ``layers`` goes last, as the commit record for resume."""
+    order = sorted(tables, key=lambda t: (t == "layers", TABLES.index(t) if t in TABLES else -1))
+    return [write_part(out, t, run_id, part_name, tables[t]) for t in order]
+
+
+def write_run(out: str | os.PathLike, run_id: str, row: Mapping[str, Any]) -> Path:
+    """Write (or replace) the single ``runs`` row of ``run_id``; dict/list values are stored as JSON text."""
+    row = {k: (json.dumps(v, sort_keys=True, default=str) if isinstance(v, (dict, list)) else v)
+           for k, v in row.items()}
+    return write_part(out, "runs", run_id, "run", [row])
+
+
+def read_run(out: str | os.PathLike, run_id: str) -> dict | None:
+    """The ``runs`` row of ``run_id`` as a dict, or None."""
+    files = _visible_parquet(partition_dir(out, "runs", run_id))
+    if not files:
+        return None
+    rows = pq.read_table(files[0]).to_pylist()
+    return rows[0] if rows else None
+
+
+def run_exists(out: str | os.PathLike, run_id: str) -> bool:
+    return bool(_visible_parquet(partition_dir(out, "runs", run_id)))
+
+
+def done_layers(out: str | os.PathLike, run_id: str) -> set[str]:
+    """Names of the layers whose rows are already written for ``run_id`` (for resume)."""
+    done: set[str] = set()
+    for f in _visible_parquet(partition_dir(out, "layers", run_id)):
+        done.update(pq.read_table(f, columns=["layer"]).column("layer").to_pylist())
+    return done
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+_DUCK = {pa.string(): "VARCHAR", pa.int32(): "INTEGER", pa.int64(): "BIGINT", pa.float64(): "DOUBLE",
+         pa.timestamp("us", tz="UTC"): "TIMESTAMPTZ"}
+
+
+def is_dataset(out: str | os.PathLike) -> bool:
+    out = Path(out)
+    return (out / MARKER).exists() or any((out / t).is_dir() for t in TABLES)
+
+
+def open(out: str | os.PathLike) -> duckdb.DuckDBPyConnection:  # noqa: A001 (curvdist.open is the public name)
+    """An in-memory DuckDB connection with views ``runs``, ``layers``, ``directions``, ``spectra`` over ``out``.
+
+    A table with no file yet gets an empty view with the right columns (it does not pick up files written later:
+    reopen).  Hidden temporary files are skipped by the glob ``[!.]*.parquet``.
+    """
+    root = Path(out)
+    if not root.exists():
+        raise FileNotFoundError(f"OUT={str(out)!r} does not exist; run `curvdist run CONFIG.yaml out=...` first")
+    if not is_dataset(root):
+        raise ValueError(f"OUT={str(out)!r} holds no curvdist dataset (no {MARKER} and none of "
+                         f"{', '.join(t + '/' for t in TABLES)}); point at the `out` directory of a run")
+    con = duckdb.connect()
+    for t in TABLES:
+        if any(_visible_parquet(d) for d in (root / t).glob("run_id=*")):
+            glob = str((root / t).resolve() / "*" / "[!.]*.parquet").replace("'", "''")
+            con.execute(f"CREATE VIEW {t} AS SELECT * FROM read_parquet('{glob}', hive_partitioning=true, "
+                        f"union_by_name=true, hive_types={{'run_id': 'VARCHAR'}})")
+        else:
+            cols = ", ".join(f'CAST(NULL AS {_DUCK[f.type]}) AS "{f.name}"' for f in _SCHEMAS[t])
+            con.execute(f"CREATE VIEW {t} AS SELECT {cols} WHERE false")
+    return con
+
+
+SUMMARY_QUANTITIES = ("alpha", "alpha_kron", "beta", "phi")
+
+
+def summary(con: duckdb.DuckDBPyConnection, run_id: str | None = None) -> pa.Table:
+    """α, α_Kron, β, φ by (run_id, layer_type): ``<q>_mean, <q>_median, <q>_std, <q>_n`` (non-null count), plus
+    ``n_layers``.  ``run_id=None`` summarises every run in the dataset."""
+    aggs = ", ".join(f"avg({q}) AS {q}_mean, median({q}) AS {q}_median, stddev_samp({q}) AS {q}_std, "
+                     f"count({q}) AS {q}_n" for q in SUMMARY_QUANTITIES)
+    order = "[" + ", ".join(f"'{t}'" for t in LAYER_TYPES) + "]"
+    where, params = ("WHERE run_id = $run_id", {"run_id": run_id}) if run_id is not None else ("", {})
+    sql = (f"SELECT run_id, layer_type, count(*) AS n_layers, {aggs} FROM layers {where} "
+           f"GROUP BY run_id, layer_type "
+           f"ORDER BY run_id, coalesce(list_position({order}, layer_type), 999), layer_type")
+    return con.sql(sql, params=params).to_arrow_table() if params else con.sql(sql).to_arrow_table()
+
+
+def format_summary(table: pa.Table) -> str:
+    """A plain-text rendering of ``summary`` (mean ± std, median, n per quantity)."""
+    def f(x: Any) -> str:
+        return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+    head = ["run_id", "layer_type", "n"] + [f"{q} (mean±std / median)" for q in SUMMARY_QUANTITIES]
+    lines = []
+    for r in table.to_pylist():
+        cells = [str(r["run_id"]), str(r["layer_type"]), str(r["n_layers"])]
+        cells += [f"{f(r[q + '_mean'])}±{f(r[q + '_std'])} / {f(r[q + '_median'])}" for q in SUMMARY_QUANTITIES]
+        lines.append(cells)
+    widths = [max(len(c) for c in col) for col in zip(head, *lines)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *lines])
