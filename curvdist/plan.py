@@ -20,6 +20,7 @@ class LayerCost:
     block: int | None
     m: int
     n: int
+    side: str | None = None  # block-less layers: "embedding" (first stage) or "head" (last stage); None: by position
 
     def factor_bytes(self, stat_bytes: int, budget: int | None = None) -> int:
         """G (m·n) plus the dense C_A (n²) and C_δ (m²) that fit ``budget`` each."""
@@ -104,8 +105,8 @@ def plan_stages(block_bytes: list[int], n_stages: int, *, embed_bytes: int = 0, 
                 factor_budget_bytes: int | None = None, worker_budget_bytes: int | None = None) -> list[StagePlan]:
     """Plan ``n_stages`` contiguous stages over the blocks.
 
-    ``layers`` with ``block=None`` belong to the embedding (first stage) when listed before any block layer,
-    otherwise to the head (last stage).
+    ``layers`` with ``block=None`` belong to the first stage when ``side="embedding"``, to the last when
+    ``side="head"``; without a side, to the first when listed before any block layer, otherwise to the last.
     """
     layers = layers or []
     nb = len(block_bytes)
@@ -114,7 +115,8 @@ def plan_stages(block_bytes: list[int], n_stages: int, *, embed_bytes: int = 0, 
     seen_block = False
     for l in layers:
         if l.block is None:
-            (post if seen_block else pre).append(l)
+            first = l.side == "embedding" if l.side else not seen_block
+            (pre if first else post).append(l)
         else:
             seen_block = True
             per_block[l.block].append(l)

@@ -30,8 +30,9 @@ import math
 import os
 import re
 import uuid
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -113,6 +114,11 @@ def _column(values: Any, field: pa.Field) -> pa.Array:
     return arr
 
 
+def _scalar(v: Any) -> Any:
+    # 0-d torch tensors / numpy arrays in row dicts become Python scalars
+    return v.item() if getattr(v, "ndim", None) == 0 and hasattr(v, "item") else v
+
+
 def to_table(table_name: str, rows: list[dict] | pa.Table | Mapping[str, Any], run_id: str | None = None) -> pa.Table:
     """Cast ``rows`` (list of dicts, Arrow table or dict of columns) to the schema of ``table_name``.
 
@@ -134,7 +140,7 @@ def to_table(table_name: str, rows: list[dict] | pa.Table | Mapping[str, Any], r
         rows = list(rows)
         names = list(dict.fromkeys(k for r in rows for k in r))
         n = len(rows)
-        get = lambda c: [r.get(c) for r in rows]  # noqa: E731
+        get = lambda c: [_scalar(r.get(c)) for r in rows]
     unknown = [c for c in names if c not in sch.names]
     if unknown:
         raise ValueError(f"{table_name}: unknown column(s) {', '.join(map(repr, unknown))}; "
@@ -262,7 +268,7 @@ def is_dataset(out: str | os.PathLike) -> bool:
     return (out / MARKER).exists() or any((out / t).is_dir() for t in TABLES)
 
 
-def open(out: str | os.PathLike) -> duckdb.DuckDBPyConnection:  # noqa: A001 (curvdist.open is the public name)
+def open(out: str | os.PathLike) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with views ``runs``, ``layers``, ``directions``, ``spectra`` over ``out``.
 
     A table with no file yet gets an empty view with the right columns (it does not pick up files written later:
@@ -286,6 +292,12 @@ def open(out: str | os.PathLike) -> duckdb.DuckDBPyConnection:  # noqa: A001 (cu
     return con
 
 
+def arrow(rel: duckdb.DuckDBPyRelation) -> pa.Table:
+    """A relation's rows as an Arrow table (DuckDB 2: ``to_arrow_table``; DuckDB 1: ``fetch_arrow_table``)."""
+    fn = getattr(rel, "to_arrow_table", None) or rel.fetch_arrow_table
+    return fn()
+
+
 SUMMARY_QUANTITIES = ("alpha", "alpha_kron", "beta", "phi")
 
 
@@ -299,7 +311,7 @@ def summary(con: duckdb.DuckDBPyConnection, run_id: str | None = None) -> pa.Tab
     sql = (f"SELECT run_id, layer_type, count(*) AS n_layers, {aggs} FROM layers {where} "
            f"GROUP BY run_id, layer_type "
            f"ORDER BY run_id, coalesce(list_position({order}, layer_type), 999), layer_type")
-    return con.sql(sql, params=params).to_arrow_table() if params else con.sql(sql).to_arrow_table()
+    return arrow(con.sql(sql, params=params) if params else con.sql(sql))
 
 
 def format_summary(table: pa.Table) -> str:

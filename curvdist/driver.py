@@ -1,0 +1,245 @@
+"""The Ray driver: plan stages, start one actor per stage, stream the evaluation batch, gather, write.
+
+    cfg = curvdist.config.load_config("configs/quickstart.yaml", ["stages=2"])
+    run_id = curvdist.driver.main(cfg)
+
+Flow: checkpoint index (no weights) → stage plan (contiguous blocks balanced by parameter and factor bytes) →
+Ray (a local cluster unless ``ray.address`` is given) → one :class:`curvdist.stage.StageWorker` actor per stage in a
+placement group → pass 1 (statistics) → spectral work on every stage in parallel → pass 2 (projections) →
+exact curvature (forward tangents carried stage to stage, then the reverse pass with tangent adjoints) → each stage's
+rows written to the Parquet store as soon as they arrive.  Layers already written under the same run id are skipped,
+so rerunning after a crash only does what is missing.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from . import __version__, config as C, store
+from .checkpoint import CheckpointIndex
+from .plan import LayerCost, StagePlan, plan_stages
+
+console = Console(stderr=True)
+STAT_BYTES = {"float32": 4, "float64": 8}
+
+
+def select(index: CheckpointIndex, patterns: list[str] | None) -> list[dict]:
+    """The checkpoint's analysable layers matching ``patterns`` (module names or globs), in model order."""
+    layers = index.matrix_layers()
+    if not patterns:
+        return layers
+    out = [l for l in layers if any(fnmatch.fnmatchcase(l["name"], p) for p in patterns)]
+    for p in patterns:
+        if not any(fnmatch.fnmatchcase(l["name"], p) for l in layers):
+            raise ValueError(f"layers: pattern {p!r} matches no layer; e.g. {[l['name'] for l in layers[:4]]}")
+    return out
+
+
+def make_plan(cfg: C.RunConfig, index: CheckpointIndex | None = None) -> tuple[CheckpointIndex, list[StagePlan]]:
+    from .sources import resolve_checkpoint
+
+    index = index or CheckpointIndex.open(resolve_checkpoint(cfg.model))
+    if cfg.stages > index.num_blocks:
+        raise ValueError(f"stages={cfg.stages} exceeds the model's {index.num_blocks} blocks; lower `stages`")
+    chosen = select(index, cfg.layers)
+    budget = int(cfg.factor_budget_gb * 2**30)
+    costs = [LayerCost(l["name"], l["block"], l["m"], l["n"]) for l in chosen]
+    plans = plan_stages(index.block_bytes, cfg.stages, embed_bytes=index.embed_bytes, head_bytes=index.head_bytes,
+                        layers=costs, stat_bytes=STAT_BYTES[cfg.stat_dtype], factor_budget_bytes=budget)
+    return index, plans
+
+
+def _device(cfg: C.RunConfig) -> str:
+    if cfg.device != "auto":
+        return cfg.device
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _start_ray(cfg: C.RunConfig, stages: int, device: str):
+    """Start (or join) Ray and reserve one bundle per stage; never ask for more than the cluster has (Ray would
+    wait silently)."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    if not ray.is_initialized():
+        if cfg.ray.address:
+            ray.init(address=cfg.ray.address, log_to_driver=False)
+        else:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            kw = {}
+            if cfg.ray.object_store_gb:
+                kw["object_store_memory"] = int(cfg.ray.object_store_gb * 2**30)
+            ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False,
+                     _node_ip_address="127.0.0.1", log_to_driver=False, **kw)
+    res = ray.cluster_resources()
+    cpus, gpus = res.get("CPU", 0), res.get("GPU", 0)
+    cpu_each = min(cfg.ray.cpus_per_stage, cpus / stages) if not cfg.ray.address else cfg.ray.cpus_per_stage
+    gpu_each = 0.0
+    if device == "cuda":
+        gpu_each = cfg.ray.num_gpus_per_stage if cfg.ray.num_gpus_per_stage is not None else 1.0
+        if gpus < gpu_each * stages:
+            raise RuntimeError(f"the Ray cluster has {gpus:g} GPUs but {stages} stages × {gpu_each:g} GPU were asked "
+                               "for; lower `stages` or ray.num_gpus_per_stage, or add GPU nodes")
+    if cpus < cpu_each * stages - 1e-9:
+        raise RuntimeError(f"the Ray cluster has {cpus:g} CPUs but {stages} stages × {cpu_each:g} CPU were asked for; "
+                           "lower ray.cpus_per_stage (fractions work)")
+    bundle = {"CPU": cpu_each} | ({"GPU": gpu_each} if gpu_each else {})
+    pg = placement_group([dict(bundle) for _ in range(stages)], strategy=cfg.ray.placement_strategy)
+    ready, _ = ray.wait([pg.ready()], timeout=120)
+    if not ready:
+        raise RuntimeError(f"could not place {stages} stage actors with {bundle} each within 120 s "
+                           f"(strategy {cfg.ray.placement_strategy}); check `ray status`")
+    threads = max(1, int(cpu_each)) if cfg.ray.address else max(1, int((cfg.ray.num_cpus or os.cpu_count()) // stages))
+    return pg, cpu_each, gpu_each, threads
+
+
+def _spec(cfg: C.RunConfig, ckpt: Path, plan: StagePlan, layers: list[str], device: str, threads: int) -> dict:
+    return {"checkpoint": str(ckpt), "stage": plan.index, "first_block": plan.first_block,
+            "last_block": plan.last_block, "has_embedding": plan.has_embedding, "has_head": plan.has_head,
+            "layers": layers, "dtype": cfg.model.dtype, "stat_dtype": cfg.stat_dtype, "device": device,
+            "loss": cfg.loss, "fisher": cfg.fisher, "mc_samples": cfg.mc_samples, "top_k": cfg.top_k,
+            "seed": cfg.data.seed, "factor_budget_bytes": int(cfg.factor_budget_gb * 2**30), "threads": threads,
+            "attn_implementation": cfg.model.attn_implementation, "exact": cfg.exact, "gn": cfg.gn}
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+    out = {"curvdist": __version__, "python": platform.python_version()}
+    for pkg in ("torch", "ray", "transformers", "pyarrow", "duckdb", "safetensors", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def _hardware(device: str) -> dict:
+    import ray
+    import torch
+    hw = {"platform": platform.platform(), "cpus": os.cpu_count(), "device": device,
+          "cluster": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")}}
+    if device == "cuda":
+        hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return hw
+
+
+def stream(actors: list, batches: list, progress=None, task=None) -> None:
+    """One pass over the batch: forward stage by stage, loss and seeds on the last, backward stage by stage."""
+    import ray
+
+    for b, (inputs, targets) in enumerate(batches):
+        mask = inputs.get("attention_mask")
+        mask = None if mask is None else mask.numpy()
+        x = inputs["input_ids"].numpy()
+        for a in actors[:-1]:
+            x = a.forward.remote(b, x, mask)
+        grads, n_terms = actors[-1].loss_backward.options(num_returns=2).remote(b, x, mask, targets.numpy())
+        for a in reversed(actors[:-1]):
+            grads = a.backward.remote(b, grads)
+        ray.get([a.end_microbatch.remote(b, n_terms) for a in actors])
+        if progress is not None:
+            progress.advance(task)
+
+
+def main(cfg: C.RunConfig) -> str:
+    """Run the measurement described by ``cfg``; returns the run id.  Prints the α-by-layer-type table."""
+    import ray
+    from rich.progress import Progress
+
+    from . import data as D
+    from .curvature_pipeline import exact_pass
+    from .sources import load_tokenizer, resolve_checkpoint
+    from .stage import StageWorker
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    run_id = C.resolve_run_id(cfg)
+    out = Path(cfg.out)
+    ckpt = resolve_checkpoint(cfg.model)
+    index, plans = make_plan(cfg, CheckpointIndex.open(ckpt))
+    done = store.done_layers(out, run_id) if store.is_dataset(out) else set()
+    todo = {p.index: [n for n in p.layers if n not in done] for p in plans}
+    n_todo = sum(len(v) for v in todo.values())
+    console.print(f"[bold]curvdist[/] run {run_id}: {index.family} checkpoint {ckpt}, {len(plans)} stages, "
+                  f"{n_todo} layers to analyse" + (f" ({len(done)} already written)" if done else ""))
+    base_run = {"created_at": None, "config_json": json.dumps(C.to_dict(cfg)), "config_hash": C.config_hash(cfg),
+                "versions_json": json.dumps(_versions()), "git_commit": _git_commit()}
+    if n_todo == 0:
+        _finish(cfg, out, run_id, base_run, timings, "complete (resumed: nothing left)", None)
+        return run_id
+    tok = load_tokenizer(ckpt)
+    vocab = index.hf_config().vocab_size
+    batches = D.make_batches(cfg.data, tokenizer=tok, vocab_size=vocab)
+    device = _device(cfg)
+    pg, cpu_each, gpu_each, threads = _start_ray(cfg, len(plans), device)
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    Actor = ray.remote(StageWorker)
+    t0 = time.perf_counter()
+    actors = [Actor.options(num_cpus=cpu_each, num_gpus=gpu_each, scheduling_strategy=PlacementGroupSchedulingStrategy(
+        placement_group=pg, placement_group_bundle_index=p.index)).remote(
+        _spec(cfg, ckpt, p, todo[p.index], device, threads)) for p in plans]
+    infos = ray.get([a.info.remote() for a in actors])
+    timings["load_s"] = time.perf_counter() - t0
+    with Progress(console=console, transient=True) as progress:
+        for kind in ("stats", "projections"):
+            task = progress.add_task(f"pass {kind}", total=len(batches))
+            t0 = time.perf_counter()
+            ray.get([a.begin_pass.remote(kind) for a in actors])
+            stream(actors, batches, progress, task)
+            ray.get([a.end_pass.remote() for a in actors])
+            timings[f"{kind}_s"] = time.perf_counter() - t0
+        if cfg.exact:
+            t0 = time.perf_counter()
+            exact_pass(actors, batches, progress=progress)
+            timings["exact_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pending = {a.rows.remote(): i for i, a in enumerate(actors)}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        i = pending.pop(ready[0])
+        layers, directions, spectra = ray.get(ready[0])
+        if layers:
+            store.write_result(out, run_id, f"stage-{i:03d}-{int(time.time() * 1000)}",
+                               {"layers": store.to_table("layers", layers, run_id),
+                                "directions": store.to_table("directions", directions, run_id),
+                                "spectra": store.to_table("spectra", spectra, run_id)})
+    timings["write_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_start
+    for a in actors:
+        ray.kill(a)
+    from ray.util.placement_group import remove_placement_group
+    remove_placement_group(pg)
+    _finish(cfg, out, run_id, base_run, timings, "complete", _hardware(device))
+    return run_id
+
+
+def _finish(cfg, out: Path, run_id: str, base_run: dict, timings: dict, status: str, hardware: dict | None) -> None:
+    import datetime as dt
+    row = dict(base_run, created_at=dt.datetime.now(dt.timezone.utc), timings_json=json.dumps(timings),
+               hardware_json=json.dumps(hardware or {}), status=status)
+    store.write_run(out, run_id, row)
+    con = store.open(out)
+    console.print(store.format_summary(store.summary(con, run_id)), highlight=False)
+    con.close()
+    if cfg.plots:
+        from .plots import make_plots
+        paths = make_plots(out, run_id)
+        console.print(f"{len(paths)} figures in {store.plots_dir(out, run_id)}")
+    console.print(f"results: {out} (run_id={run_id}); query with `curvdist query {out} \"select * from layers\"`")

@@ -1,0 +1,401 @@
+"""Layer gradients, Kronecker factors and projected statistics, collected by hooks.
+
+Pure: torch only (no ray, no pyarrow, no os / IO); tensors in, tensors out.
+
+For one layer W (m × n) and the whole evaluation batch (every micro-batch) with N loss terms and R valid rows at the
+layer (rows dropped by the row mask do not count), a_i the input rows and δ_i the error rows obtained by
+back-propagating a *seed* (a gradient of the **summed** loss, :func:`curvdist.losses.error_seeds`):
+
+    G   = (1/N) Σ_i δ_i a_iᵀ                  δ from the true-label seed  (= ∇_W L for the mean loss, untied W)
+    C_A = (1/R) Σ_i a_i a_iᵀ
+    C_δ = (1/N) Σ_i Σ_seeds δ_i δ_iᵀ         δ from the fisher seeds: ``empirical`` = the true seed, ``mc`` (labels
+                                               drawn from the model; seeds carry 1/√S), ``type2`` (Hessian square root)
+
+This is curvlinops' ``KFACLinearOperator(kfac_approx="expand")`` with a mean-reduced loss: its input covariance is
+Σ a aᵀ / (N_data · weight-sharing size) = Σ a aᵀ / R and its gradient covariance Σ δδᵀ / N.  Known differences
+(docs and tests/test_factors.py): MSE ``empirical`` (curvlinops scales the loss by √C, so its C_δ is C times the
+second moment of ∇ℓ_t used here; ``mc``/``type2`` agree), and targets -100 (curvlinops still counts ignored positions
+as loss terms in ``mc``/``type2`` and mixes the two counts in ``empirical``; here N counts the valid terms only).
+
+Projected statistics for fixed directions U (K, m), V (K, n) need no dense factor:
+
+    rayleigh_delta_k = (1/N) Σ_i Σ_seeds (u_kᵀδ_i)²      = u_kᵀ C_δ u_k
+    rayleigh_A_k     = (1/R) Σ_i (v_kᵀa_i)²              = v_kᵀ C_A v_k
+    h_sop_k          = (1/N) Σ_i Σ_seeds (u_kᵀδ_i)² (v_kᵀa_i)²
+
+The :class:`StatisticsCollector` only sees layer inputs (forward hook) and layer output gradients (tensor hook), so
+it works for an in-process model (:func:`collect_statistics`, :func:`collect_projections`) and for a pipeline stage
+that runs part of the model and receives its output gradient from elsewhere::
+
+    col = StatisticsCollector(layers, stat_dtype=torch.float32)
+    with col:                                    # hooks registered on enter, removed on exit
+        for each micro-batch:
+            col.begin_microbatch(row_mask)       # (B, T) bool or None
+            out = stage_forward(x)               # forward hooks record a_i (masked) and C_A
+            col.seed_kind("true")                # next backward's gradients are true-label errors δ (for G)
+            torch.autograd.grad(out, col.outputs(), grad_from_next_stage, retain_graph=True)
+            col.seed_kind("fisher")              # ... each fisher seed ("both" for empirical: one backward)
+            ...
+            col.end_microbatch(n_terms)          # N_b of this micro-batch (the stage must be told it)
+    stats = col.finalize()
+
+Accumulators share a tiny protocol (``update(rows)``, ``value(norm)``, ``nbytes``) so a streaming sketch (Nyström)
+can replace :class:`DenseSecondMoment` for layers whose factors exceed the budget.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import forward, losses
+from . import layers as L
+
+SEED_KINDS = (None, "true", "fisher", "both")
+
+
+@dataclass
+class LayerStatistics:
+    """Normalised statistics of one layer; ``C_A``/``C_delta`` are None when over budget (see ``status``)."""
+    name: str
+    m: int
+    n: int
+    G: torch.Tensor                    # (m, n)
+    C_A: torch.Tensor | None           # (n, n)
+    C_delta: torch.Tensor | None       # (m, m)
+    rows: int                          # R, valid rows at the layer
+    n_terms: int                       # N, loss terms of the whole batch
+    status: str = "ok"
+    factor_bytes: int = 0              # bytes of the dense factors actually allocated (C_A and C_δ; G excluded)
+
+
+@dataclass
+class Projections:
+    """Projected statistics of one layer along K fixed directions, each (K,)."""
+    rayleigh_delta: torch.Tensor
+    rayleigh_A: torch.Tensor
+    h_sop: torch.Tensor
+
+
+def _size(b: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if b >= scale:
+            return f"{b / scale:.2f} {unit}"
+    return f"{int(b)} B"
+
+
+class DenseSecondMoment:
+    """S = Σ_i x_i x_iᵀ over streamed rows x_i ∈ R^d; allocated (d×d) lazily on the first rows' device."""
+
+    def __init__(self, dim: int, dtype: torch.dtype):
+        self.dim, self.dtype, self.sum = dim, dtype, None
+
+    @property
+    def nbytes(self) -> int:
+        return self.dim * self.dim * torch.empty((), dtype=self.dtype).element_size()
+
+    def update(self, rows: torch.Tensor) -> None:
+        if self.sum is None:
+            self.sum = torch.zeros(self.dim, self.dim, dtype=self.dtype, device=rows.device)
+        self.sum.addmm_(rows.T, rows)
+
+    def value(self, norm: float) -> torch.Tensor:
+        s = self.sum if self.sum is not None else torch.zeros(self.dim, self.dim, dtype=self.dtype)
+        return s / max(norm, 1)
+
+
+class ProjectedSecondMoment:
+    """Σ_i (p_kᵀx_i)² for K fixed directions P (K, d): the diagonal of P S Pᵀ without S."""
+
+    def __init__(self, P: torch.Tensor, dtype: torch.dtype):
+        self.P, self.dtype, self.sum = P.detach().to(dtype), dtype, None
+
+    @property
+    def nbytes(self) -> int:
+        return self.P.numel() * self.P.element_size()
+
+    def project(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.P.device != rows.device:
+            self.P = self.P.to(rows.device)
+        return rows @ self.P.T  # (R, K)
+
+    def update_projected(self, c: torch.Tensor) -> None:
+        s = (c * c).sum(0)
+        self.sum = s if self.sum is None else self.sum + s
+
+    def update(self, rows: torch.Tensor) -> None:
+        self.update_projected(self.project(rows))
+
+    def value(self, norm: float) -> torch.Tensor:
+        s = self.sum if self.sum is not None else torch.zeros(self.P.shape[0], dtype=self.dtype)
+        return s / max(norm, 1)
+
+
+class _Layer:
+    """Per-layer accumulators and the rows recorded for the current micro-batch (one record per module call)."""
+
+    def __init__(self, name: str, module: nn.Module, dense: bool, dtype: torch.dtype, budget: int | None,
+                 direction: tuple[torch.Tensor, torch.Tensor] | None):
+        self.name, self.module = name, module
+        self.m, self.n = L.shape(module)
+        self.rows, self.status, self.seen_error = 0, [], False
+        self.G = None
+        self.cov_A = self.cov_delta = None
+        if dense:
+            for attr, label, d in (("cov_A", "C_A", self.n), ("cov_delta", "C_delta", self.m)):
+                acc = DenseSecondMoment(d, dtype)
+                if budget is not None and acc.nbytes > budget:
+                    self.status.append(
+                        f"factor_too_large: {label} is {d}×{d} {str(dtype).replace('torch.', '')} = "
+                        f"{_size(acc.nbytes)} > budget {_size(budget)}; raise factor_budget or use sketch mode")
+                else:
+                    setattr(self, attr, acc)
+        self.proj_A = self.proj_delta = self.sop = None
+        if direction is not None:
+            U, V = direction
+            if U.shape[-1] != self.m or V.shape[-1] != self.n or U.shape[0] != V.shape[0]:
+                raise ValueError(f"layer {name}: directions need U (K, {self.m}) and V (K, {self.n}), "
+                                 f"got {tuple(U.shape)} and {tuple(V.shape)}")
+            self.proj_A, self.proj_delta = ProjectedSecondMoment(V, dtype), ProjectedSecondMoment(U, dtype)
+        self.dense = dense
+        self.calls: list[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]] = []
+
+
+class StatisticsCollector:
+    """Hooks on ``layers`` ({name: module}, each :func:`curvdist.layers.is_supported`) that accumulate, per layer,
+    G, C_A and C_δ (``dense=True``) and/or the projected statistics along ``directions`` ({name: (U, V)}).
+
+    Protocol per micro-batch: :meth:`begin_microbatch` → forward → for every seed: :meth:`seed_kind` then a backward
+    that reaches the layer outputs (e.g. ``torch.autograd.grad(out, self.outputs(), seed, retain_graph=True)``) →
+    :meth:`end_microbatch` with the micro-batch's number of loss terms.  Backward passes while the kind is ``None``
+    (or outside a micro-batch) are ignored, so other passes may run with the hooks attached.
+    Accumulation is in ``stat_dtype`` on the rows' device; a dense factor bigger than ``factor_budget_bytes`` is never
+    allocated and the layer's status says so.
+    """
+
+    def __init__(self, layers: Mapping[str, nn.Module], *, stat_dtype: torch.dtype = torch.float32,
+                 factor_budget_bytes: int | None = None, dense: bool = True,
+                 directions: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
+        for name, mod in layers.items():
+            if not L.is_supported(mod):
+                raise ValueError(f"layer {name} ({type(mod).__name__}) is not supported")
+        missing = set(directions or {}) - set(layers)
+        if missing:
+            raise ValueError(f"directions given for unknown layers: {sorted(missing)}")
+        self.dtype = stat_dtype
+        self.layers = {name: _Layer(name, mod, dense, stat_dtype, factor_budget_bytes, (directions or {}).get(name))
+                       for name, mod in layers.items()}
+        self.n_terms = 0
+        self._handles: list = []
+        self._outputs: list[tuple[torch.Tensor, int, torch.Tensor]] = []
+        self._recording = False
+        self._mask: torch.Tensor | None = None
+        self._kind: str | None = None
+        self._scale = 1.0
+
+    # hooks ---------------------------------------------------------------------------------------------------------
+    def attach(self) -> StatisticsCollector:
+        if not self._handles:
+            self._handles = [st.module.register_forward_hook(partial(self._on_forward, st))
+                             for st in self.layers.values()]
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self):  # -> self
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    # micro-batch protocol ----------------------------------------------------------------------------------------
+    def begin_microbatch(self, row_mask: torch.Tensor | None = None) -> None:
+        """Start recording; ``row_mask`` (B, T) bool drops padding rows of layers whose input is (B, T, n)."""
+        self._mask = None if row_mask is None else row_mask.bool()
+        self._outputs = []
+        for st in self.layers.values():
+            st.calls = []
+        self._recording, self._kind = True, None
+
+    def seed_kind(self, kind: str | None, scale: float = 1.0) -> None:
+        """What the next backward's output gradients are: ``"true"`` (true-label seed → G), ``"fisher"`` (→ C_δ and
+        the projections), ``"both"`` (empirical: one backward for both) or None (ignore).  Captured gradients are
+        multiplied by ``scale`` (pass N_b if the gradient arriving is that of the micro-batch's *mean* loss)."""
+        if kind not in SEED_KINDS:
+            raise ValueError(f"seed kind {kind!r} not in {SEED_KINDS}")
+        self._kind, self._scale = kind, scale
+
+    def outputs(self) -> list[torch.Tensor]:
+        """Tensors to pass as ``inputs`` of a backward so that it reaches every hooked layer: the layer outputs of the
+        current micro-batch, or, for an output that was later modified in place (``nn.ReLU(inplace=True)``), the
+        layer's weight, whose backward passes through the output's original node (where the hook sits)."""
+        out, seen = [], set()
+        for t, version, weight in self._outputs:
+            x = t if t._version == version or not weight.requires_grad else weight
+            if id(x) not in seen:
+                seen.add(id(x))
+                out.append(x)
+        return out
+
+    def end_microbatch(self, n_terms: int) -> None:
+        """Close the micro-batch: add its loss terms to N and drop its recorded rows and outputs."""
+        self.n_terms += int(n_terms)
+        self._recording, self._kind, self._mask, self._outputs = False, None, None, []
+        for st in self.layers.values():
+            st.calls = []
+
+    def _keep(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        mask = self._mask
+        if mask is None or isinstance(module, nn.Conv2d) or tuple(x.shape[:-1]) != tuple(mask.shape):
+            return None
+        return mask.reshape(-1).to(x.device)
+
+    def _on_forward(self, st: _Layer, module: nn.Module, inputs: tuple, output: Any) -> None:
+        if not self._recording:
+            return
+        x = inputs[0].detach()
+        a = L.input_rows(module, x).to(self.dtype)
+        keep = self._keep(module, x)
+        if keep is not None:
+            a = a[keep]
+        st.rows += a.shape[0]
+        if st.cov_A is not None:
+            st.cov_A.update(a)
+        cA = None
+        if st.proj_A is not None:
+            cA = st.proj_A.project(a)
+            st.proj_A.update_projected(cA)
+        st.calls.append((a if st.dense else None, cA, keep))
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(partial(self._on_grad, st, len(st.calls) - 1))
+            self._outputs.append((output, output._version, module.weight))
+
+    def _on_grad(self, st: _Layer, call: int, g: torch.Tensor) -> None:
+        kind = self._kind
+        if kind is None or not self._recording or call >= len(st.calls):
+            return
+        a, cA, keep = st.calls[call]
+        d = L.output_rows(st.module, g.detach()).to(self.dtype)
+        if self._scale != 1.0:
+            d = d * self._scale
+        if keep is not None:
+            d = d[keep]
+        st.seen_error = True
+        if kind in ("true", "both") and a is not None:
+            gd = d.T @ a
+            st.G = gd if st.G is None else st.G.add_(gd)
+        if kind in ("fisher", "both"):
+            if st.cov_delta is not None:
+                st.cov_delta.update(d)
+            if st.proj_delta is not None:
+                cd = st.proj_delta.project(d)
+                st.proj_delta.update_projected(cd)
+                s = (cd * cd * cA * cA).sum(0)
+                st.sop = s if st.sop is None else st.sop + s
+
+    # results -----------------------------------------------------------------------------------------------------
+    def _check(self) -> None:
+        if self.n_terms <= 0:
+            raise ValueError("no loss terms were recorded: call end_microbatch(n_terms) for every micro-batch")
+
+    def finalize(self) -> dict[str, LayerStatistics]:
+        """Normalised G, C_A, C_δ per layer (requires ``dense=True``)."""
+        self._check()
+        out = {}
+        for name, st in self.layers.items():
+            N, R = self.n_terms, st.rows
+            G = st.G / N if st.G is not None else torch.zeros(st.m, st.n, dtype=self.dtype)
+            status = list(st.status)
+            if not st.seen_error:
+                status.insert(0, "no_error_rows: the layer's output never received a gradient (is it on the path "
+                                 "to the loss, and does it require grad?)")
+            C_A = st.cov_A.value(R) if st.cov_A is not None else None
+            C_d = st.cov_delta.value(N) if st.cov_delta is not None else None
+            nbytes = sum(acc.nbytes for acc in (st.cov_A, st.cov_delta) if acc is not None)
+            out[name] = LayerStatistics(name, st.m, st.n, G, C_A, C_d, R, N, "; ".join(status) or "ok", nbytes)
+        return out
+
+    def projections(self) -> dict[str, Projections]:
+        """Normalised projected statistics for the layers that were given directions."""
+        self._check()
+        out = {}
+        for name, st in self.layers.items():
+            if st.proj_A is None:
+                continue
+            K = st.proj_A.P.shape[0]
+            sop = st.sop if st.sop is not None else torch.zeros(K, dtype=self.dtype)
+            out[name] = Projections(st.proj_delta.value(self.n_terms), st.proj_A.value(st.rows),
+                                    sop / self.n_terms)
+        return out
+
+
+def _run(collector: StatisticsCollector, model: nn.Module, data: Iterable, loss: str, fisher: str,
+         mc_samples: int, seed: int, need_true: bool) -> None:
+    """Forward every micro-batch, back-propagate the true seed and the fisher seeds to the hooked layer outputs
+    (``torch.autograd.grad``: parameter ``.grad`` is never touched)."""
+    losses.check_loss(loss)
+    losses.check_fisher(fisher)
+    if mc_samples < 1:
+        raise ValueError(f"mc_samples={mc_samples} must be ≥ 1")
+    generator = torch.Generator().manual_seed(seed)  # CPU generator: the same labels on every device
+
+    def backprop(logits, s, outs, kind):
+        collector.seed_kind(kind)
+        torch.autograd.grad(logits, outs, s.to(logits.dtype), retain_graph=True, allow_unused=True)
+        collector.seed_kind(None)
+
+    n_batches = 0
+    with collector, torch.enable_grad():
+        for inputs, targets in data:
+            collector.begin_microbatch(forward.row_mask(inputs))
+            logits = forward.model_logits(model, inputs)
+            _, n, _ = losses.loss_terms(logits, targets, loss)
+            outs = collector.outputs()
+            if not outs:
+                raise RuntimeError("no selected layer output requires grad: enable grad on the layers' parameters")
+            if fisher == "empirical":
+                backprop(logits, next(losses.error_seeds(logits, targets, loss, "empirical")), outs, "both")
+            else:
+                if need_true:
+                    backprop(logits, next(losses.error_seeds(logits, targets, loss, "empirical")), outs, "true")
+                for s in losses.error_seeds(logits, targets, loss, fisher, generator=generator,
+                                            mc_samples=mc_samples):
+                    backprop(logits, s, outs, "fisher")
+            del logits, outs
+            collector.end_microbatch(n)
+            n_batches += 1
+    if n_batches == 0:
+        raise ValueError("data is empty: pass at least one (inputs, targets) micro-batch")
+
+
+def collect_statistics(model: nn.Module, data: Iterable, loss: str, *, fisher: str = "empirical",
+                       layers: Mapping[str, nn.Module], stat_dtype: torch.dtype = torch.float32,
+                       factor_budget_bytes: int | None = None, mc_samples: int = 1,
+                       seed: int = 0) -> dict[str, LayerStatistics]:
+    """G (true-label seed, for every ``fisher``), C_A and C_δ (``fisher`` seeds) of every layer over ``data``,
+    an iterable of ``(inputs, targets)`` micro-batches; normalised as in the module docstring."""
+    col = StatisticsCollector(layers, stat_dtype=stat_dtype, factor_budget_bytes=factor_budget_bytes)
+    _run(col, model, data, loss, fisher, mc_samples, seed, need_true=True)
+    return col.finalize()
+
+
+def collect_projections(model: nn.Module, data: Iterable, loss: str, *, fisher: str = "empirical",
+                        layers: Mapping[str, nn.Module],
+                        directions: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                        stat_dtype: torch.dtype = torch.float32, mc_samples: int = 1,
+                        seed: int = 0) -> dict[str, Projections]:
+    """rayleigh_delta, rayleigh_A and h_sop along ``directions`` ({name: (U (K, m), V (K, n))}) without dense factors.
+    Uses the same ``seed`` stream as :func:`collect_statistics`, so ``rayleigh_delta`` equals diag(U C_δ Uᵀ)."""
+    sel = {name: mod for name, mod in layers.items() if name in directions}
+    if set(directions) - set(sel):
+        raise ValueError(f"directions given for unknown layers: {sorted(set(directions) - set(sel))}")
+    col = StatisticsCollector(sel, stat_dtype=stat_dtype, dense=False, directions=directions)
+    _run(col, model, data, loss, fisher, mc_samples, seed, need_true=False)
+    return col.projections()

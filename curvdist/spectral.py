@@ -1,0 +1,355 @@
+"""Top singular triplets of layer gradients, top eigenpairs of Kronecker factors, and per-direction metrics.
+
+Pure math: torch only (no ray, no pyarrow, no os / file IO); tensors in, tensors out, on the inputs' device.
+Inputs in half precision are computed in float32; float32 and float64 are kept.  Every random start comes
+from a CPU ``torch.Generator`` seeded with ``seed`` (drawn in float64, then cast and moved), so a CPU run and
+a GPU run, or a local and a distributed run, start from the same block.
+
+Accuracy contract (both solvers).  A Ritz pair is accepted when its residual r_j satisfies
+
+    r_j ≤ tol · θ_j + floor,        floor = 8 · √(max dim) · eps(dtype) · θ_1,
+
+(θ_j the Ritz value σ_j or λ_j).  For a symmetric operator there is an eigenvalue within r_j of θ_j
+(Weyl/Bauer–Fike), and within r_j²/gap_j; for G the same holds for singular values through the
+Jordan–Wielandt matrix [[0, G], [Gᵀ, 0]].  So tol is a *rigorous* bound on the relative error of every
+returned σ_j / λ_j above the rounding floor, and the vectors are within an angle ≈ r_j/gap_j of the truth.
+Values at or below the numerical-rank floor max(dims)·eps·θ_1 (the ``torch.linalg.matrix_rank`` rule) are
+returned as exact zeros: their vectors are arbitrary orthonormal completions.
+
+Sign convention: every returned left vector (u_k, or the eigenvector q_k) has its largest-|entry| positive
+(first such index on ties); v_k follows u_k.  Together with the seeded start this makes runs reproducible.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "top_singular", "top_eigen", "rayleigh", "direction_metrics",
+    "dense_top_singular", "dense_top_eigen", "default_tol", "EXACT_SVD_BELOW", "EXACT_EIGH_BELOW",
+]
+
+# Dense below these sizes.  Measured on 2 CPU cores (benchmarks/bench_spectral.py): a full fp64 SVD of a
+# 256×256 matrix takes ~16 ms, the same as ~20 iterations of the randomized method at l = 30 (one iteration =
+# two products with G plus two thin QRs); at 512 the SVD takes ~90 ms against the same ~15 ms per 20
+# iterations.  eigh is ~2.5× cheaper than the SVD and a block-Krylov step costs one product, so its crossover
+# sits a little higher.  Dense is also exact whatever the spectrum, so ties go to dense.
+EXACT_SVD_BELOW = 256
+EXACT_EIGH_BELOW = 384
+_FLOORC = 1.0  # multiple of the rounding floor ν, see _floor
+_STALL = 10  # steps without progress before giving up
+
+Operator = Callable[[Tensor], Tensor]
+
+
+def default_tol(dtype: torch.dtype) -> float:
+    """Relative residual tolerance: 1e-10 for float64, 1e-5 for float32 (and lower precisions, computed in fp32)."""
+    return 1e-10 if dtype == torch.float64 else 1e-5
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _gaussian(shape, seed: int, dtype, device) -> Tensor:
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def _orth(X: Tensor) -> Tensor:
+    return torch.linalg.qr(X)[0]
+
+
+def _fix_signs(U: Tensor, *others: Tensor):
+    """Flip column j of U (and of each of ``others``) so that U's largest-|entry| in column j is positive."""
+    if U.shape[1] == 0:
+        return (U, *others)
+    idx = U.abs().argmax(dim=0)
+    s = torch.sign(U.gather(0, idx[None, :]))[0]
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    return (U * s, *(o * s for o in others))
+
+
+def _check_k(k: int, r: int, clip: bool, what: str) -> int:
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"{what}: k={k} must be ≥ 1")
+    if k > r:
+        if clip:
+            return r
+        raise ValueError(f"{what}: k={k} exceeds min(m, n)={r} (pass clip=True to get k_eff=min(k, {r}) instead)"
+                         if what == "top_singular" else
+                         f"{what}: k={k} exceeds the dimension n={r} (pass clip=True to get k_eff={r} instead)")
+    return k
+
+
+def _floor(theta1: Tensor, dim: int) -> Tensor:
+    """Rounding floor ν = √dim · eps · |θ_1| of residuals and values (measured noise: 0.05–0.3 ν)."""
+    return math.sqrt(dim) * torch.finfo(theta1.dtype).eps * theta1.abs()
+
+
+def _zero_below_rank_floor(vals: Tensor, dim: int) -> Tensor:
+    if vals.numel() == 0:
+        return vals
+    return torch.where(vals.abs() <= _FLOORC * _floor(vals.abs().max(), dim), torch.zeros_like(vals), vals)
+
+
+def _monitor(res: Tensor, theta: Tensor, tol: float, nu: Tensor, scores: list) -> Optional[str]:
+    """Record score = max_j r_j / (tol·|θ_j| + ν); 'converged' when ≤ 1; 'stalled' when the residuals are
+    within 100 ν and the last ``_STALL`` steps did not halve the best score before them (rounding floor)."""
+    score = float((res / (tol * theta.abs() + _FLOORC * nu).clamp_min(torch.finfo(res.dtype).tiny)).max())
+    scores.append(score)
+    if score <= 1.0:
+        return "converged"
+    if (len(scores) > _STALL and min(scores[-_STALL:]) > 0.5 * min(scores[:-_STALL])
+            and bool((res <= 100 * nu).all())):
+        return "stalled"
+    return None
+
+
+def _warn_unconverged(what: str, stop: str, steps: int, score: float, tol: float) -> None:
+    why = "stalled" if stop == "stalled" else "hit max_iter"
+    warnings.warn(f"{what}: not converged ({why} after {steps} steps, tol={tol:.1e}; max residual / "
+                  f"(tol·θ + floor) = {score:.2e}); returning the current Ritz pairs", RuntimeWarning, stacklevel=3)
+
+
+# ----------------------------------------------------------------------------------------------- singular values
+def dense_top_singular(G: Tensor, k: int):
+    """Dense truth: the top-k singular triplets from a full ``torch.linalg.svd`` (same sign convention)."""
+    A = G.to(_work_dtype(G.dtype))
+    k = _check_k(k, min(A.shape), False, "top_singular")
+    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+    U, V = _fix_signs(U[:, :k], Vh[:k].mT)
+    return _zero_below_rank_floor(S[:k], max(A.shape)), U, V
+
+
+def top_singular(G: Tensor, k: int, *, oversample: int = 10, n_iter: Optional[int] = None,
+                 tol: Optional[float] = None, exact_below: int = EXACT_SVD_BELOW, seed: int = 0,
+                 max_iter: int = 200, clip: bool = False, return_info: bool = False):
+    """Top-k singular triplets of G (m×n): ``(sigma (k,), U (m, k), V (n, k))``, σ descending, G v_j = σ_j u_j.
+
+    Dense ``torch.linalg.svd`` when min(m, n) ≤ ``exact_below`` or the block l = k + oversample is at least
+    min(m, n)/4.  Otherwise randomized subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4), with
+    a re-orthonormalised block at every half step so the small σ_j keep full precision (G is never squared):
+
+        Q_0 = orth(G Ω),  Ω ~ N(0, 1)^{n×l}
+        t = 0, 1, …:  Z = Gᵀ Q_t;  Z = P R (QR);  Rᵀ = X S Wᵀ (SVD, l×l);  Y = G P;  Q_{t+1} = orth(Y)
+
+    Rayleigh–Ritz: since Q_tᵀ G = Zᵀ = Rᵀ Pᵀ, the triplets (S_j, Q_t x_j, P w_j) are the exact SVD of Q_tQ_tᵀG,
+    so Gᵀu_j = σ_j v_j holds exactly and the residual is r_j = ‖G v_j − σ_j u_j‖ = ‖Y w_j − S_j Q_t x_j‖,
+    available at the cost of l×k products.  Iteration stops when r_j ≤ tol·σ_j + floor for all j ≤ k (see
+    the module docstring: a bound on the relative error of σ_j).  The angle of u_j to span(Q_t) shrinks like
+    (σ_{l+1}/σ_j)^{2t}: real gradients (fast decay) need a handful of iterations; a slow power law
+    σ_j ∝ j^-0.3 with l = 30 needs ~90.  ``n_iter`` fixes the number of power iterations instead (no test).
+    If ``max_iter`` is reached a ``RuntimeWarning`` is raised and the best triplets are returned.
+
+    k > min(m, n) raises ``ValueError`` naming both; with ``clip=True`` k_eff = min(k, m, n) columns come back.
+    ``return_info=True`` appends a dict (method, iterations, converged, residuals).
+    """
+    if G.ndim != 2:
+        raise ValueError(f"top_singular: G must be a matrix, got shape {tuple(G.shape)}")
+    A = G.to(_work_dtype(G.dtype))
+    m, n = A.shape
+    r = min(m, n)
+    k = _check_k(k, r, clip, "top_singular")
+    tol = default_tol(A.dtype) if tol is None else float(tol)
+    l = min(r, k + max(int(oversample), 0))
+    if r <= exact_below or 4 * l >= r:
+        sigma, U, V = dense_top_singular(A, k)
+        out = (sigma, U, V)
+        return (*out, {"method": "dense", "iterations": 0, "converged": True}) if return_info else out
+
+    Q = _orth(A @ _gaussian((n, l), seed, A.dtype, A.device))
+    cap = max_iter if n_iter is None else int(n_iter)
+    stop, scores = "n_iter", []
+    for t in range(cap + 1):
+        P, R = torch.linalg.qr(A.mT @ Q)
+        X, S, Wh = torch.linalg.svd(R.mT)
+        Y = A @ P
+        W = Wh.mT[:, :k]
+        res = torch.linalg.vector_norm(Y @ W - (Q @ X[:, :k]) * S[:k], dim=0)
+        if n_iter is None:
+            stop = _monitor(res, S[:k], tol, _floor(S[0], max(m, n)), scores) or ("max_iter" if t == cap else None)
+            if stop is not None:
+                break
+        if t < cap:
+            Q = _orth(Y)
+    if stop in ("stalled", "max_iter"):
+        _warn_unconverged("top_singular", stop, t, scores[-1], tol)
+    U, V = _fix_signs(Q @ X[:, :k], P @ W)
+    sigma = _zero_below_rank_floor(S[:k].clone(), max(m, n))
+    if return_info:
+        converged = None if stop == "n_iter" else stop == "converged"
+        return sigma, U, V, {"method": "randomized", "iterations": t, "converged": converged, "stop": stop,
+                             "residuals": res}
+    return sigma, U, V
+
+
+# ----------------------------------------------------------------------------------------------- eigenpairs
+def dense_top_eigen(C: Tensor, k: int):
+    """Dense truth: the top-k eigenpairs of symmetric C from a full ``torch.linalg.eigh`` (same sign convention)."""
+    A = C.to(_work_dtype(C.dtype))
+    k = _check_k(k, A.shape[0], False, "top_eigen")
+    lam, Q = torch.linalg.eigh((A + A.mT) / 2)
+    lam, Q = lam.flip(0)[:k], Q.flip(1)[:, :k]
+    (Q,) = _fix_signs(Q)
+    return _zero_below_rank_floor(lam, A.shape[0]), Q
+
+
+def _as_operator(C, n, dtype, device):
+    if callable(C) and not isinstance(C, Tensor):
+        if n is None:
+            raise ValueError("top_eigen: an operator C needs n= (and dtype=, device= unless float64 on CPU)")
+        dt = _work_dtype(dtype or torch.float64)
+        return (lambda X: C(X).to(dt)), int(n), dt, torch.device(device or "cpu"), None
+    if C.ndim != 2 or C.shape[0] != C.shape[1]:
+        raise ValueError(f"top_eigen: C must be square, got shape {tuple(C.shape)}")
+    A = C.to(_work_dtype(C.dtype))
+    return (lambda X: A @ X), A.shape[0], A.dtype, A.device, A
+
+
+def _project_out(W: Tensor, B: Tensor) -> Tensor:
+    """W minus its component in span(B) (B orthonormal), two passes of classical Gram–Schmidt (CGS2)."""
+    for _ in range(2):
+        W = W - B @ (B.mT @ W)
+    return W
+
+
+def top_eigen(C: Union[Tensor, Operator], k: int, *, n: Optional[int] = None, dtype: Optional[torch.dtype] = None,
+              device=None, tol: Optional[float] = None, seed: int = 0, exact_below: int = EXACT_EIGH_BELOW,
+              block: Optional[int] = None, max_basis: Optional[int] = None, max_iter: int = 300,
+              method: str = "krylov", clip: bool = False, return_info: bool = False):
+    """Top-k eigenpairs of a symmetric PSD factor: ``(lam (k,), Q (n, k))``, λ descending, C q_j = λ_j q_j.
+
+    C is a dense (n×n) tensor or an operator ``C(X: (n, p)) -> (n, p)`` with ``n=``, ``dtype=``, ``device=``
+    (e.g. a Nyström sketch).  Dense ``eigh`` when n ≤ ``exact_below`` or the Krylov basis would not be small
+    against n (an operator is then materialised by C(I)).
+
+    Default ``method="krylov"``: block Lanczos with full re-orthogonalisation and thick restarts.  From
+    Q_0 = orth(Ω) (n×b, b = ``block``, default k + 4) the basis grows by Q_{i+1} = orth((I − Q Qᵀ) C Q_i),
+    keeping W_i = C Q_i, so the projected matrix T = Qᵀ C Q = Qᵀ W costs no extra product.  Rayleigh–Ritz:
+    T = S Θ Sᵀ, Ritz pairs (θ_j, Q s_j), residuals r_j = ‖W s_j − θ_j Q s_j‖; stop when r_j ≤ tol·θ_j + floor
+    for all j ≤ k.  When the basis reaches ``max_basis`` (default min(n/2, max(12 b, k + 8 b))) it restarts
+    from the top k + b Ritz vectors V and their known images W S.  Why Krylov: the span after i steps contains
+    every degree-i polynomial in C applied to Ω, so the error falls like a Chebyshev polynomial, ~exp(−2i√gap)
+    instead of (1 − gap)^i for subspace (power) iteration; covariances of real activations have slowly decaying
+    spectra (small relative gaps), where that matters most.  Measured on n = 3072, k = 20 (bench_spectral.py):
+    Krylov beats subspace iteration and ``torch.lobpcg`` in time at equal residuals, and a full ``eigh``.
+    ``method="subspace"`` (subspace iteration, same test) and ``"lobpcg"`` (``torch.lobpcg``, dense C only)
+    are kept for comparison; ``max_iter`` caps the number of block products.
+
+    k > n raises ``ValueError`` (``clip=True``: k_eff = n).  ``return_info=True`` appends a dict.
+    """
+    op, n, dt, dev, dense = _as_operator(C, n, dtype, device)
+    k = _check_k(k, n, clip, "top_eigen")
+    tol = default_tol(dt) if tol is None else float(tol)
+    b = max(1, int(block) if block is not None else k + 4)
+    if method not in ("krylov", "subspace", "lobpcg"):
+        raise ValueError(f"top_eigen: method={method!r}; choose krylov, subspace or lobpcg")
+    if n <= exact_below or 4 * (k + b) >= n:
+        if dense is None:
+            dense = op(torch.eye(n, dtype=dt, device=dev))
+        lam, Q = dense_top_eigen(dense, k)
+        return (lam, Q, {"method": "dense", "iterations": 0, "converged": True}) if return_info else (lam, Q)
+    if method == "lobpcg":
+        if dense is None:
+            raise ValueError("top_eigen: method='lobpcg' needs a dense C")
+        lam, Q = torch.lobpcg(dense, k=k, X=_gaussian((n, b), seed, dt, dev), tol=tol, largest=True,
+                              niter=max_iter)
+        (Q,) = _fix_signs(Q)
+        lam = _zero_below_rank_floor(lam, n)
+        return (lam, Q, {"method": "lobpcg", "iterations": None, "converged": None}) if return_info else (lam, Q)
+
+    max_basis = int(max_basis) if max_basis is not None else min(n // 2, max(12 * b, k + 8 * b))
+    max_basis = max(max_basis, k + 2 * b)
+    Qa = _orth(_gaussian((n, b), seed, dt, dev))
+    Wa = op(Qa)
+    T, products, restarts, scores = Qa.mT @ Wa, 1, 0, []
+    while True:
+        theta, S = torch.linalg.eigh((T + T.mT) / 2)
+        theta, S = theta.flip(0), S.flip(1)
+        Y = Qa @ S[:, :k]
+        res = torch.linalg.vector_norm(Wa @ S[:, :k] - Y * theta[:k], dim=0)
+        stop = _monitor(res, theta[:k], tol, _floor(theta[0], n), scores) or (
+            "max_iter" if products >= max_iter else None)
+        if stop is not None:
+            break
+        if method == "subspace":  # Q ← orth(C Q S_b): one power step, then Rayleigh–Ritz on the block
+            Qa = _orth(Wa @ S[:, :b])
+            Wa = op(Qa)
+            T = Qa.mT @ Wa
+        else:
+            Qn = _orth(_project_out(Wa[:, -b:], Qa))
+            Qn = _orth(_project_out(Qn, Qa))  # second pass: orthogonal even if C Q_i ⊂ span(Q) (breakdown)
+            if Qa.shape[1] + b > max_basis:  # thick restart: top k + b Ritz vectors, their images, next block
+                keep = min(k + b, Qa.shape[1])
+                Qa, Wa, T, restarts = Qa @ S[:, :keep], Wa @ S[:, :keep], torch.diag(theta[:keep]), restarts + 1
+            Wn = op(Qn)
+            L = Qa.shape[1]
+            Qa, Wa = torch.cat([Qa, Qn], 1), torch.cat([Wa, Wn], 1)
+            c = Qa.mT @ Wn  # the new column block of T = Qᵀ C Q; the rest is already known
+            T = torch.cat([torch.cat([T, c[:L]], 1), torch.cat([c[:L].mT, c[L:]], 1)], 0)
+        products += 1
+    if stop != "converged":
+        _warn_unconverged("top_eigen", stop, products, scores[-1], tol)
+    (Y,) = _fix_signs(Y)
+    lam = _zero_below_rank_floor(theta[:k].clone(), n)
+    if return_info:
+        return lam, Y, {"method": method, "iterations": products, "converged": stop == "converged", "stop": stop,
+                        "restarts": restarts, "residuals": res}
+    return lam, Y
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+def rayleigh(C: Union[Tensor, Operator], X: Tensor) -> Tensor:
+    """diag(Xᵀ C X) for X (n, k): Σ_i X_ij (C X)_ij, i.e. x_jᵀ C x_j, without forming the k×k product."""
+    if X.ndim != 2:
+        raise ValueError(f"rayleigh: X must be (n, k), got shape {tuple(X.shape)}")
+    CX = C(X) if callable(C) and not isinstance(C, Tensor) else C.to(X.dtype) @ X
+    return (X * CX).sum(dim=0)
+
+
+def direction_metrics(sigma: Tensor, rayleigh_delta: Tensor, rayleigh_A: Tensor,
+                      lambda_delta: Optional[Tensor] = None, lambda_A: Optional[Tensor] = None,
+                      h: Optional[Tensor] = None, h_sop: Optional[Tensor] = None) -> dict:
+    """Per-direction columns (each (K,)) for directions k = 1..K, K = len(sigma):
+
+        h_kron = (u_kᵀ C_δ u_k)(v_kᵀ C_A v_k) = rayleigh_delta · rayleigh_A
+        rho_delta = rayleigh_delta / λ^δ_k,   rho_A = rayleigh_A / λ^A_k,   phi = rho_delta · rho_A
+        Lambda = λ^δ_k λ^A_k,   chi = h / h_kron,   concentration = h_sop / h_kron
+
+    The k-th eigenvalue of each factor pairs with the k-th singular direction by index (eigenvalue vectors
+    longer than K are cut to K, shorter ones padded with NaN).  A missing input (None) gives NaN in every
+    column that needs it, so the caller can write nulls.  The identity h_kron = phi · Lambda holds by
+    construction, up to rounding (a few ulp).  Also returned: the inputs, under their own names.
+    """
+    sigma = torch.as_tensor(sigma)
+    dt = sigma.dtype if sigma.is_floating_point() else torch.float64
+    sigma = sigma.to(dt)
+    K = sigma.shape[0]
+    nan = torch.full((K,), float("nan"), dtype=dt, device=sigma.device)
+
+    def col(x, name):
+        if x is None:
+            return nan
+        x = torch.as_tensor(x).to(dtype=dt, device=sigma.device).reshape(-1)
+        if name.startswith("lambda"):
+            return torch.cat([x[:K], nan[x.shape[0]:]]) if x.shape[0] < K else x[:K]
+        if x.shape[0] != K:
+            raise ValueError(f"direction_metrics: {name} has {x.shape[0]} entries, sigma has {K}")
+        return x
+
+    rd, ra = col(rayleigh_delta, "rayleigh_delta"), col(rayleigh_A, "rayleigh_A")
+    ld, la = col(lambda_delta, "lambda_delta"), col(lambda_A, "lambda_A")
+    hh, hs = col(h, "h"), col(h_sop, "h_sop")
+    h_kron = rd * ra
+    rho_delta, rho_A = rd / ld, ra / la
+    return {
+        "sigma": sigma, "rayleigh_delta": rd, "rayleigh_A": ra, "lambda_delta": ld, "lambda_A": la,
+        "h": hh, "h_sop": hs, "h_kron": h_kron, "rho_delta": rho_delta, "rho_A": rho_A,
+        "phi": rho_delta * rho_A, "Lambda": ld * la, "chi": hh / h_kron, "concentration": hs / h_kron,
+    }

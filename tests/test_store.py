@@ -1,0 +1,159 @@
+"""curvdist.store: schemas, atomic part files, DuckDB views, resume bookkeeping."""
+import datetime
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curvdist import store
+
+
+def _one(con, sql):
+    """The single value of a query (DuckDB 2 relations have no fetchone)."""
+    return con.sql(sql).fetchall()[0][0]
+
+
+def _layers(run_id="r1", n=3, part=0):
+    return [{"run_id": run_id, "layer": f"model.layers.{i}.mlp.up_proj" if part == 0 else f"p{part}.{i}",
+             "layer_type": "mlp_up" if i % 2 else "attn_q", "block": i, "family": "llama",
+             "m": 8, "n": 4, "alpha": 1.0 + i, "alpha_kron": 2.0, "beta": 2.0, "phi": 0.0, "status": "ok"}
+            for i in range(n)]
+
+
+def test_schema_has_version_column_and_metadata():
+    for t in store.TABLES:
+        s = store.schema(t)
+        assert "schema_version" in s.names and "run_id" in s.names
+        assert s.metadata[b"curvdist.schema_version"] == str(store.SCHEMA_VERSION).encode()
+    with pytest.raises(ValueError, match="unknown table"):
+        store.schema("nope")
+
+
+def test_to_table_fills_nulls_and_casts():
+    t = store.to_table("layers", [{"run_id": "r", "layer": "a", "alpha": 1, "n_valid": 3, "beta": float("nan")}])
+    assert t.schema.equals(store.schema("layers"), check_metadata=False)
+    row = t.to_pylist()[0]
+    assert row["alpha"] == 1.0 and isinstance(row["alpha"], float)
+    assert row["beta"] is None and row["block"] is None and row["schema_version"] == store.SCHEMA_VERSION
+    # dict of columns and Arrow input give the same table
+    cols = store.to_table("directions", {"run_id": ["r", "r"], "layer": ["a", "a"], "k": [1, 2], "h": [1.0, 2.0]})
+    again = store.to_table("directions", pa.table({"run_id": ["r", "r"], "layer": ["a", "a"], "k": [1, 2],
+                                                   "h": [1.0, 2.0]}))
+    assert cols.equals(again)
+
+
+def test_unknown_and_missing_columns_are_errors():
+    with pytest.raises(ValueError, match=r"unknown column\(s\) 'alhpa'.*valid columns: .*alpha"):
+        store.to_table("layers", [{"run_id": "r", "layer": "a", "alhpa": 1.0}])
+    with pytest.raises(ValueError, match="required column 'layer'"):
+        store.to_table("layers", [{"run_id": "r"}])
+
+
+def test_atomic_write_leaves_no_temp_file(tmp_path):
+    path = store.write_part(tmp_path, "layers", "r1", "stage0", _layers())
+    assert path == tmp_path / "layers" / "run_id=r1" / "stage0.parquet"
+    assert [p.name for p in path.parent.iterdir()] == ["stage0.parquet"]
+    meta = pq.read_schema(path).metadata
+    assert meta[b"curvdist.schema_version"] == str(store.SCHEMA_VERSION).encode()
+    assert pq.read_table(path).column("schema_version").to_pylist() == [store.SCHEMA_VERSION] * 3
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    def boom(p):
+        p.write_bytes(b"partial")
+        raise RuntimeError("crash mid-write")
+
+    with pytest.raises(RuntimeError):
+        store.atomic_write(tmp_path / "d" / "x.parquet", boom)
+    assert list((tmp_path / "d").iterdir()) == []
+
+
+def test_write_part_checks_names(tmp_path):
+    with pytest.raises(ValueError, match="run_id"):
+        store.write_part(tmp_path, "layers", "a/b", "p", _layers())
+    with pytest.raises(ValueError, match="part_name"):
+        store.write_part(tmp_path, "layers", "r1", ".hidden", _layers())
+    with pytest.raises(ValueError, match="run_id other than"):
+        store.write_part(tmp_path, "layers", "r2", "p", _layers("r1"))
+
+
+def test_views_sql_and_hidden_files_ignored(tmp_path):
+    store.write_part(tmp_path, "layers", "r1", "stage0", _layers())
+    store.write_part(tmp_path, "layers", "r1", "stage1", _layers(part=1, n=2))
+    store.write_part(tmp_path, "layers", "2024-01-01", "stage0", _layers("2024-01-01"))  # run_id stays VARCHAR
+    # a leftover temporary file of a crashed writer, even one that looks like a parquet file
+    part = tmp_path / "layers" / "run_id=r1"
+    pq.write_table(store.to_table("layers", [{"run_id": "r1", "layer": "ghost"}]), part / ".tmp-stage9.parquet")
+    store.write_part(tmp_path, "directions", "r1", "stage0",
+                     {"layer": ["a"] * 3, "k": [1, 2, 3], "sigma": [3.0, 2.0, 1.0], "h": [9.0, 4.0, 1.0]})
+    store.write_run(tmp_path, "r1", {"created_at": datetime.datetime.now(datetime.timezone.utc),
+                                     "config_json": {"top_k": 20}, "status": "done"})
+    con = store.open(tmp_path)
+    assert _one(con, "SELECT count(*) FROM layers WHERE run_id = 'r1'") == 5
+    assert _one(con, "SELECT count(*) FROM layers WHERE layer = 'ghost'") == 0
+    assert _one(con, "SELECT count(*) FROM layers WHERE run_id = '2024-01-01'") == 3
+    assert _one(con, "SELECT sum(h) FROM directions") == 14.0
+    cfg = _one(con, "SELECT config_json FROM runs WHERE run_id = 'r1'")
+    assert json.loads(cfg) == {"top_k": 20}
+    types = dict(con.sql("SELECT layer_type, avg(alpha) FROM layers WHERE run_id='r1' GROUP BY 1").fetchall())
+    assert types == {"attn_q": pytest.approx((1 + 3 + 1) / 3), "mlp_up": pytest.approx((2 + 2) / 2)}
+    assert store.read_run(tmp_path, "r1")["status"] == "done"
+
+
+def test_empty_views_have_columns(tmp_path):
+    store.write_part(tmp_path, "layers", "r1", "stage0", _layers())
+    con = store.open(tmp_path)
+    for t in ("directions", "spectra", "runs"):
+        cols = [r[0] for r in con.sql(f"DESCRIBE {t}").fetchall()]
+        assert cols == store.schema(t).names
+        assert _one(con, f"SELECT count(*) FROM {t}") == 0
+    assert con.sql("SELECT eigenvalue FROM spectra WHERE factor = 'A'").fetchall() == []
+
+
+def test_done_layers_and_run_exists(tmp_path):
+    assert store.done_layers(tmp_path, "r1") == set() and not store.run_exists(tmp_path, "r1")
+    paths = store.write_result(tmp_path, "r1", "stage0-pass0", {
+        "layers": _layers(n=2),
+        "directions": {"layer": ["model.layers.0.mlp.up_proj"], "k": [1], "sigma": [1.0]},
+        "spectra": {"layer": ["model.layers.0.mlp.up_proj"], "factor": ["A"], "k": [1], "eigenvalue": [2.0]}})
+    assert [p.parent.parent.name for p in paths][-1] == "layers"  # the commit record goes last
+    store.write_run(tmp_path, "r1", {"status": "running"})
+    assert store.done_layers(tmp_path, "r1") == {"model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"}
+    assert store.done_layers(tmp_path, "other") == set()
+    assert store.run_exists(tmp_path, "r1") and not store.run_exists(tmp_path, "other")
+
+
+def test_summary_by_layer_type(tmp_path):
+    rows = _layers(n=4) + [{"run_id": "r1", "layer": "x", "layer_type": "mlp_up", "alpha": None}]
+    store.write_part(tmp_path, "layers", "r1", "p", rows)
+    store.write_part(tmp_path, "layers", "r2", "p", _layers("r2", n=2))
+    con = store.open(tmp_path)
+    s = {r["layer_type"]: r for r in store.summary(con, "r1").to_pylist()}
+    assert list(s) == ["attn_q", "mlp_up"]  # canonical layer-type order
+    assert s["mlp_up"]["n_layers"] == 3 and s["mlp_up"]["alpha_n"] == 2
+    assert s["mlp_up"]["alpha_mean"] == pytest.approx(3.0) and s["mlp_up"]["alpha_median"] == pytest.approx(3.0)
+    assert s["attn_q"]["beta_mean"] == 2.0 and s["attn_q"]["phi_std"] == 0.0
+    assert {r["run_id"] for r in store.summary(con).to_pylist()} == {"r1", "r2"}
+    assert "mlp_up" in store.format_summary(store.summary(con, "r1"))
+
+
+def test_open_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        store.open(tmp_path / "missing")
+    (tmp_path / "stuff").mkdir()
+    with pytest.raises(ValueError, match="no curvdist dataset"):
+        store.open(tmp_path)
+
+
+def test_torch_and_numpy_columns(tmp_path):
+    np = pytest.importorskip("numpy")
+    torch = pytest.importorskip("torch")
+    t = store.to_table("directions", {"layer": ["a"] * 2, "k": np.arange(1, 3), "h": torch.tensor([1.0, 2.0]),
+                                      "sigma": np.array([np.nan, 1.0])}, run_id="r")
+    assert t.column("h").to_pylist() == [1.0, 2.0] and t.column("sigma").to_pylist() == [None, 1.0]
+    row = store.to_table("layers", [{"run_id": "r", "layer": "a", "alpha": torch.tensor(1.5),
+                                     "n_valid": np.int64(3), "beta": np.float32(2.0)}]).to_pylist()[0]
+    assert (row["alpha"], row["n_valid"], row["beta"]) == (1.5, 3, 2.0)
+    assert os.fspath(store.partition_dir(tmp_path, "spectra", "r")).endswith(os.path.join("spectra", "run_id=r"))
