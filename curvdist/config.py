@@ -142,8 +142,9 @@ class ModelConfig(_Config):
                                        "no safetensors, e.g. `curvdist plan` of a cluster run on a laptop; null: "
                                        "path's own config.json (only planning reads it)")
     dtype: str = _f("float32", "dtype of the forward and backward pass", DTYPES)
-    attn_implementation: str = _f("eager", "Hugging Face attention implementation; eager supports double "
-                                           "backward and forward-mode AD", ATTN_IMPLEMENTATIONS)
+    attn_implementation: str = _f("sdpa", "Hugging Face attention implementation; curvdist runs sdpa through "
+                                  "its MATH kernel, which supports double backward and forward-mode AD and keeps "
+                                  "the working dtype (eager attention casts the softmax to float32)", ATTN_IMPLEMENTATIONS)
     seed: int = _f(0, "seed of the random initialisation of the tiny-* builtin models")
 
     def _validate(self) -> None:

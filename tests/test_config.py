@@ -26,7 +26,7 @@ def test_defaults_are_valid_and_documented():
     cfg = RunConfig()
     assert cfg == load_config()
     assert (cfg.top_k, cfg.fisher, cfg.stages, cfg.layers, cfg.device) == (20, "empirical", 1, None, "auto")
-    assert cfg.model.attn_implementation == "eager" and cfg.model.name == "tiny-gpt2"
+    assert cfg.model.attn_implementation == "sdpa" and cfg.model.name == "tiny-gpt2"
     for cls in (RunConfig, ModelConfig, DataConfig, RayConfig):
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"

@@ -1,0 +1,4 @@
+"""``python -m curvdist``: the ``curvdist`` command."""
+from .cli import main
+
+main()

@@ -1,0 +1,300 @@
+"""The ``curvdist`` command: a thin shell over ``driver.main(config)`` and the dataset readers.
+
+    curvdist run configs/quickstart.yaml stages=3 top_k=10 data.sequences=16   # dotted key=value overrides
+    curvdist plan configs/llama2-7b-8gpu.yaml      # stage plan and memory estimate, nothing run, no weights read
+    curvdist summary out/quickstart                # α, α_Kron, β, φ by layer type
+    curvdist query out/quickstart "select layer_type, avg(alpha) from layers group by 1" --format csv
+    curvdist plot out/quickstart                   # PNG figures into out/quickstart/plots/<run_id>
+    curvdist convert model.gguf out/model-hf       # any locally loadable model → sharded safetensors
+    curvdist config                                # every config key with its default and help
+
+Bad input ends with one line on stderr that names the problem (and the fix) and exit status 2; ``--debug`` shows
+the traceback instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+app = typer.Typer(name="curvdist", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
+                  help="Layer-wise curvature exponents of neural networks, from one process to a Ray cluster.")
+
+Debug = Annotated[bool, typer.Option("--debug", help="show the traceback of an error", envvar="CURVDIST_DEBUG")]
+Overrides = Annotated[list[str] | None, typer.Argument(help="dotted key=value overrides, e.g. stages=2 "
+                                                            "data.sequences=32 (`curvdist config` lists the keys)",
+                                                       show_default=False, metavar="KEY=VALUE...")]
+Config = Annotated[str, typer.Argument(help="run config YAML (see configs/)", show_default=False, metavar="CONFIG")]
+Out = Annotated[str, typer.Argument(help="dataset directory: the `out` of a run", show_default=False, metavar="OUT")]
+RunId = Annotated[str | None, typer.Option("--run-id", help="one run of the dataset (default: every run)")]
+
+
+def console(stderr: bool = False) -> Console:
+    # wide when piped (rich would otherwise wrap tables at 80 columns)
+    tty = (sys.stderr if stderr else sys.stdout).isatty()
+    return Console(stderr=stderr, width=None if tty else 200, highlight=False, soft_wrap=stderr)
+
+
+def _errors() -> tuple[type[BaseException], ...]:
+    import duckdb
+    return (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
+            KeyError, ImportError, NotImplementedError, ConnectionError, duckdb.Error)
+
+
+def _message(e: BaseException) -> str:
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    msg = " ".join(str(msg).split())  # one line
+    if type(e).__name__ == "ConfigError":
+        return f"{msg} (`curvdist config` lists every key)"
+    if isinstance(e, ImportError):
+        return f"{msg} (install the missing package into curvdist's environment)"
+    import duckdb
+    if isinstance(e, duckdb.Error):
+        return f"SQL: {msg} (views: runs, layers, directions, spectra; e.g. `describe layers`)"
+    return msg
+
+
+@contextlib.contextmanager
+def boundary(debug: bool):
+    """Expected errors (bad config, missing file, SQL…) become one line on stderr and exit status 2."""
+    try:
+        yield
+    except _errors() as e:
+        if debug:
+            raise
+        console(stderr=True).print(f"[bold red]error:[/] {escape(_message(e))}")
+        raise typer.Exit(2) from None
+
+
+def _load(config: str, overrides: list[str] | None):
+    from .config import load_config
+    if not os.path.isfile(config):
+        raise FileNotFoundError(f"config file {config!r} does not exist; give a run config YAML (examples in "
+                                f"configs/, e.g. configs/quickstart.yaml)")
+    return load_config(config, overrides or [])
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+@app.command()
+def run(config: Config, overrides: Overrides = None,
+        out: Annotated[str | None, typer.Option("--out", help="output directory (same as out=DIR)")] = None,
+        debug: Debug = False):
+    """Plan the run, start or join a Ray cluster, analyse every selected layer, write the Parquet dataset."""
+    with boundary(debug):
+        cfg = _load(config, [*(overrides or []), *([f"out={out}"] if out else [])])
+        from .driver import main
+        run_id = main(cfg)
+    console(stderr=True).print(f"run {escape(run_id)} → {escape(cfg.out)}")
+
+
+@app.command()
+def plan(config: Config, overrides: Overrides = None,
+         fmt: Annotated[str, typer.Option("--format", help="table or json")] = "table", debug: Debug = False):
+    """Print the stage plan (blocks, parameter and factor GB, passes, per-worker memory) without running anything.
+
+    Reads only config.json or the safetensors headers, so a cluster run can be planned on a laptop."""
+    with boundary(debug):
+        _check_format(fmt, ("table", "json"))
+        from .planning import plan_from_config
+        cfg = _load(config, overrides)
+        p = plan_from_config(cfg)
+    if fmt == "json":
+        typer.echo(json.dumps(p.as_dict(), indent=1))
+        return
+    c = console()
+    gpus = cfg.ray.num_gpus_per_stage
+    gpus = f"{gpus:g}" if gpus is not None else ("1 if cuda" if cfg.device == "auto" else
+                                                 "1" if cfg.device == "cuda" else "0")
+    c.print(f"[bold]{escape(p.model)}[/]: {p.family}, {p.num_blocks} blocks, {len(p.layers)} analysed layers "
+            f"(planned from {p.source}); {cfg.stages} stages, {gpus} GPU per stage; parameters {p.dtype}, "
+            f"statistics {p.stat_dtype}, budget {cfg.factor_budget_gb:g} GiB per worker and pass")
+    t = Table(show_footer=True, header_style="bold", footer_style="bold")
+    s = p.stages
+    cols = [("stage", "total", "right"), ("blocks", str(p.num_blocks), "left"), ("embed", "", "center"),
+            ("head", "", "center"), ("param GB", _gb(p.total_param_bytes), "right"),
+            ("factor GB", _gb(p.total_factor_bytes), "right"),
+            ("layers", str(sum(len(x.layers) for x in s)), "right"),
+            ("passes", str(sum(len(x.passes) for x in s)), "right"), ("largest pass GB", "", "right"),
+            ("worker GB", f"max {_gb(max(p.worker_bytes(x) for x in s))}", "right")]
+    for name, foot, just in cols:
+        t.add_column(name, footer=foot, justify=just)
+    for x in s:
+        t.add_row(str(x.index), f"{x.first_block}-{x.last_block}", "yes" if x.has_embedding else "",
+                  "yes" if x.has_head else "", _gb(x.param_bytes), _gb(x.factor_bytes),
+                  str(len(x.layers)), str(len(x.passes)), _gb(max(p.pass_bytes(x), default=0)),
+                  _gb(p.worker_bytes(x)))
+    c.print(t)
+    c.print("GB = 1e9 bytes. worker GB = the stage's parameters + its largest pass's statistics (G, C_A, C_δ); "
+            "activations of a micro-batch and the spectral workspace come on top.")
+    skipped = p.over_budget()
+    if skipped:
+        c.print(f"[yellow]{len(skipped)} layer(s) have a factor over the {cfg.factor_budget_gb:g} GiB budget and are "
+                f"measured without it: {escape(', '.join(skipped[:4]))}{' …' if len(skipped) > 4 else ''}[/]")
+
+
+@app.command()
+def summary(dataset: Out, run_id: RunId = None, debug: Debug = False):
+    """α, α_Kron, β, φ by layer type (mean ± std / median over layers)."""
+    from . import store
+    with boundary(debug):
+        con = _open(dataset)
+        tab = store.summary(con, run_id)
+        if tab.num_rows == 0:
+            raise ValueError(_no_layers(con, dataset, run_id))
+    t = Table(header_style="bold")
+    for h in ("run_id", "layer_type"):
+        t.add_column(h)
+    t.add_column("n", justify="right")
+    for q in store.SUMMARY_QUANTITIES:
+        t.add_column(f"{q} mean ± std / median", justify="right")
+    for r in tab.to_pylist():
+        t.add_row(escape(str(r["run_id"])), str(r["layer_type"]), str(r["n_layers"]),
+                  *[f"{_num(r[q + '_mean'])} ± {_num(r[q + '_std'])} / {_num(r[q + '_median'])}"
+                    for q in store.SUMMARY_QUANTITIES])
+    console().print(t)
+
+
+@app.command()
+def query(dataset: Out, sql: Annotated[str, typer.Argument(help="DuckDB SQL over the views runs, layers, "
+                                                                "directions, spectra", show_default=False)],
+          fmt: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
+          limit: Annotated[int, typer.Option(help="most rows shown by --format table (0: all)")] = 200,
+          debug: Debug = False):
+    """Run SQL over the dataset's views and print the result."""
+    from . import store
+    with boundary(debug):
+        _check_format(fmt, ("table", "csv", "json"))
+        rel = _open(dataset).sql(sql)
+        if rel is None:  # a statement without a result (CREATE VIEW …)
+            return
+        tab = store.arrow(rel)
+    rows = tab.to_pylist()
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(tab.column_names)
+        w.writerows([["" if v is None else v for v in r.values()] for r in rows])
+        typer.echo(buf.getvalue(), nl=False)
+    elif fmt == "json":
+        typer.echo(json.dumps([{k: _json(v) for k, v in r.items()} for r in rows], indent=1, default=str))
+    else:
+        t = Table(header_style="bold")
+        for col in tab.column_names:
+            t.add_column(escape(col), justify="right" if _numeric(tab.schema.field(col).type) else "left")
+        for r in rows[: limit or None]:
+            t.add_row(*[escape(_cell(v)) for v in r.values()])
+        console().print(t)
+        if limit and len(rows) > limit:
+            console(stderr=True).print(f"{len(rows) - limit} more rows not shown (--limit 0 shows all; "
+                                       f"--format csv exports)")
+
+
+@app.command()
+def plot(dataset: Out, run_id: RunId = None, debug: Debug = False):
+    """Write the PNG figures of each run (or one) into OUT/plots/<run_id>/ and print their paths."""
+    with boundary(debug):
+        _open(dataset).close()  # dataset errors first, before matplotlib is imported
+        from .plots import make_plots
+        paths = make_plots(dataset, run_id)
+    for p in paths:
+        typer.echo(str(p))
+
+
+@app.command()
+def convert(src: Annotated[str, typer.Argument(help="a local Hugging Face directory or a .gguf file",
+                                               show_default=False)],
+            dst: Annotated[str, typer.Argument(help="new (or empty) directory for the sharded safetensors",
+                                               show_default=False)],
+            gguf_file: Annotated[str | None, typer.Option(help="GGUF file name inside SRC")] = None,
+            max_shard_size: Annotated[str, typer.Option(help="largest shard, e.g. 2GB or 500MB")] = "2GB",
+            dtype: Annotated[str | None, typer.Option(help="cast floating weights: float32, bfloat16, float16, "
+                                                           "float64 (default: as stored; GGUF: float32)")] = None,
+            debug: Debug = False):
+    """Write any locally loadable model (HF directory, GGUF) as a sharded safetensors checkpoint."""
+    with boundary(debug):
+        if dtype is not None and dtype not in ("float32", "bfloat16", "float16", "float64"):
+            raise ValueError(f"--dtype {dtype!r} is not valid; choose one of: float32, bfloat16, float16, float64")
+        from .checkpoint import convert as _convert
+        path = _convert(src, dst, gguf_file=gguf_file, max_shard_size=max_shard_size, dtype=dtype)
+    typer.echo(str(path))
+
+
+@app.command("config")
+def config_cmd(config: Annotated[str | None, typer.Argument(help="a config YAML: print it resolved, as YAML",
+                                                           show_default=False)] = None,
+               overrides: Overrides = None, debug: Debug = False):
+    """Every config key (dotted) with its default, choices and help; with CONFIG, the resolved config."""
+    from .config import config_help, to_dict
+    if config is None:
+        typer.echo(config_help())
+        return
+    import yaml
+    with boundary(debug):
+        cfg = _load(config, overrides)
+    typer.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), nl=False)
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+def _check_format(fmt: str, choices: tuple[str, ...]) -> None:
+    if fmt not in choices:
+        raise ValueError(f"--format {fmt!r} is not valid; choose one of: {', '.join(choices)}")
+
+
+def _open(dataset: str):
+    from . import store
+    if not os.path.exists(dataset):
+        raise FileNotFoundError(f"dataset {dataset!r} does not exist; give the `out` directory of a run "
+                                f"(`curvdist run CONFIG out={dataset}` writes one)")
+    return store.open(dataset)
+
+
+def _no_layers(con, dataset: str, run_id: str | None) -> str:
+    runs = [r[0] for r in con.sql("SELECT DISTINCT run_id FROM layers ORDER BY 1").fetchall()]
+    if run_id is not None:
+        return f"run_id {run_id!r} has no layers in {dataset!r}; runs with layers: {', '.join(runs) or 'none'}"
+    return f"{dataset!r} has no layers yet; run `curvdist run CONFIG out={dataset}` (or wait for the first stage)"
+
+
+def _numeric(tp) -> bool:
+    import pyarrow as pa
+    return pa.types.is_integer(tp) or pa.types.is_floating(tp) or pa.types.is_decimal(tp)
+
+
+def _gb(b: float) -> str:
+    v = b / 1e9
+    return f"{v:.2f}" if v >= 0.01 or v == 0 else f"{v:.2g}"
+
+
+def _num(v: Any) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.6g}"
+    return str(v)
+
+
+def _json(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def main() -> None:  # `python -m curvdist` and `python -m curvdist.cli`
+    app(prog_name="curvdist")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
