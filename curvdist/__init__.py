@@ -6,8 +6,15 @@
 """
 __version__ = "0.1.0"
 
-from . import fit  # noqa: E402
-from .analyze import Result, analyze  # noqa: E402
-from .store import open  # noqa: E402,A004
+from . import fit
+from .analyze import Result, analyze
 
-__all__ = ["Result", "analyze", "fit", "open", "__version__"]
+__all__ = ["Result", "__version__", "analyze", "fit", "open"]
+
+
+def open(out):  # noqa: A001 - the public name the SPEC gives
+    """A DuckDB connection over the dataset in ``out`` with views ``runs``, ``layers``, ``directions``, ``spectra``
+    (imported lazily: the in-process API needs neither DuckDB nor Ray)."""
+    from .store import open as _open
+
+    return _open(out)

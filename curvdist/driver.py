@@ -12,7 +12,6 @@ so rerunning after a crash only does what is missing.
 """
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import platform
@@ -24,36 +23,19 @@ from rich.console import Console
 
 from . import __version__, config as C, store
 from .checkpoint import CheckpointIndex
-from .plan import LayerCost, StagePlan, plan_stages
+from .plan import StagePlan
 
 console = Console(stderr=True)
 STAT_BYTES = {"float32": 4, "float64": 8}
 
 
-def select(index: CheckpointIndex, patterns: list[str] | None) -> list[dict]:
-    """The checkpoint's analysable layers matching ``patterns`` (module names or globs), in model order."""
-    layers = index.matrix_layers()
-    if not patterns:
-        return layers
-    out = [l for l in layers if any(fnmatch.fnmatchcase(l["name"], p) for p in patterns)]
-    for p in patterns:
-        if not any(fnmatch.fnmatchcase(l["name"], p) for l in layers):
-            raise ValueError(f"layers: pattern {p!r} matches no layer; e.g. {[l['name'] for l in layers[:4]]}")
-    return out
-
-
 def make_plan(cfg: C.RunConfig, index: CheckpointIndex | None = None) -> tuple[CheckpointIndex, list[StagePlan]]:
+    """The checkpoint index and the stage plan (with each stage's passes) of ``cfg``; see :mod:`curvdist.planning`."""
+    from .planning import plan_from_index
     from .sources import resolve_checkpoint
 
     index = index or CheckpointIndex.open(resolve_checkpoint(cfg.model))
-    if cfg.stages > index.num_blocks:
-        raise ValueError(f"stages={cfg.stages} exceeds the model's {index.num_blocks} blocks; lower `stages`")
-    chosen = select(index, cfg.layers)
-    budget = int(cfg.factor_budget_gb * 2**30)
-    costs = [LayerCost(l["name"], l["block"], l["m"], l["n"]) for l in chosen]
-    plans = plan_stages(index.block_bytes, cfg.stages, embed_bytes=index.embed_bytes, head_bytes=index.head_bytes,
-                        layers=costs, stat_bytes=STAT_BYTES[cfg.stat_dtype], factor_budget_bytes=budget)
-    return index, plans
+    return index, plan_from_index(index, cfg).stages
 
 
 def _device(cfg: C.RunConfig) -> str:
@@ -195,32 +177,29 @@ def main(cfg: C.RunConfig) -> str:
     actors = [Actor.options(num_cpus=cpu_each, num_gpus=gpu_each, scheduling_strategy=PlacementGroupSchedulingStrategy(
         placement_group=pg, placement_group_bundle_index=p.index)).remote(
         _spec(cfg, ckpt, p, todo[p.index], device, threads)) for p in plans]
-    infos = ray.get([a.info.remote() for a in actors])
+    ray.get([a.info.remote() for a in actors])   # waits for every stage to load its slice
     timings["load_s"] = time.perf_counter() - t0
+    groups = max(len(p.passes) for p in plans)
     with Progress(console=console, transient=True) as progress:
-        for kind in ("stats", "projections"):
-            task = progress.add_task(f"pass {kind}", total=len(batches))
+        for g in range(groups):   # the plan's passes: each group's factors fit the per-worker budget
+            mine = [[n for n in (p.passes[g] if g < len(p.passes) else []) if n not in done] for p in plans]
+            if not any(mine):
+                continue
+            ray.get([a.set_layers.remote(names) for a, names in zip(actors, mine)])
+            for kind in ("stats", "projections"):
+                task = progress.add_task(f"group {g + 1}/{groups}: pass {kind}", total=len(batches))
+                t0 = time.perf_counter()
+                ray.get([a.begin_pass.remote(kind) for a in actors])
+                stream(actors, batches, progress, task)
+                ray.get([a.end_pass.remote() for a in actors])
+                timings[f"{kind}_s"] = timings.get(f"{kind}_s", 0.0) + time.perf_counter() - t0
+            if cfg.exact:
+                t0 = time.perf_counter()
+                exact_pass(actors, batches, progress=progress)
+                timings["exact_s"] = timings.get("exact_s", 0.0) + time.perf_counter() - t0
             t0 = time.perf_counter()
-            ray.get([a.begin_pass.remote(kind) for a in actors])
-            stream(actors, batches, progress, task)
-            ray.get([a.end_pass.remote() for a in actors])
-            timings[f"{kind}_s"] = time.perf_counter() - t0
-        if cfg.exact:
-            t0 = time.perf_counter()
-            exact_pass(actors, batches, progress=progress)
-            timings["exact_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    pending = {a.rows.remote(): i for i, a in enumerate(actors)}
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        i = pending.pop(ready[0])
-        layers, directions, spectra = ray.get(ready[0])
-        if layers:
-            store.write_result(out, run_id, f"stage-{i:03d}-{int(time.time() * 1000)}",
-                               {"layers": store.to_table("layers", layers, run_id),
-                                "directions": store.to_table("directions", directions, run_id),
-                                "spectra": store.to_table("spectra", spectra, run_id)})
-    timings["write_s"] = time.perf_counter() - t0
+            _gather(actors, out, run_id, g)
+            timings["write_s"] = timings.get("write_s", 0.0) + time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
     for a in actors:
         ray.kill(a)
@@ -228,6 +207,22 @@ def main(cfg: C.RunConfig) -> str:
     remove_placement_group(pg)
     _finish(cfg, out, run_id, base_run, timings, "complete", _hardware(device))
     return run_id
+
+
+def _gather(actors: list, out: Path, run_id: str, group: int) -> None:
+    """Write each stage's rows as soon as they arrive (a crash keeps every part already written)."""
+    import ray
+
+    pending = {a.rows.remote(): i for i, a in enumerate(actors)}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        i = pending.pop(ready[0])
+        layers, directions, spectra = ray.get(ready[0])
+        if layers:
+            store.write_result(out, run_id, f"stage-{i:03d}-group-{group:03d}-{int(time.time() * 1000)}",
+                               {"layers": store.to_table("layers", layers, run_id),
+                                "directions": store.to_table("directions", directions, run_id),
+                                "spectra": store.to_table("spectra", spectra, run_id)})
 
 
 def _finish(cfg, out: Path, run_id: str, base_run: dict, timings: dict, status: str, hardware: dict | None) -> None:

@@ -45,6 +45,8 @@ def _flat(logits: torch.Tensor, targets: torch.Tensor, loss: str):
     check_loss(loss)
     C = logits.shape[-1]
     z = logits.reshape(-1, C)
+    if z.dtype in (torch.bfloat16, torch.float16):
+        z = z.float()   # bf16/fp16 forward, fp32 loss and seeds (float64 stays float64)
     if loss == "cross_entropy":
         if targets.shape != logits.shape[:-1]:
             raise ValueError(
@@ -61,7 +63,7 @@ def _flat(logits: torch.Tensor, targets: torch.Tensor, loss: str):
 
 
 def loss_terms(logits: torch.Tensor, targets: torch.Tensor, loss: str):
-    """Return ``(L_mean, n_terms, term_mask)``; the loss is computed in the logits' dtype."""
+    """Return ``(L_mean, n_terms, term_mask)``; the loss is computed in the logits' dtype (fp32 for bf16/fp16)."""
     z, y, mask = _flat(logits, targets, loss)
     n = int(mask.sum())
     if n == 0:

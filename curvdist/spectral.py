@@ -7,15 +7,15 @@ a GPU run, or a local and a distributed run, start from the same block.
 
 Accuracy contract (both iterative solvers).  A Ritz pair (θ_j; vectors) is accepted when its residual
 
-    r_j ≤ tol · θ_j + 2ν,        ν = dim^¼ · eps(dtype) · θ_1   (the rounding scale; see _floor),
+    r_j ≤ tol · θ_j + c ν,       ν = dim^¼ · eps(dtype) · θ_1 (rounding scale),  c = 1 (SVD), 2 (eigen),
 
 θ_j = σ_j with r_j = ‖G v_j − σ_j u_j‖ (and Gᵀu_j = σ_j v_j exactly), or θ_j = λ_j with r_j = ‖C q_j − λ_j q_j‖.
 For a symmetric operator some eigenvalue lies within r_j of θ_j (Weyl / Bauer–Fike) and within r_j²/gap_j
 (Kato–Temple); for G the same holds for singular values through the Jordan–Wielandt matrix [[0, G], [Gᵀ, 0]].
 So ``tol`` bounds the relative error of every returned σ_j / λ_j rigorously (above the rounding floor), and
 each vector is within an angle ≈ r_j/gap_j of the true one.  Defaults: tol = 1e-10 (fp64), 1e-5 (fp32).
-In fp32 the floor dominates for θ_j ≲ 1e-2 θ_1: such values carry ~eps·θ_1 absolute error, as a dense fp32
-SVD/eigh does; cast to fp64 first when the small end of a wide spectrum matters.  When the residuals stop
+In fp32 (tol 1e-5) the floor dominates for θ_j ≲ 0.1 θ_1: such values carry ~10 eps·θ_1 absolute error, as a
+dense fp32 SVD/eigh does; cast to fp64 first when the small end of a wide spectrum matters.  When the residuals stop
 improving at the rounding floor the solver stops there (``info["stop"] == "floor"``; still converged).
 Values ≤ 8ν are returned as exact zeros (rank deficiency): their vectors are arbitrary orthonormal
 completions, and callers can drop them with a plain σ > 0 / λ > 0 test.
@@ -44,17 +44,19 @@ __all__ = [
 ]
 
 # Dense at or below these sizes (min(m, n) for the SVD, n for eigh), by working dtype.  Crossovers measured on
-# one CPU core, K = 20, realistic and slow (j^-0.5) spectra, square d×d (CPU times, s):
-#                  d = 256        384           512           768
-#   fp64 svd/rand  .013/.045-.09  .030/.054-.10 .085/.20-.40  .20/.32-.64   (tol 1e-10: 25-80 iterations)
-#   fp32 svd/rand  .007/.006-.015 .016/.008-.02 .044/.013-.03 .10/.018-.06
-#   fp64 eigh/kry  .007/.021-.025 .015/.042-.047 .040/.046-.06 .10/.079-.094
-#   fp32 eigh/kry  .004/.006-.009 .008/.009-.015 .019/.010-.024 .047/.013-.032
+# one CPU core, K = 20, square d×d, a realistic and a slow (j^-0.5) spectrum (CPU seconds, dense/iterative):
+#                  d = 256          384           512           768
+#   fp64 svd/rand  .013/.020-.043  .030/.033-.059 .085/.057-.11 .20/.10-.20   (tol 1e-10: 25-80 iterations)
+#   fp32 svd/rand  .007/.006-.013  .017/.008-.017 .045/.009-.027 .12/.014-.046
+#   fp64 eigh/kry  .007/.025-.027  .016/.040-.046 .041/.055-.068 .12/.097-.11
+#   fp32 eigh/kry  .004/.006-.010  .008/.010-.014 .019/.010-.023 .051/.014-.035
 # The iterative cost grows like d², the dense one like d³; ties go to dense (exact whatever the spectrum).
 # On a GPU dense SVD/eigh are relatively slower still, so these are conservative there.
-EXACT_SVD_BELOW = {torch.float64: 1024, torch.float32: 384}
+EXACT_SVD_BELOW = {torch.float64: 768, torch.float32: 384}
 EXACT_EIGH_BELOW = {torch.float64: 768, torch.float32: 512}
-_FLOORC = 2.0  # residual floor of the convergence test, in units of ν (see _floor)
+# Residual floor of the convergence test in units of ν (see _floor): the measured noise of SVD residuals is
+# 0.15–1 ν, of the Krylov eigen-residuals 0.5–2 ν; below the floor a pair counts as converged.
+_FLOORC = {"svd": 1.0, "eig": 2.0}
 _RANKC = 8.0  # values ≤ _RANKC ν are returned as exact zeros
 _STALL = 10  # steps without progress at the rounding floor before stopping
 
@@ -73,6 +75,16 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 def _gaussian(shape, seed: int, dtype, device) -> Tensor:
     g = torch.Generator(device="cpu").manual_seed(int(seed))
     return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def _mm(A: Tensor, X: Tensor) -> Tensor:
+    """A X for a thin X, computed as (Xᵀ Aᵀ)ᵀ: the same product, up to 2× faster with CPU BLAS in fp64."""
+    return (X.mT @ A.mT).mT
+
+
+def _tmm(A: Tensor, X: Tensor) -> Tensor:
+    """Aᵀ X for a thin X, computed as (Xᵀ A)ᵀ (see _mm)."""
+    return (X.mT @ A).mT
 
 
 def _orth(X: Tensor) -> Tensor:
@@ -114,10 +126,10 @@ def _zero_below_rank_floor(vals: Tensor, dim: int) -> Tensor:
     return torch.where(vals.abs() <= _RANKC * _floor(vals.abs().max(), dim), torch.zeros_like(vals), vals)
 
 
-def _monitor(res: Tensor, theta: Tensor, tol: float, nu: Tensor, scores: list) -> str | None:
-    """Record score = max_j r_j / (tol·|θ_j| + _FLOORC ν); 'converged' when ≤ 1; 'floor' when the residuals are
-    within 100 ν and the last ``_STALL`` steps did not halve the best score before them (rounding reached)."""
-    score = float((res / (tol * theta.abs() + _FLOORC * nu).clamp_min(torch.finfo(res.dtype).tiny)).max())
+def _monitor(res: Tensor, theta: Tensor, tol: float, nu: Tensor, scores: list, kind: str) -> str | None:
+    """Record score = max_j r_j / (tol·|θ_j| + c ν), c = _FLOORC[kind]; 'converged' when ≤ 1; 'floor' when all
+    residuals are within 100 ν and the last ``_STALL`` steps did not halve the best score before them."""
+    score = float((res / (tol * theta.abs() + _FLOORC[kind] * nu).clamp_min(torch.finfo(res.dtype).tiny)).max())
     scores.append(score)
     if score <= 1.0:
         return "converged"
@@ -158,12 +170,15 @@ def top_singular(G: Tensor, k: int, *, oversample: int = 10, n_iter: int | None 
     so Gᵀu_j = σ_j v_j holds exactly and the residual is r_j = ‖G v_j − σ_j u_j‖ = ‖Y w_j − S_j Q_t x_j‖,
     available at the cost of l×k products.  Iteration stops when r_j ≤ tol·σ_j + floor for all j ≤ k (see
     the module docstring: a bound on the relative error of σ_j).  The angle of u_j to span(Q_t) shrinks like
-    (σ_{l+1}/σ_j)^{2t}: real gradients (fast decay) need a handful of iterations; a slow power law
-    σ_j ∝ j^-0.3 with l = 30 needs ~90.  ``n_iter`` fixes the number of power iterations instead (no test).
-    If ``max_iter`` is reached a ``RuntimeWarning`` is raised and the best triplets are returned.
+    (σ_{l+1}/σ_j)^{2t}: gradient-like spectra need ~25 iterations in fp64 and ~5 in fp32 (floor-limited); a
+    slow power law σ_j ∝ j^-0.3 with l = 30 needs ~80 (fp64), where a full SVD can be cheaper (see
+    bench_spectral.py).  ``n_iter`` fixes the number of power iterations instead (no test).  If ``max_iter``
+    is reached a ``RuntimeWarning`` is raised and the current triplets are returned (info converged=False).
 
     k > min(m, n) raises ``ValueError`` naming both; with ``clip=True`` k_eff = min(k, m, n) columns come back.
-    ``return_info=True`` appends a dict (method, iterations, converged, residuals).
+    Rank(G) < k is not an error: the σ_j at the rounding floor come back as exact zeros (module docstring).
+    ``return_info=True`` appends a dict: method ('dense' | 'randomized'), iterations, converged, stop
+    ('converged' | 'floor' | 'max_iter' | 'n_iter'), residuals r_j.
     """
     if G.ndim != 2:
         raise ValueError(f"top_singular: G must be a matrix, got shape {tuple(G.shape)}")
@@ -179,17 +194,17 @@ def top_singular(G: Tensor, k: int, *, oversample: int = 10, n_iter: int | None 
         out = (sigma, U, V)
         return (*out, {"method": "dense", "iterations": 0, "converged": True}) if return_info else out
 
-    Q = _orth(A @ _gaussian((n, l), seed, A.dtype, A.device))
+    Q = _orth(_mm(A, _gaussian((n, l), seed, A.dtype, A.device)))
     cap = max_iter if n_iter is None else int(n_iter)
     stop, scores = "n_iter", []
     for t in range(cap + 1):
-        P, R = torch.linalg.qr(A.mT @ Q)
+        P, R = torch.linalg.qr(_tmm(A, Q))
         X, S, Wh = torch.linalg.svd(R.mT)
-        Y = A @ P
+        Y = _mm(A, P)
         W = Wh.mT[:, :k]
         res = torch.linalg.vector_norm(Y @ W - (Q @ X[:, :k]) * S[:k], dim=0)
         if n_iter is None:
-            stop = _monitor(res, S[:k], tol, _floor(S[0], max(m, n)), scores) or ("max_iter" if t == cap else None)
+            stop = _monitor(res, S[:k], tol, _floor(S[0], max(m, n)), scores, "svd") or ("max_iter" if t == cap else None)
             if stop is not None:
                 break
         if t < cap:
@@ -225,7 +240,7 @@ def _as_operator(C, n, dtype, device):
     if C.ndim != 2 or C.shape[0] != C.shape[1]:
         raise ValueError(f"top_eigen: C must be square, got shape {tuple(C.shape)}")
     A = C.to(_work_dtype(C.dtype))
-    return (lambda X: A @ X), A.shape[0], A.dtype, A.device, A
+    return (lambda X: _tmm(A, X)), A.shape[0], A.dtype, A.device, A  # C symmetric: Cᵀ X = C X
 
 
 def _project_out(W: Tensor, B: Tensor) -> Tensor:
@@ -241,24 +256,33 @@ def top_eigen(C: Tensor | Operator, k: int, *, n: int | None = None, dtype: torc
               method: str = "krylov", clip: bool = False, return_info: bool = False):
     """Top-k eigenpairs of a symmetric PSD factor: ``(lam (k,), Q (n, k))``, λ descending, C q_j = λ_j q_j.
 
-    C is a dense (n×n) tensor or an operator ``C(X: (n, p)) -> (n, p)`` with ``n=``, ``dtype=``, ``device=``
-    (e.g. a Nyström sketch).  Dense ``eigh`` when n ≤ ``exact_below`` or the Krylov basis would not be small
-    against n (an operator is then materialised by C(I)).
+    C is a dense (n×n) symmetric tensor (only C X products are used, computed as (Xᵀ C)ᵀ) or an operator
+    ``C(X: (n, p)) -> (n, p)`` with ``n=``, ``dtype=`` (default float64), ``device=`` (default CPU), e.g. a
+    Nyström sketch.  Dense ``eigh`` when n ≤ ``exact_below`` or 4(k + b) ≥ n (an operator is then
+    materialised as C(I)).
 
     Default ``method="krylov"``: block Lanczos with full re-orthogonalisation and thick restarts.  From
     Q_0 = orth(Ω) (n×b, b = ``block``, default k + 4) the basis grows by Q_{i+1} = orth((I − Q Qᵀ) C Q_i),
     keeping W_i = C Q_i, so the projected matrix T = Qᵀ C Q = Qᵀ W costs no extra product.  Rayleigh–Ritz:
     T = S Θ Sᵀ, Ritz pairs (θ_j, Q s_j), residuals r_j = ‖W s_j − θ_j Q s_j‖; stop when r_j ≤ tol·θ_j + floor
-    for all j ≤ k.  When the basis reaches ``max_basis`` (default min(n/2, max(12 b, k + 8 b))) it restarts
-    from the top k + b Ritz vectors V and their known images W S.  Why Krylov: the span after i steps contains
-    every degree-i polynomial in C applied to Ω, so the error falls like a Chebyshev polynomial, ~exp(−2i√gap)
-    instead of (1 − gap)^i for subspace (power) iteration; covariances of real activations have slowly decaying
-    spectra (small relative gaps), where that matters most.  Measured on n = 3072, k = 20 (bench_spectral.py):
-    Krylov beats subspace iteration and ``torch.lobpcg`` in time at equal residuals, and a full ``eigh``.
-    ``method="subspace"`` (subspace iteration, same test) and ``"lobpcg"`` (``torch.lobpcg``, dense C only)
-    are kept for comparison; ``max_iter`` caps the number of block products.
+    for all j ≤ k.  A block whose image falls inside span(Q) (rank(C) < basis size) is replaced by an
+    orthonormal completion (second CGS2 pass), so low-rank operators are fine.  When the basis would exceed
+    ``max_basis`` (default min(n/2, max(12 b, k + 8 b))) it thick-restarts from the top k + b Ritz vectors V,
+    their known images W S and the next block (the residuals C V − V Θ lie in its span).
 
-    k > n raises ``ValueError`` (``clip=True``: k_eff = n).  ``return_info=True`` appends a dict.
+    Why Krylov: after i steps the basis holds every degree-i polynomial of C applied to Ω, so the error falls
+    like a Chebyshev polynomial, ~exp(−2i√gap), instead of (1 − gap)^i for subspace (power) iteration.
+    Covariances of real activations decay slowly (small relative gaps), where that matters most.  Measured on
+    n = 3072, k = 20, one core (bench_spectral.py), fp64, to residuals 1e-10·λ_j: activation covariance
+    (λ_j ~ j^-1 plus a mean direction) 13 products / 0.5 s, planted λ_j = j^-0.3 22 products / 0.95 s, against
+    full ``eigh`` 8.8–9.3 s, ``torch.lobpcg`` 1.6–2.5 s (same accuracy) and subspace iteration 2.3 s /
+    not converged in 150 products.  ``method="subspace"`` (subspace iteration, same test) and ``"lobpcg"``
+    (``torch.lobpcg``, dense C only; no residual test of ours) are kept for comparison.  ``max_iter`` caps the
+    number of block products (a ``RuntimeWarning`` if reached).
+
+    k > n raises ``ValueError`` (``clip=True``: k_eff = n); rank(C) < k gives exact-zero trailing λ.
+    ``return_info=True`` appends a dict (method, iterations = block products, converged, stop, restarts,
+    residuals).
     """
     op, n, dt, dev, dense = _as_operator(C, n, dtype, device)
     k = _check_k(k, n, clip, "top_eigen")
@@ -291,7 +315,7 @@ def top_eigen(C: Tensor | Operator, k: int, *, n: int | None = None, dtype: torc
         theta, S = theta.flip(0), S.flip(1)
         Y = Qa @ S[:, :k]
         res = torch.linalg.vector_norm(Wa @ S[:, :k] - Y * theta[:k], dim=0)
-        stop = _monitor(res, theta[:k], tol, _floor(theta[0], n), scores) or (
+        stop = _monitor(res, theta[:k], tol, _floor(theta[0], n), scores, "eig") or (
             "max_iter" if products >= max_iter else None)
         if stop is not None:
             break

@@ -59,13 +59,8 @@ class StageWorker:
         for p in self.module.parameters():
             p.requires_grad_(True)   # so that layer outputs carry a graph; gradients are taken w.r.t. outputs only
         self.family = index.family
-        names = list(spec.get("layers") or [])
-        all_layers = families.select_layers(self.module, None, self.family)
-        missing = [n for n in names if n not in all_layers]
-        if missing:
-            raise ValueError(f"stage {spec.get('stage')}: layers {missing[:4]} are not in blocks "
-                             f"{spec['first_block']}..{spec['last_block']}")
-        self.layers = {n: all_layers[n] for n in names}
+        self._all_layers = families.select_layers(self.module, None, self.family)
+        self.set_layers(list(spec.get("layers") or []))
         self.loaded_tensors = list(getattr(self.module, "loaded_tensors", []))
         self.timings: dict[str, float] = {"load_s": time.perf_counter() - t0}
         self.collector: StatisticsCollector | None = None
@@ -78,6 +73,15 @@ class StageWorker:
         self._h: dict[str, dict[str, torch.Tensor]] = {}
         self._pass = ""
         self._generator: torch.Generator | None = None
+
+    def set_layers(self, names: list[str]) -> None:
+        """The layers analysed by the next passes (one group of the plan's passes); clears earlier results."""
+        missing = [n for n in names if n not in self._all_layers]
+        if missing:
+            raise ValueError(f"stage {self.spec.get('stage')}: layers {missing[:4]} are not in blocks "
+                             f"{self.spec['first_block']}..{self.spec['last_block']}")
+        self.layers = {n: self._all_layers[n] for n in names}
+        self.spectra, self.projections, self.curvature = {}, {}, {}
 
     # ------------------------------------------------------------------ info
     def info(self) -> dict:

@@ -118,7 +118,8 @@ def test_passes_split_on_the_budget(saved):
     assert small.over_budget() == ["lm_head"]  # C_δ 48×48×4 = 9 kB > 5 kB
 
 
-def test_errors(tmp_path, saved):
+def test_errors(tmp_path, saved, monkeypatch):
+    monkeypatch.setenv("CURVDIST_CACHE", str(tmp_path / "cache"))
     with pytest.raises(FileNotFoundError, match="model.config_json"):
         planning.plan_from_config(load_config(None, [f"model.path={tmp_path}"]))
     with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -1,0 +1,140 @@
+"""GPU check (not a test): the CUDA code paths of the measurement core, with figures.
+
+    PYTHONPATH=. python3 benchmarks/gpu_check.py        # on a machine with a CUDA device
+
+1. Planted spectra (SPEC §4.3) on the GPU in float64: α = 1/(1+g), α_Kron = 2, φ = 0.
+2. bf16 forward with fp32 statistics vs the float64 reference on the same GPU (tiny GPT-2): relative errors.
+3. Costs on the benchmark GPT-2 (4 layers, 384 wide, vocab 512, 64×64 tokens) in multiples of one forward+backward.
+4. A 0.5B-class Llama (hidden 2048, 8 blocks, MLP 5632, vocab 32000) in bf16: statistics of every layer, spectral
+   work, exact h for K = 20 directions of one MLP layer.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import curvdist  # noqa: E402
+from curvdist import forward, losses  # noqa: E402
+
+
+def sync():
+    torch.cuda.synchronize()
+
+
+def timed(f, reps=3):
+    f()
+    sync()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f()
+        sync()
+        ts.append(time.perf_counter() - t0)
+    return sorted(ts)[len(ts) // 2]
+
+
+def planted_check():
+    from test_planted import K, planted
+    for g in (0.5, 1.5):
+        model, data, lam, s = planted(g)
+        model = model.cuda()
+        data = [(a.cuda(), y.cuda()) for a, y in data]
+        r = curvdist.analyze(model, data, loss="mse", top_k=K).layers.to_pylist()[0]
+        print(f"planted g={g}: alpha={r['alpha']:.9f} (want {1 / (1 + g):.9f})  alpha_kron={r['alpha_kron']:.9f}  "
+              f"phi={r['phi']:.2e}  status={r['status']}")
+
+
+def gpt2(n_layer=4, n_embd=384, vocab=512, seq=64, seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=6, vocab_size=vocab, n_positions=seq,
+                     attn_implementation="sdpa")
+    return GPT2LMHeadModel(cfg)
+
+
+def lm_batch(vocab, B, T, device, micro=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (B, T), generator=g)
+    tgt = torch.cat([ids[:, 1:], torch.full((B, 1), -100)], 1)
+    return [({"input_ids": i.to(device)}, t.to(device)) for i, t in zip(ids.chunk(micro), tgt.chunk(micro))]
+
+
+def bf16_check():
+    model = gpt2(n_layer=2, n_embd=192, seq=32).cuda()
+    data = lm_batch(512, 8, 32, "cuda")
+    ref = curvdist.analyze(model, data, top_k=10, dtype=torch.float64)
+    lo = curvdist.analyze(model.to(torch.float32), data, top_k=10, dtype=torch.bfloat16, stat_dtype=torch.float32)
+    a = {(r["layer"], r["k"]): r for r in ref.directions.to_pylist()}
+    errs = {c: [] for c in ("sigma", "h_kron", "h")}
+    for r in lo.directions.to_pylist():
+        q = a[(r["layer"], r["k"])]
+        for c in errs:
+            if r[c] is not None and q[c] is not None and q[c] != 0:
+                errs[c].append(abs(r[c] - q[c]) / abs(q[c]))
+    for c, e in errs.items():
+        e = torch.tensor(e)
+        print(f"bf16 forward / fp32 stats vs fp64, {c}: median rel err {e.median():.2e}, max {e.max():.2e} (k ≤ 10)")
+    la = {r["layer"]: r for r in ref.layers.to_pylist()}
+    d = [abs(r["alpha_kron"] - la[r["layer"]]["alpha_kron"]) for r in lo.layers.to_pylist()
+         if r["alpha_kron"] is not None and la[r["layer"]]["alpha_kron"] is not None]
+    print(f"bf16 vs fp64 alpha_kron: max abs diff {max(d):.3e} over {len(d)} layers")
+
+
+def fwd_bwd(model, data):
+    def f():
+        with forward.second_order_attention():
+            for x, y in data:
+                logits = forward.model_logits(model, x)
+                losses.loss_terms(logits, y, "cross_entropy")[0].backward()
+        model.zero_grad(set_to_none=True)
+    return f
+
+
+def cost_check(model, data, name, exact_layer, dtype):
+    model = model.cuda().to(dtype)
+    t_fb = timed(fwd_bwd(model, data))
+    from curvdist import families
+    from curvdist.curvature import exact_curvature
+    from curvdist.factors import collect_statistics
+    from curvdist.measure import spectral_step
+    layers = families.select_layers(model, None, families.detect_family(model))
+
+    def kron():
+        stats = collect_statistics(model, data, "cross_entropy", layers=layers, stat_dtype=torch.float32)
+        return {n: spectral_step(s, 20) for n, s in stats.items()}
+    t_kron = timed(kron, reps=1)
+    sp = kron()[exact_layer]
+    dirs = {exact_layer: sp.directions}
+
+    def exact():
+        exact_curvature(model, data, "cross_entropy", dirs, layers={exact_layer: layers[exact_layer]})
+    t_exact = timed(exact, reps=1)
+    print(f"{name}: fwd+bwd {t_fb * 1e3:.1f} ms; Kronecker measurement of all {len(layers)} layers "
+          f"{t_kron / t_fb:.1f}x; exact h+h_gn, K=20, {exact_layer}: {t_exact / t_fb:.1f}x; "
+          f"peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
+def main():
+    print(torch.__version__, torch.cuda.get_device_name(0))
+    planted_check()
+    bf16_check()
+    cost_check(gpt2(), lm_batch(512, 64, 64, "cuda"), "GPT-2 4x384 fp32, 64x64 tokens",
+               "transformer.h.0.attn.c_attn", torch.float32)
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
+                      num_key_value_heads=16, vocab_size=32000, attn_implementation="sdpa")
+    with torch.device("cuda"):
+        llama = LlamaForCausalLM(cfg)
+    cost_check(llama, lm_batch(32000, 8, 512, "cuda", micro=2), "Llama 8x2048 (0.5B) bf16, 8x512 tokens",
+               "model.layers.4.mlp.up_proj", torch.bfloat16)
+
+
+if __name__ == "__main__":
+    main()

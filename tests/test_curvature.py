@@ -1,0 +1,302 @@
+"""Exact directional curvature (curvdist.curvature) against dense truth, curvlinops, and stage chaining (float64)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from curvdist import dense
+from curvdist import layers as L
+from curvdist.curvature import (Curvature, exact_curvature, layer_param_tangent, loss_tangent, module_stage,
+                                stage_backward_tangent, stage_forward_tangent, tangent_quadratic)
+from curvdist.losses import hessian_quadratic
+
+DT = torch.float64
+RTOL = 1e-10
+
+
+def close(a, b, rtol=RTOL):
+    a, b = torch.as_tensor(a, dtype=DT), torch.as_tensor(b, dtype=DT)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    err = float((a - b).abs().max())
+    assert err <= rtol * float(b.abs().max()), f"max abs err {err:.3e} vs scale {float(b.abs().max()):.3e}\n{a}\n{b}"
+
+
+def random_dirs(layers, K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, mod in layers.items():
+        m, n = L.shape(mod)
+        out[name] = (torch.randn(K, m, generator=g, dtype=DT), torch.randn(K, n, generator=g, dtype=DT))
+    return out
+
+
+def check_dense(model, data, loss, layers, K=3, gn=True):
+    dirs = random_dirs(layers, K)
+    res = exact_curvature(model, data, loss, dirs, layers=layers, gn=gn)
+    for name, mod in layers.items():
+        U, V = dirs[name]
+        close(res[name].h, dense.quadratic(dense.layer_hessian(model, data, loss, mod), U, V))
+        if gn:
+            close(res[name].h_gn, dense.quadratic(dense.layer_ggn(model, data, loss, mod), U, V))
+    return res, dirs
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.Sigmoid(), nn.Linear(6, 4)).to(DT).eval()
+
+
+def mlp_layers(model):
+    return {"0": model[0], "2": model[2], "4": model[4]}
+
+
+def mlp_data(loss, sizes=(6, 3, 5)):
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for b in sizes:
+        x = torch.randn(b, 5, generator=g, dtype=DT)
+        y = torch.randint(0, 4, (b,), generator=g) if loss == "cross_entropy" else torch.randn(b, 4, generator=g,
+                                                                                                dtype=DT)
+        out.append((x, y))
+    return out
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_mlp_matches_dense_over_microbatches(loss):
+    model = mlp()
+    res, _ = check_dense(model, mlp_data(loss), loss, mlp_layers(model))
+    assert all(isinstance(r, Curvature) and r.h.dtype == DT and r.h.shape == (3,) for r in res.values())
+
+
+def test_microbatch_weighting_is_by_loss_terms():
+    """L = (1/N) Σ_t ℓ_t: h over two micro-batches is the term-weighted mean of the per-micro-batch h."""
+    model = mlp()
+    lay = mlp_layers(model)
+    data = mlp_data("cross_entropy", sizes=(7, 2))
+    dirs = random_dirs(lay, 4)
+    both = exact_curvature(model, data, "cross_entropy", dirs, layers=lay)
+    parts = [exact_curvature(model, [d], "cross_entropy", dirs, layers=lay) for d in data]
+    for name in lay:
+        close(both[name].h, (7 * parts[0][name].h + 2 * parts[1][name].h) / 9)
+        close(both[name].h_gn, (7 * parts[0][name].h_gn + 2 * parts[1][name].h_gn) / 9)
+
+
+def test_options_and_chunking():
+    model = mlp()
+    lay = mlp_layers(model)
+    data = mlp_data("cross_entropy")
+    dirs = random_dirs(lay, 5)
+    full = exact_curvature(model, data, "cross_entropy", dirs, layers=lay)
+    chunked = exact_curvature(model, data, "cross_entropy", dirs, layers=lay, chunk_size=2)
+    h_only = exact_curvature(model, data, "cross_entropy", dirs, layers=lay, gn=False)
+    gn_only = exact_curvature(model, data, "cross_entropy", dirs, layers=lay, hessian=False)
+    for name in lay:
+        close(chunked[name].h, full[name].h, 1e-13)
+        close(chunked[name].h_gn, full[name].h_gn, 1e-13)
+        close(h_only[name].h, full[name].h, 1e-13)
+        close(gn_only[name].h_gn, full[name].h_gn, 1e-13)
+        assert h_only[name].h_gn is None and gn_only[name].h is None
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+    with pytest.raises(ValueError):
+        exact_curvature(model, data, "cross_entropy", {"0": (torch.randn(2, 3), torch.randn(2, 5))}, layers=lay)
+
+
+def test_last_linear_layer_with_mse_gn_is_exact():
+    """z = W a + b with squared loss: ∇²_W L = Jᵀ H_ℓ J exactly, so h == h^GN."""
+    model = mlp()
+    res = exact_curvature(model, mlp_data("mse"), "mse", random_dirs({"4": model[4]}, 6), layers={"4": model[4]})
+    close(res["4"].h, res["4"].h_gn, 1e-12)
+    inner = exact_curvature(model, mlp_data("mse"), "mse", random_dirs({"0": model[0]}, 6), layers={"0": model[0]})
+    assert (inner["0"].h - inner["0"].h_gn).abs().max() > 1e-6  # not so for an inner layer
+
+
+class Reuse(nn.Module):
+    """One Linear applied twice (weight reuse inside one forward): h has cross terms between the two uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.a(torch.tanh(self.a(x)))))
+
+
+def test_module_called_twice_matches_dense():
+    torch.manual_seed(3)
+    model = Reuse().to(DT).eval()
+    check_dense(model, mlp_data("cross_entropy"), "cross_entropy", {"a": model.a})
+
+
+def test_cnn_matches_dense():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 2, stride=2), nn.Tanh(),
+                          nn.Flatten(), nn.Linear(2 * 2 * 2, 3)).to(DT).eval()
+    g = torch.Generator().manual_seed(2)
+    data = [(torch.randn(b, 2, 4, 4, generator=g, dtype=DT), torch.randint(0, 3, (b,), generator=g)) for b in (3, 2)]
+    check_dense(model, data, "cross_entropy", {"0": model[0], "2": model[2], "5": model[5]})
+
+
+def lm_data(vocab, seed=0, mask=False):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for b, t in ((2, 6), (1, 5)):
+        ids = torch.randint(0, vocab, (b, t), generator=g)
+        y = torch.cat([ids[:, 1:], torch.full((b, 1), -100)], 1)
+        y[0, 1] = -100
+        inputs = ids
+        if mask and b == 2:  # right padding on the second sequence: its last two positions are not loss terms
+            am = torch.ones(b, t, dtype=torch.long)
+            am[1, -2:] = 0
+            y[1, -3:] = -100
+            inputs = {"input_ids": ids, "attention_mask": am}
+        out.append((inputs, y))
+    return out
+
+
+def test_gpt2_conv1d_matches_dense():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_embd=8, n_head=2, n_layer=2, vocab_size=11, n_positions=8, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).to(DT).eval()
+    h = model.transformer.h
+    check_dense(model, lm_data(11, mask=True), "cross_entropy",
+                {"h0.c_attn": h[0].attn.c_attn, "h0.c_fc": h[0].mlp.c_fc, "h1.mlp.c_proj": h[1].mlp.c_proj}, K=2)
+
+
+def test_llama_matches_dense():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=8, intermediate_size=12, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=11, max_position_embeddings=16,
+                                   attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(DT).eval()
+    lay = model.model.layers
+    check_dense(model, lm_data(11, seed=1), "cross_entropy",
+                {"q0": lay[0].self_attn.q_proj, "gate0": lay[0].mlp.gate_proj, "down1": lay[1].mlp.down_proj}, K=2)
+
+
+@pytest.mark.parametrize("loss,cls", [("cross_entropy", "CrossEntropyLoss"), ("mse", "MSELoss")])
+def test_matches_curvlinops_operators(loss, cls):
+    curvlinops = pytest.importorskip("curvlinops")
+    model = mlp()
+    lay = mlp_layers(model)
+    data = mlp_data(loss, sizes=(6, 3))
+    dirs = random_dirs(lay, 3)
+    res = exact_curvature(model, data, loss, dirs, layers=lay)
+    loss_func = getattr(nn, cls)()
+    for name, mod in lay.items():
+        U, V = dirs[name]
+        X = layer_param_tangent(mod, U, V).reshape(U.shape[0], -1).T  # (numel, K) in the weight's layout
+        for op, got in ((curvlinops.HessianLinearOperator, res[name].h), (curvlinops.GGNLinearOperator, res[name].h_gn)):
+            A = op(model, loss_func, [mod.weight], data, check_deterministic=False)
+            close(got, (X * (A @ X)).sum(0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage chaining: forward tangents stage to stage, then the reverse pass with tangent adjoints, no shared graph
+# ---------------------------------------------------------------------------------------------------------------
+
+class Embed(nn.Module):
+    def __init__(self, v, d):
+        super().__init__()
+        self.emb = nn.Embedding(v, d)
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, ids):
+        return torch.tanh(self.lin(self.emb(ids)))
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.ln = nn.LayerNorm(d)
+
+    def forward(self, x):
+        T = x.shape[1]
+        s = self.q(x) @ self.k(x).transpose(1, 2) / x.shape[-1] ** 0.5
+        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        x = x + self.o(torch.softmax(s, -1) @ self.v(x))
+        return x + self.down(nn.functional.gelu(self.up(self.ln(x))))
+
+
+class Head(nn.Module):
+    def __init__(self, d, v):
+        super().__init__()
+        self.ln, self.out = nn.LayerNorm(d), nn.Linear(d, v)
+
+    def forward(self, x):
+        return self.out(self.ln(x))
+
+
+def chained(stages, data, loss, j, pname, D):
+    """h, h^GN of parameter ``pname`` of stage j via stage_forward_tangent / loss_tangent / stage_backward_tangent."""
+    fns = [module_stage(s) for s in stages]
+    params = [{k: p.detach() for k, p in s.named_parameters()} for s in stages]
+    h = hgn = 0.0
+    N = 0
+    for x, y in data:
+        with torch.no_grad():
+            for s in stages[:j]:
+                x = s(x)
+        saved, xdot = [], None
+        for i in range(j, len(stages)):
+            saved.append((x, xdot))
+            x, xdot = stage_forward_tangent(fns[i], params[i], x, xdot, {pname: D} if i == j else None)
+        zbar, zbar_dot, nb = loss_tangent(x, y, loss, xdot)
+        hgn = hgn + nb * hessian_quadratic(x, y, loss, xdot)
+        for i in reversed(range(j, len(stages))):
+            xi, xidot = saved[i - j]
+            zbar, zbar_dot, pbd = stage_backward_tangent(fns[i], params[i], xi, xidot, {pname: D} if i == j else None,
+                                                         zbar, zbar_dot)
+        h = h + nb * tangent_quadratic({pname: D}, pbd)
+        N += nb
+    return h / N, hgn / N
+
+
+@pytest.mark.parametrize("j,path", [(0, "lin"), (1, "q"), (1, "down"), (2, "out")])
+def test_stage_chaining_equals_in_process(j, path):
+    torch.manual_seed(0)
+    stages = [Embed(9, 6), Block(6), Head(6, 9)]
+    model = nn.Sequential(*stages).to(DT).eval()
+    mod = getattr(stages[j], path)
+    data = lm_data(9, seed=4)
+    dirs = random_dirs({path: mod}, 3, seed=5)
+    ref = exact_curvature(model, data, "cross_entropy", dirs, layers={path: mod})[path]
+    D = layer_param_tangent(mod, *dirs[path])
+    h, hgn = chained(stages, data, "cross_entropy", j, f"{path}.weight", D)
+    close(h, ref.h)
+    close(hgn, ref.h_gn)
+    if j == 1 and path == "q":  # and both agree with the dense Hessian of the composed model
+        close(h, dense.quadratic(dense.layer_hessian(model, data, "cross_entropy", mod), *dirs[path]))
+
+
+def test_stage_tangents_with_gpt2_conv1d_layout():
+    """Param tangents in the weight's own layout (Conv1D is (in, out)): one stage = the whole GPT-2."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_embd=8, n_head=2, n_layer=1, vocab_size=11, n_positions=8, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager")
+    torch.manual_seed(1)
+    model = transformers.GPT2LMHeadModel(cfg).to(DT).eval()
+    mod = model.transformer.h[0].mlp.c_fc
+    data = lm_data(11, seed=2)
+    dirs = random_dirs({"fc": mod}, 2)
+    ref = exact_curvature(model, data, "cross_entropy", dirs, layers={"fc": mod})["fc"]
+    fn = lambda p, ids: torch.func.functional_call(model, p, (ids,)).logits  # noqa: E731
+    D = layer_param_tangent(mod, *dirs["fc"])
+    name = "transformer.h.0.mlp.c_fc.weight"
+    params = {name: mod.weight.detach()}
+    h = hgn = 0.0
+    N = 0
+    for x, y in data:
+        z, zdot = stage_forward_tangent(fn, params, x, None, {name: D})
+        zbar, zbar_dot, nb = loss_tangent(z, y, "cross_entropy", zdot)
+        _, _, pbd = stage_backward_tangent(fn, params, x, None, {name: D}, zbar, zbar_dot)
+        h, hgn, N = h + nb * tangent_quadratic({name: D}, pbd), hgn + nb * hessian_quadratic(z, y, "cross_entropy",
+                                                                                               zdot), N + nb
+    close(h / N, ref.h)
+    close(hgn / N, ref.h_gn)
