@@ -84,36 +84,54 @@ def _check_directions(directions, layers) -> None:
 
 def exact_curvature(model: nn.Module, data: Iterable, loss: str,
                     directions: Mapping[str, tuple[Tensor, Tensor]], *, layers: Mapping[str, nn.Module],
-                    hessian: bool = True, gn: bool = True, chunk_size: int | None = None) -> dict[str, Curvature]:
+                    hessian: bool = True, gn: bool = True, chunk_size: int | None = None,
+                    method: str = "auto") -> dict[str, Curvature]:
     """Exact h_k and h^GN_k of every layer in ``directions`` (name → (U (K, m), V (K, n))), over all micro-batches.
 
     ``data``: iterable of ``(inputs, targets)`` micro-batches (see :mod:`curvdist.forward`); floating inputs are
     cast to the model's dtype and everything is computed in that dtype.  ``chunk_size`` bounds how many directions
-    go through one batched double backward (memory ∝ chunk_size × downstream activations); None = all K at once.
-    The model is evaluated in its current mode (call ``model.eval()`` to switch dropout off).  h is the
-    curvature of the module's own use(s) of its weight (all calls of the module within one forward are included;
-    a weight tied to a *different* module, e.g. an embedding, adds cross terms that are not included).
-    Returns name → :class:`Curvature` with float64 CPU tensors (K,).
+    go through one batched pass (memory ∝ chunk_size × downstream activations); None = all K at once.
+    ``method``: ``"output"`` (hooks + batched double backward from the layer outputs, see the module docstring),
+    ``"param"`` (``torch.func`` forward-over-reverse on the weight itself, one extra forward per layer), or
+    ``"auto"``: output, except for a layer whose weight is shared with another module (tied) or whose module is
+    called more than once in a forward — there the input of one call may depend on W, so s is not linear in W
+    and only the param route is exact.  The model is evaluated in its current mode (``model.eval()`` switches
+    dropout off).  Returns name → :class:`Curvature` with float64 CPU tensors (K,).
     """
     if not (hessian or gn):
         raise ValueError("nothing to compute: hessian=False and gn=False")
+    if method not in ("auto", "output", "param"):
+        raise ValueError(f"method={method!r}: choose auto, output or param")
     _check_directions(directions, layers)
     dtype, device = _model_dtype_device(model)
     names = list(directions)
     dirs = {k: (U.to(device=device, dtype=dtype), V.to(device=device, dtype=dtype)) for k, (U, V) in directions.items()}
     acc_h = {k: torch.zeros(U.shape[0], dtype=torch.float64) for k, (U, _) in dirs.items()}
     acc_gn = {k: torch.zeros(U.shape[0], dtype=torch.float64) for k, (U, _) in dirs.items()}
+    pnames = {k: _weight_names(model, layers[k]) for k in names}
+    if method == "output" and any(len(v) > 1 for v in pnames.values()):
+        raise ValueError("a layer's weight is tied to another module; use method='param' or 'auto'")
+    param_path = {k for k in names if method == "param" or len(pnames[k]) > 1}
     n_total = 0
 
     captured: dict[str, list[tuple[Tensor, Tensor]]] = {k: [] for k in names}
+    active = [False]
 
     def make_hook(name):
         def hook(module, args, out):
+            if not active[0]:
+                return None
             if not out.requires_grad:  # nothing upstream needs grad: make s a leaf of the graph
                 out = out.detach().requires_grad_()
             captured[name].append((args[0].detach(), out))  # (layer input a, layer output s)
             return out
         return hook
+
+    def add(name, nb, hb, gnb):
+        if hb is not None:
+            acc_h[name] += nb * hb.detach().double().cpu()
+        if gnb is not None:
+            acc_gn[name] += nb * gnb.detach().double().cpu()
 
     params = [p for p in model.parameters()]
     flags = [p.requires_grad for p in params]
@@ -121,39 +139,25 @@ def exact_curvature(model: nn.Module, data: Iterable, loss: str,
     try:
         for p in params:
             p.requires_grad_(False)
-        # a module analysed under two names is hooked once per name, which is harmless
-        handles = [layers[k].register_forward_hook(make_hook(k)) for k in names]
+        handles = [layers[k].register_forward_hook(make_hook(k)) for k in names if k not in param_path]
         for inputs, targets in data:
-            for v in captured.values():
-                v.clear()
             inputs = to_device(inputs, device, dtype)
             targets = to_device(targets, device)
-            with second_order_attention(), torch.enable_grad():
-                z = model_logits(model, inputs)  # (*, C)
-                Lb, nb, _ = loss_terms(z, targets, loss)
-                if hessian:
-                    (zbar,) = torch.autograd.grad(Lb, z, create_graph=True)  # depends on z: carries ∇²ℓ
-                else:  # GN only: z̄ a leaf, g = J_lᵀ z̄ is linear in it
-                    (zbar,) = torch.autograd.grad(Lb, z, retain_graph=True)
-                    zbar = zbar.detach().requires_grad_()
-                uses = [(k, x, s) for k in names for (x, s) in captured[k]]
-                if not uses:
-                    raise RuntimeError("none of the analysed layers was called by the model's forward")
-                gs = torch.autograd.grad(z, [s for _, _, s in uses], grad_outputs=zbar, create_graph=True,
-                                         allow_unused=True)  # g_l = ∂L_b/∂s_l for every use at once
-                for name in names:
-                    idx = [i for i, u in enumerate(uses) if u[0] == name]
-                    U, V = dirs[name]
-                    hb, gnb = _layer_pass(layers[name], [uses[i][1] for i in idx], [uses[i][2] for i in idx],
-                                          [gs[i] for i in idx], zbar, z, targets, loss, U, V, hessian, gn,
-                                          chunk_size)
-                    if hb is not None:
-                        acc_h[name] += nb * hb.detach().double().cpu()
-                    if gnb is not None:
-                        acc_gn[name] += nb * gnb.detach().double().cpu()
+            nb = None
+            todo = [k for k in names if k in param_path]
+            if handles:
+                nb, reused = _output_path(model, inputs, targets, loss, names, param_path, captured, active, layers,
+                                          dirs, hessian, gn, chunk_size, add)
+                if reused and method == "output":
+                    raise ValueError(f"{reused} called more than once per forward; use method='param' or 'auto'")
+                todo += reused
+            for k in todo:
+                hb, gnb, nb = _param_pass(model, inputs, targets, loss, layers[k], pnames[k][0], *dirs[k], hessian,
+                                          gn, chunk_size)
+                add(k, nb, hb, gnb)
             n_total += nb
-            del z, Lb, zbar, gs, uses
     finally:
+        active[0] = False
         for h in handles:
             h.remove()
         for p, f in zip(params, flags):
@@ -166,31 +170,94 @@ def exact_curvature(model: nn.Module, data: Iterable, loss: str,
             for k in names}
 
 
-def _layer_pass(module, xs, ss, gs, zbar, z, targets, loss, U, V, hessian, gn, chunk_size):
-    """Per micro-batch h_b (K,) and h^GN_b (K,) of one layer from its uses (inputs xs, outputs ss, errors gs)."""
+def _weight_names(model: nn.Module, module: nn.Module) -> list[str]:
+    """Every name under which the module's weight is registered in the model (more than one: tied)."""
+    out = [n for n, p in model.named_parameters(remove_duplicate=False) if p is module.weight]
+    if not out:
+        raise ValueError("the layer's weight is not a parameter of the model")
+    return out
+
+
+def _output_path(model, inputs, targets, loss, names, param_path, captured, active, layers, dirs, hessian, gn,
+                 chunk_size, add):
+    """One hooked forward, one create_graph backward, then per layer one K-batched double backward."""
+    for v in captured.values():
+        v.clear()
+    active[0] = True
+    try:
+        with second_order_attention(), torch.enable_grad():
+            z = model_logits(model, inputs)  # (*, C)
+    finally:
+        active[0] = False
+    reused = [k for k in names if k not in param_path and len(captured[k]) > 1]
+    out_names = [k for k in names if k not in param_path and k not in reused]
+    with second_order_attention(), torch.enable_grad():
+        Lb, nb, _ = loss_terms(z, targets, loss)
+        if hessian:
+            (zbar,) = torch.autograd.grad(Lb, z, create_graph=True)  # depends on z: carries ∇²ℓ
+        else:  # GN only: z̄ a leaf, g = J_lᵀ z̄ is linear in it
+            (zbar,) = torch.autograd.grad(Lb, z, retain_graph=True)
+            zbar = zbar.detach().requires_grad_()
+        uses = [(k, x, s) for k in out_names for (x, s) in captured[k]]
+        if any(not captured[k] for k in out_names):
+            missing = [k for k in out_names if not captured[k]]
+            raise RuntimeError(f"layers {missing} were not called by the model's forward")
+        if uses:
+            gs = torch.autograd.grad(z, [s for _, _, s in uses], grad_outputs=zbar, create_graph=True,
+                                     allow_unused=True)  # g_l = ∂L_b/∂s_l for every layer at once
+            for i, (name, x, s) in enumerate(uses):
+                hb, gnb = _layer_pass(layers[name], x, s, gs[i], zbar, z, targets, loss, *dirs[name], hessian, gn,
+                                      chunk_size)
+                add(name, nb, hb, gnb)
+    for v in captured.values():
+        v.clear()
+    return nb, reused
+
+
+def _param_pass(model, inputs, targets, loss, module, pname, U, V, hessian, gn, chunk_size):
+    """torch.func forward-over-reverse on the weight: (H vec D_k, ż_k) = jvp(∇_W L_b, z)(W; D_k), batched over K."""
+    W = module.weight.detach()
+    D = layer_param_tangent(module, U, V)  # (K, *W.shape)
+
+    def grad_and_logits(w):
+        def f(w):
+            z = model_logits(lambda *a, **kw: functional_call(model, {pname: w}, a, kw), inputs)
+            return loss_terms(z, targets, loss)[0], z
+        return torch.func.grad(f, has_aux=True)(w)  # (∇_W L_b, z)
+
+    step = D.shape[0] if chunk_size is None else max(1, int(chunk_size))
+    hs, gns = [], []
+    with second_order_attention(), torch.no_grad():
+        for a in range(0, D.shape[0], step):
+            Dc = D[a:a + step]
+            (_, z), (gdot, zdot) = vmap(lambda d: jvp(grad_and_logits, (W,), (d,)), out_dims=(None, 0))(Dc)
+            if hessian:
+                hs.append((gdot * Dc).flatten(1).sum(1))  # ⟨D_k, H vec D_k⟩
+            if gn:
+                gns.append(hessian_quadratic(z, targets, loss, zdot))
+    nb = loss_terms(z.detach(), targets, loss)[1]
+    return (torch.cat(hs) if hessian else None), (torch.cat(gns) if gn else None), nb
+
+
+def _layer_pass(module, x, s, g, zbar, z, targets, loss, U, V, hessian, gn, chunk_size):
+    """Per micro-batch h_b (K,) and h^GN_b (K,) of one layer from its input x, output s and error g = ∂L_b/∂s."""
     K = U.shape[0]
-    live = [i for i, g in enumerate(gs) if g is not None and g.requires_grad]
-    if not live:  # the layer does not influence the loss here
+    if g is None or not g.requires_grad:  # the layer does not influence the loss here
         zero = torch.zeros(K, dtype=z.dtype, device=z.device)
         return (zero if hessian else None), (zero if gn else None)
     step = K if chunk_size is None else max(1, int(chunk_size))
     out_h, out_gn = [], []
     for a in range(0, K, step):
-        Uc, Vc = U[a:a + step], V[a:a + step]
-        sdots = [L.directional_output(module, xs[i], Uc, Vc) for i in live]  # each (k, *s.shape)
-        inputs = ([ss[i] for i in live] if hessian else []) + ([zbar] if gn else [])
-        res = torch.autograd.grad([gs[i] for i in live], inputs, grad_outputs=sdots, retain_graph=True,
-                                  is_grads_batched=True, allow_unused=True)
-        if hessian:
-            hb = torch.zeros(Uc.shape[0], dtype=z.dtype, device=z.device)
-            for sd, hs in zip(sdots, res[:len(live)]):  # Σ_u ⟨ṡ_u, (∇²_s L ṡ)_u⟩
-                if hs is not None:
-                    hb = hb + (sd * hs).flatten(1).sum(1)
-            out_h.append(hb)
+        sdot = L.directional_output(module, x, U[a:a + step], V[a:a + step])  # (k, *s.shape)
+        res = torch.autograd.grad(g, ([s] if hessian else []) + ([zbar] if gn else []), grad_outputs=sdot,
+                                  retain_graph=True, is_grads_batched=True, allow_unused=True)
+        if hessian:  # ⟨ṡ, ∇²_s L ṡ⟩
+            out_h.append((sdot * res[0]).flatten(1).sum(1) if res[0] is not None
+                         else torch.zeros(sdot.shape[0], dtype=z.dtype, device=z.device))
         if gn:
             zdot = res[-1]  # (k, *z.shape) = J ṡ
             if zdot is None:
-                zdot = torch.zeros((Uc.shape[0], *z.shape), dtype=z.dtype, device=z.device)
+                zdot = torch.zeros((sdot.shape[0], *z.shape), dtype=z.dtype, device=z.device)
             out_gn.append(hessian_quadratic(z.detach(), targets, loss, zdot))
     return (torch.cat(out_h) if hessian else None), (torch.cat(out_gn) if gn else None)
 
@@ -236,7 +303,7 @@ def stage_forward_tangent(fn: StageFn, params: Mapping[str, Tensor], x, xdot: Te
         return fn({**fixed, **p}, args[len(names)] if xdot is not None else x)
 
     tangents = tuple(pt[k] for k in names) + ((xdot,) if xdot is not None else ())
-    with second_order_attention():
+    with second_order_attention(), torch.no_grad():  # torch.func transforms ignore the outer no_grad
         y, ydot = vmap(lambda *t: jvp(f, primals, t), out_dims=(None, 0))(*tangents)
     return y, ydot
 
@@ -274,7 +341,7 @@ def stage_backward_tangent(fn: StageFn, params: Mapping[str, Tensor], x, xdot: T
         in_dims.append(0 if xdot is not None else None)
     tangents += (ybar_dot,)
     in_dims.append(0)
-    with second_order_attention():
+    with second_order_attention(), torch.no_grad():
         out, out_dot = vmap(lambda *t: jvp(F, primals, t), in_dims=tuple(in_dims), out_dims=(None, 0))(*tangents)
     pbar_dot = dict(zip(names, out_dot[:len(names)]))
     xbar, xbar_dot = (out[len(names)], out_dot[len(names)]) if dx else (None, None)
@@ -287,7 +354,8 @@ def loss_tangent(logits: Tensor, targets: Tensor, loss: str, zdot: Tensor) -> tu
     def grad_z(zz):
         return torch.func.grad(lambda q: loss_terms(q, targets, loss)[0])(zz)
 
-    zbar, zbar_dot = vmap(lambda t: jvp(grad_z, (logits,), (t,)), out_dims=(None, 0))(zdot)
+    with torch.no_grad():
+        zbar, zbar_dot = vmap(lambda t: jvp(grad_z, (logits,), (t,)), out_dims=(None, 0))(zdot)
     return zbar, zbar_dot, loss_terms(logits.detach(), targets, loss)[1]
 
 

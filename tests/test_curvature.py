@@ -129,6 +129,34 @@ def test_module_called_twice_matches_dense():
     check_dense(model, mlp_data("cross_entropy"), "cross_entropy", {"a": model.a})
 
 
+def test_module_called_twice_output_method_refuses():
+    torch.manual_seed(3)
+    model = Reuse().to(DT).eval()
+    with pytest.raises(ValueError, match="more than once"):
+        exact_curvature(model, mlp_data("cross_entropy"), "cross_entropy",
+                        random_dirs({"a": model.a}, 2), layers={"a": model.a}, method="output")
+
+
+def test_param_method_equals_output_method():
+    model = mlp()
+    lay = mlp_layers(model)
+    data = mlp_data("cross_entropy")
+    dirs = random_dirs(lay, 4)
+    out = exact_curvature(model, data, "cross_entropy", dirs, layers=lay, method="output")
+    par = exact_curvature(model, data, "cross_entropy", dirs, layers=lay, method="param", chunk_size=3)
+    for name in lay:
+        close(par[name].h, out[name].h, 1e-12)
+        close(par[name].h_gn, out[name].h_gn, 1e-12)
+
+
+def test_tied_lm_head_uses_the_parameter_route():
+    """GPT-2's lm_head shares its weight with the token embedding: h is the Hessian w.r.t. the shared W."""
+    model = tiny_gpt2(n_layer=1)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    check_dense(model, lm_data(11), "cross_entropy", {"lm_head": model.lm_head, "c_proj": model.transformer.h[0].mlp.c_proj},
+                K=2)
+
+
 def test_cnn_matches_dense():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 2, stride=2), nn.Tanh(),
@@ -155,22 +183,43 @@ def lm_data(vocab, seed=0, mask=False):
     return out
 
 
-def test_gpt2_conv1d_matches_dense():
+def tiny_gpt2(n_layer=2, seed=0):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(n_embd=8, n_head=2, n_layer=2, vocab_size=11, n_positions=8, resid_pdrop=0.0,
-                                  embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager")
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(cfg).to(DT).eval()
+    cfg = transformers.GPT2Config(n_embd=4, n_head=2, n_layer=n_layer, vocab_size=11, n_positions=8, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.4, attn_implementation="eager")
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(cfg).to(DT).eval()
+
+
+def test_gpt2_conv1d_matches_dense():
+    model = tiny_gpt2()
     h = model.transformer.h
     check_dense(model, lm_data(11, mask=True), "cross_entropy",
                 {"h0.c_attn": h[0].attn.c_attn, "h0.c_fc": h[0].mlp.c_fc, "h1.mlp.c_proj": h[1].mlp.c_proj}, K=2)
 
 
-def test_llama_matches_dense():
+def test_llama_matches_dense(monkeypatch):
     transformers = pytest.importorskip("transformers")
+    from transformers.models.llama import modeling_llama as ml
+
+    # Llama's RMSNorm and eager softmax compute in float32 whatever the model's dtype, which limits any float64
+    # comparison to ~1e-7; run them in the working dtype so that 1e-10 tests the curvature code, not HF's casts.
+    def rms_forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    def eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        key, value = ml.repeat_kv(key, module.num_key_value_groups), ml.repeat_kv(value, module.num_key_value_groups)
+        w = torch.matmul(query, key.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            w = w + attention_mask
+        w = torch.softmax(w, dim=-1)
+        return torch.matmul(w, value).transpose(1, 2).contiguous(), w
+
+    monkeypatch.setattr(ml.LlamaRMSNorm, "forward", rms_forward)
+    monkeypatch.setattr(ml, "eager_attention_forward", eager)
     cfg = transformers.LlamaConfig(hidden_size=8, intermediate_size=12, num_hidden_layers=2, num_attention_heads=2,
                                    num_key_value_heads=1, vocab_size=11, max_position_embeddings=16,
-                                   attn_implementation="eager")
+                                   initializer_range=0.3, attn_implementation="eager")
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).to(DT).eval()
     lay = model.model.layers
@@ -277,11 +326,7 @@ def test_stage_chaining_equals_in_process(j, path):
 
 def test_stage_tangents_with_gpt2_conv1d_layout():
     """Param tangents in the weight's own layout (Conv1D is (in, out)): one stage = the whole GPT-2."""
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(n_embd=8, n_head=2, n_layer=1, vocab_size=11, n_positions=8, resid_pdrop=0.0,
-                                  embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager")
-    torch.manual_seed(1)
-    model = transformers.GPT2LMHeadModel(cfg).to(DT).eval()
+    model = tiny_gpt2(n_layer=1, seed=1)
     mod = model.transformer.h[0].mlp.c_fc
     data = lm_data(11, seed=2)
     dirs = random_dirs({"fc": mod}, 2)
