@@ -10,6 +10,7 @@ by batched Hessian- and Jacobian-vector products.  The Ray runner does the same 
 """
 from __future__ import annotations
 
+import fnmatch
 import time
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -51,7 +52,7 @@ def _table(rows: list[dict], columns: list[str] | None = None) -> pa.Table:
 
 
 def analyze(model: nn.Module, data: Iterable, loss: str = "cross_entropy", *, top_k: int = 20,
-            fisher: str = "empirical", exact: bool = True, gn: bool = True, layers=None,
+            fisher: str = "empirical", exact: bool = True, gn: bool = True, layers=None, exact_layers=None,
             dtype: torch.dtype | None = None, stat_dtype: torch.dtype | None = None,
             factor_budget_bytes: int | None = None, mc_samples: int = 1, seed: int = 0) -> Result:
     """Measure every selected layer of ``model`` on the evaluation batch ``data``.
@@ -64,6 +65,7 @@ def analyze(model: nn.Module, data: Iterable, loss: str = "cross_entropy", *, to
         fisher: error kind of C_δ: ``"empirical"`` (SPEC default), ``"mc"`` or ``"type2"``.
         exact: compute exact h (HVPs) and, with ``gn``, h^GN (JVPs); False leaves them null.
         layers: None (all supported layers) or module names / glob patterns.
+        exact_layers: None (every analysed layer) or patterns of the layers that also get exact h and h^GN.
         dtype: cast the model and floating inputs to this dtype first (float64 for validation).
         stat_dtype: accumulation dtype of G, C_A, C_δ (default float64 when the model is float64, else float32).
         factor_budget_bytes: dense factors larger than this are never allocated (layer status says so).
@@ -97,19 +99,21 @@ def analyze(model: nn.Module, data: Iterable, loss: str = "cross_entropy", *, to
             timings["spectral_s"] = time.perf_counter() - t0
             directions = {name: sp.directions for name, sp in spectra.items() if sp.directions is not None}
             live = {name: selected[name] for name in directions}
+            exact_live = {n: m for n, m in live.items()
+                          if not exact_layers or any(fnmatch.fnmatchcase(n, p) for p in exact_layers)}
             t0 = time.perf_counter()
             proj = collect_projections(model, batches, loss, fisher=fisher, layers=live, directions=directions,
                                        stat_dtype=stat_dtype, mc_samples=mc_samples, seed=seed) if live else {}
             timings["projections_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            curv = exact_curvature(model, batches, loss, directions, layers=live, hessian=True, gn=gn) \
-                if (exact and live) else {}
+            curv = exact_curvature(model, batches, loss, {n: directions[n] for n in exact_live},
+                                   layers=exact_live, hessian=True, gn=gn) if (exact and exact_live) else {}
             timings["exact_s"] = time.perf_counter() - t0
     finally:
         model.train(was_training)
     layer_rows, direction_rows, spectra_rows = [], [], []
     for name, sp in spectra.items():
-        layer_type, block = families.classify(name, family)
+        layer_type, block = families.classify(name, family, model)
         row, drows, srows = measure.layer_rows(sp, layer_type=layer_type, block=block, fisher=fisher,
                                                projections=proj.get(name), curvature=curv.get(name),
                                                extra={"family": family})

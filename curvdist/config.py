@@ -215,6 +215,9 @@ class RunConfig(_Config):
     gn: bool = _f(True, "also measure the Gauss-Newton curvature h^GN_k")
     layers: list[str] | None = _f(  # noqa: RUF009
         None, "glob patterns of module names to analyse (null: every supported layer)")
+    exact_layers: list[str] | None = _f(  # noqa: RUF009
+        None, "glob patterns of the analysed layers that also get exact h and h^GN (the costly part: K HVPs "
+              "through the layer's downstream network); null: every analysed layer; other layers get α_Kron only")
     device: str = _f("auto", "device of the stage actors (auto: cuda when available)", DEVICES)
     stat_dtype: str = _f("float32", "dtype of the accumulated statistics G, C_A, C_δ", STAT_DTYPES)
     factor_budget_gb: float = _f(8.0, "memory budget in GiB for one stage's dense factors in one pass; the "
@@ -226,6 +229,8 @@ class RunConfig(_Config):
 
     def _validate(self) -> None:
         self._positive("stages", "top_k", "mc_samples", "factor_budget_gb")
+        if self.exact_layers is not None and not self.exact_layers:
+            raise ConfigError("exact_layers", "[] selects nothing; use exact=false to skip exact curvature")
         if self.layers is not None:
             if not self.layers:
                 raise ConfigError("layers", "[] selects nothing; use null for every layer")

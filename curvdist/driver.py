@@ -79,7 +79,9 @@ def _start_ray(cfg: C.RunConfig, stages: int, device: str):
     if not ready:
         raise RuntimeError(f"could not place {stages} stage actors with {bundle} each within 120 s "
                            f"(strategy {cfg.ray.placement_strategy}); check `ray status`")
-    threads = max(1, int(cpu_each)) if cfg.ray.address else max(1, int((cfg.ray.num_cpus or os.cpu_count()) // stages))
+    # Stages of one pipeline mostly take turns (a micro-batch or a tangent moves through them in sequence), so on a
+    # local cluster every actor may use all the cores; on a shared cluster an actor keeps to its reservation.
+    threads = max(1, int(cpu_each)) if cfg.ray.address else int(cfg.ray.num_cpus or os.cpu_count())
     return pg, cpu_each, gpu_each, threads
 
 
@@ -89,7 +91,7 @@ def _spec(cfg: C.RunConfig, ckpt: Path, plan: StagePlan, layers: list[str], devi
             "layers": layers, "dtype": cfg.model.dtype, "stat_dtype": cfg.stat_dtype, "device": device,
             "loss": cfg.loss, "fisher": cfg.fisher, "mc_samples": cfg.mc_samples, "top_k": cfg.top_k,
             "seed": cfg.data.seed, "factor_budget_bytes": int(cfg.factor_budget_gb * 2**30), "threads": threads,
-            "attn_implementation": cfg.model.attn_implementation, "exact": cfg.exact, "gn": cfg.gn}
+            "attn_implementation": cfg.model.attn_implementation, "exact": cfg.exact, "gn": cfg.gn, "exact_layers": cfg.exact_layers}
 
 
 def _versions() -> dict:

@@ -16,6 +16,7 @@ object store); bfloat16 hidden states travel as float32 and are cast back.
 """
 from __future__ import annotations
 
+import fnmatch
 import time
 from typing import Any
 
@@ -194,8 +195,10 @@ class StageWorker:
 
     # ------------------------------------------------------------------ results
     def live_layers(self) -> list[str]:
-        """Layers with at least one direction (the others have a status and nothing to measure)."""
-        return [n for n, sp in self.spectra.items() if sp.k > 0]
+        """Layers that get exact curvature: at least one direction, and selected by ``exact_layers``."""
+        pats = self.spec.get("exact_layers")
+        return [n for n, sp in self.spectra.items()
+                if sp.k > 0 and (not pats or any(fnmatch.fnmatchcase(n, p) for p in pats))]
 
     def directions(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         return {n: (to_numpy(sp.U), to_numpy(sp.V)) for n, sp in self.spectra.items() if sp.k > 0}
