@@ -1,19 +1,20 @@
 """Cost of exact directional curvature, in multiples of one forward+backward (prints a table; not a test).
 
 Model: transformers GPT2LMHeadModel, 4 blocks, n_embd 384, 6 heads, vocabulary 512, 64 positions, random init,
-float32, eager attention; batch 64 × 64 tokens.  For K = 20 directions of three layers (first block attn.c_attn,
-a middle layer, last block mlp.c_proj) it times
+float32, eager attention; batch 64 × 64 tokens.  For K = 20 directions of four layers (first block attn.c_attn,
+the middle block's attn.c_attn and mlp.c_fc, last block mlp.c_proj) it times, each in multiples of one
+forward+backward (re-measured around every layer; the machine may be shared):
 
-- ``batched``:     :func:`curvdist.curvature.exact_curvature` (h and h^GN together; one forward, one
-                   create_graph backward, one K-batched double backward), and h only / h^GN only;
-- ``loop``:        the same forward + create_graph backward, then K separate double backwards (retained graph);
-- ``func``:        ``torch.func`` forward-over-reverse (:func:`curvdist.curvature.stage_backward_tangent` style)
-                   through the whole model as a single stage (optional: ``--func``);
+- ``h+GN``, ``h``, ``GN``: :func:`curvdist.curvature.exact_curvature` (output route: one forward, one create_graph
+  backward, batched double backwards from the layer output; h and h^GN come from the same pass);
+- ``loop h``: the same forward + create_graph backward, then K separate double backwards (retained graph);
+- ``param h`` (``--param``): the torch.func forward-over-reverse route on the weight (``method="param"``);
+- ``floor``: 2·K·(matmul FLOPs downstream of the layer) / (3·all matmul FLOPs), the FLOP floor of any exact HVP
+  (two products per downstream linear map per direction, tangent up and tangent adjoint down, against three for
+  one forward+backward); elementwise work and the shared forward/backward come on top of it.
 
-and the FLOP floor 2·K·(downstream matmul FLOPs) / (3·all matmul FLOPs) of any exact HVP (two products per
-downstream linear map per direction — tangent up and tangent adjoint down — against three for forward+backward).
-
-Usage: ``python benchmarks/bench_curvature.py [--threads 2] [--reps 2] [--K 20] [--func]``
+Usage: ``python benchmarks/bench_curvature.py [--threads 2] [--K 20] [--batch 64] [--param] [--chunk N]
+[--repeats R]``
 """
 from __future__ import annotations
 
@@ -39,13 +40,14 @@ def build(seed=0):
 
 
 def timeit(fn, reps):
-    fn()  # warm-up
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
+    """(wall, cpu) seconds: best of ``reps`` runs after one warm-up; reps=0: one run, no warm-up.  cpu is this
+    process's CPU time (all its threads), which a machine shared with other jobs inflates much less than wall."""
+    if reps == 0:
+        t, c = time.perf_counter(), time.process_time()
         fn()
-        ts.append(time.perf_counter() - t)
-    return min(ts)
+        return time.perf_counter() - t, time.process_time() - c
+    fn()
+    return min(timeit(fn, 0) for _ in range(reps))
 
 
 def fwd_bwd(model, ids, targets):
@@ -72,22 +74,6 @@ def loop_hvps(model, ids, targets, module, U, V):
     return torch.stack(out)
 
 
-def func_hvps(model, ids, targets, name, module, U, V):
-    """torch.func forward-over-reverse over the whole model as one stage (vmap over K tangents of W)."""
-    from torch.func import functional_call, grad, jvp, vmap
-    pname = next(n for n, p in model.named_parameters() if p is module.weight)
-    W = module.weight.detach()
-    D = torch.stack([L.matrix_to_weight(module, u[:, None] * v[None, :]) for u, v in zip(U, V)])
-
-    def f(w):
-        return loss_terms(model_logits(lambda *a, **k: functional_call(model, {pname: w}, a, k), ids),
-                          targets, "cross_entropy")[0]
-
-    with second_order_attention():
-        _, hd = vmap(lambda d: jvp(grad(f), (W,), (d,)), out_dims=(None, 0))(D)
-    return (hd * D).flatten(1).sum(1)
-
-
 def matmul_flops(model, ids):
     """Per linear layer: 2·rows·m·n; plus attention score/context bmm FLOPs assigned to the attention block."""
     rows = ids.numel()
@@ -110,20 +96,46 @@ def downstream_fraction(flops, name, order):
     return sum(flops[k] for k in order[i + 1:]) / sum(flops.values())
 
 
+def time_layer(model, ids, targets, name, mod, U, V, args):
+    """(wall, cpu) seconds of each method for one layer (best of ``args.repeats`` rounds), exact_curvature's
+    result, and the loop's h."""
+    dirs, lay, data = {name: (U, V)}, {name: mod}, [(ids, targets)]
+
+    def ec(**kw):
+        return exact_curvature(model, data, "cross_entropy", dirs, layers=lay, chunk_size=args.chunk, **kw)
+
+    res, ref = {}, {}
+    runs = {"both": lambda: res.update(ec()), "h": lambda: ec(gn=False), "gn": lambda: ec(hessian=False)}
+    if not args.no_loop:
+        runs["loop"] = lambda: ref.update(h=loop_hvps(model, ids, targets, mod, U, V))
+    if args.param:
+        runs["param"] = lambda: ec(gn=False, method="param")
+    ts = {}
+    for _ in range(args.repeats):  # rounds interleave the methods, so a busy spell hits one round, not one method
+        for key, fn in runs.items():
+            ts[key] = tuple(map(min, ts.get(key, (float("inf"),) * 2), timeit(fn, 0)))
+    return ts, res, ref
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--K", type=int, default=20)
-    ap.add_argument("--func", action="store_true", help="also time torch.func forward-over-reverse")
+    ap.add_argument("--batch", type=int, default=64, help="sequences of 64 tokens")
+    ap.add_argument("--chunk", type=int, default=None, help="directions per batched pass (default: automatic)")
+    ap.add_argument("--param", action="store_true", help="also time method='param' (torch.func)")
     ap.add_argument("--no-loop", action="store_true", help="skip the K-separate-double-backwards reference")
+    ap.add_argument("--repeats", type=int, default=1, help="rounds per layer; the best of them is reported")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, ids, targets = build()
+    ids, targets = ids[:args.batch], targets[:args.batch]
     K = args.K
-    t_fb = timeit(lambda: fwd_bwd(model, ids, targets), args.reps)
-    print(f"GPT-2 4×384, vocab 512, batch 64×64 tokens, float32, {args.threads} threads, K={K}")
-    print(f"one forward+backward: {t_fb:.3f} s (= 1.00)")
+    fb = lambda: fwd_bwd(model, ids, targets)
+    fb(), fb()
+    t_fb = timeit(fb, 3)
+    print(f"GPT-2 4×384, vocab 512, batch {ids.shape[0]}×{ids.shape[1]} tokens, float32, {args.threads} threads, K={K}")
+    print(f"one forward+backward: {t_fb[0]:.3f} s wall, {t_fb[1]:.3f} s CPU (= 1.00)")
     flops = matmul_flops(model, ids)
     order = []
     for b in range(model.config.n_layer):
@@ -135,37 +147,29 @@ def main():
              f"transformer.h.{model.config.n_layer - 1}.mlp.c_proj"]
     mods = dict(model.named_modules())
     g = torch.Generator().manual_seed(1)
-    hdr = f"{'layer':34s} {'floor':>6s} {'h+GN':>6s} {'h':>6s} {'GN':>6s} {'loop h':>7s}"
-    if args.func:
-        hdr += f" {'func h':>7s}"
-    print(hdr + "   max rel diff batched vs loop")
+    hdr = f"{'layer':30s} {'floor':>6s} {'h+GN':>6s} {'h':>6s} {'GN':>6s} {'loop h':>7s}"
+    print("multiples of one forward+backward, CPU time (wall time in brackets for h+GN)")
+    print(hdr + (f" {'param h':>8s}" if args.param else "") + "  rel.diff(loop)  [h+GN wall]")
     for name in names:
         mod = mods[name]
         m, n = L.shape(mod)
         U = torch.randn(K, m, generator=g)
         V = torch.randn(K, n, generator=g)
         U, V = U / U.norm(dim=1, keepdim=True), V / V.norm(dim=1, keepdim=True)
-        dirs, lay = {name: (U, V)}, {name: mod}
-        data = [(ids, targets)]
         floor = 2 * K * downstream_fraction(flops, name, order) / 3
-        res = {}
-        t_both = timeit(lambda: res.update(r=exact_curvature(model, data, "cross_entropy", dirs, layers=lay)), 1)
-        t_h = timeit(lambda: exact_curvature(model, data, "cross_entropy", dirs, layers=lay, gn=False), 1)
-        t_gn = timeit(lambda: exact_curvature(model, data, "cross_entropy", dirs, layers=lay, hessian=False), 1)
-        row = f"{name:34s} {floor:6.2f} {t_both / t_fb:6.2f} {t_h / t_fb:6.2f} {t_gn / t_fb:6.2f}"
+        ts, res, ref = time_layer(model, ids, targets, name, mod, U, V, args)
+        t_fb = tuple(map(min, t_fb, timeit(fb, 1)))  # re-measured: min over the run
+
+        x = {k: (w / t_fb[0], c / t_fb[1]) for k, (w, c) in ts.items()}  # (wall, cpu) multiples
+        row = f"{name:30s} {floor:6.2f} {x['both'][1]:6.2f} {x['h'][1]:6.2f} {x['gn'][1]:6.2f}"
+        row += f" {x['loop'][1]:7.2f}" if "loop" in x else f" {'-':>7s}"
+        row += f" {x['param'][1]:8.2f}" if "param" in x else ""
         diff = float("nan")
-        if not args.no_loop:
-            ref = {}
-            t_loop = timeit(lambda: ref.update(h=loop_hvps(model, ids, targets, mod, U, V)), 0 if False else 1)
-            diff = float(((res["r"][name].h - ref["h"].double()).abs() / ref["h"].double().abs().max()).max())
-            row += f" {t_loop / t_fb:7.2f}"
-        else:
-            row += f" {'-':>7s}"
-        if args.func:
-            t_func = timeit(lambda: func_hvps(model, ids, targets, name, mod, U, V), 1)
-            row += f" {t_func / t_fb:7.2f}"
-        print(row + f"   {diff:.1e}", flush=True)
-    print("floor: 2·K·(matmul FLOPs downstream of the layer)/(3·all matmul FLOPs); h+GN: both from one batched pass")
+        if ref:
+            diff = float(((res[name].h - ref["h"].double()).abs() / ref["h"].double().abs().max()).max())
+        print(row + f"  {diff:.1e}         [{x['both'][0]:.2f}]", flush=True)
+    print(f"forward+backward at best: {t_fb[0]:.3f} s wall, {t_fb[1]:.3f} s CPU; floor = matmul-FLOP floor of any "
+          "exact HVP for K directions")
 
 
 if __name__ == "__main__":

@@ -23,8 +23,12 @@ import curvdist  # noqa: E402
 from curvdist import forward, losses  # noqa: E402
 
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"   # cpu: a smoke run of the same code (no large models)
+
+
 def sync():
-    torch.cuda.synchronize()
+    if DEV == "cuda":
+        torch.cuda.synchronize()
 
 
 def timed(f, reps=3):
@@ -43,8 +47,8 @@ def planted_check():
     from test_planted import K, planted
     for g in (0.5, 1.5):
         model, data, lam, s = planted(g)
-        model = model.cuda()
-        data = [(a.cuda(), y.cuda()) for a, y in data]
+        model = model.to(DEV)
+        data = [(a.to(DEV), y.to(DEV)) for a, y in data]
         r = curvdist.analyze(model, data, loss="mse", top_k=K).layers.to_pylist()[0]
         print(f"planted g={g}: alpha={r['alpha']:.9f} (want {1 / (1 + g):.9f})  alpha_kron={r['alpha_kron']:.9f}  "
               f"phi={r['phi']:.2e}  status={r['status']}")
@@ -66,8 +70,8 @@ def lm_batch(vocab, B, T, device, micro=1, seed=0):
 
 
 def bf16_check():
-    model = gpt2(n_layer=2, n_embd=192, seq=32).cuda()
-    data = lm_batch(512, 8, 32, "cuda")
+    model = gpt2(n_layer=2, n_embd=192, seq=32).to(DEV)
+    data = lm_batch(512, 8, 32, DEV)
     ref = curvdist.analyze(model, data, top_k=10, dtype=torch.float64)
     lo = curvdist.analyze(model.to(torch.float32), data, top_k=10, dtype=torch.bfloat16, stat_dtype=torch.float32)
     a = {(r["layer"], r["k"]): r for r in ref.directions.to_pylist()}
@@ -97,7 +101,7 @@ def fwd_bwd(model, data):
 
 
 def cost_check(model, data, name, exact_layer, dtype):
-    model = model.cuda().to(dtype)
+    model = model.to(DEV).to(dtype)
     t_fb = timed(fwd_bwd(model, data))
     from curvdist import families
     from curvdist.curvature import exact_curvature
@@ -109,6 +113,8 @@ def cost_check(model, data, name, exact_layer, dtype):
         stats = collect_statistics(model, data, "cross_entropy", layers=layers, stat_dtype=torch.float32)
         return {n: spectral_step(s, 20) for n, s in stats.items()}
     t_kron = timed(kron, reps=1)
+    t_stats = timed(lambda: collect_statistics(model, data, "cross_entropy", layers=layers,
+                                               stat_dtype=torch.float32), reps=1)
     sp = kron()[exact_layer]
     dirs = {exact_layer: sp.directions}
 
@@ -116,23 +122,27 @@ def cost_check(model, data, name, exact_layer, dtype):
         exact_curvature(model, data, "cross_entropy", dirs, layers={exact_layer: layers[exact_layer]})
     t_exact = timed(exact, reps=1)
     print(f"{name}: fwd+bwd {t_fb * 1e3:.1f} ms; Kronecker measurement of all {len(layers)} layers "
-          f"{t_kron / t_fb:.1f}x; exact h+h_gn, K=20, {exact_layer}: {t_exact / t_fb:.1f}x; "
+          f"{t_kron / t_fb:.1f}x (of which statistics {t_stats / t_fb:.1f}x); exact h+h_gn, K=20, {exact_layer}: {t_exact / t_fb:.1f}x; "
           f"peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    torch.cuda.reset_peak_memory_stats()
 
 
 def main():
-    print(torch.__version__, torch.cuda.get_device_name(0))
-    planted_check()
-    bf16_check()
-    cost_check(gpt2(), lm_batch(512, 64, 64, "cuda"), "GPT-2 4x384 fp32, 64x64 tokens",
+    print(torch.__version__, torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu (smoke run)")
+    if "--costs-only" not in sys.argv:
+        planted_check()
+        bf16_check()
+    if DEV == "cpu":
+        return
+    cost_check(gpt2(), lm_batch(512, 64, 64, DEV), "GPT-2 4x384 fp32, 64x64 tokens",
                "transformer.h.0.attn.c_attn", torch.float32)
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
                       num_key_value_heads=16, vocab_size=32000, attn_implementation="sdpa")
-    with torch.device("cuda"):
+    with torch.device(DEV):
         llama = LlamaForCausalLM(cfg)
-    cost_check(llama, lm_batch(32000, 8, 512, "cuda", micro=2), "Llama 8x2048 (0.5B) bf16, 8x512 tokens",
+    cost_check(llama, lm_batch(32000, 8, 512, DEV, micro=2), "Llama 8x2048 (0.5B) bf16, 8x512 tokens",
                "model.layers.4.mlp.up_proj", torch.bfloat16)
 
 

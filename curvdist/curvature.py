@@ -24,17 +24,30 @@ Per micro-batch, one forward with hooks keeps every analysed layer's output s_l 
           ∂⟨g_l, ṡ⟩/∂s_l = ∇²_s L_b ṡ  →  h = ⟨ṡ, ∇²_s L_b ṡ⟩
           ∂⟨g_l, ṡ⟩/∂z̄   = J_l ṡ = ż    →  h^GN = hessian_quadratic(z, ż)
 
-so both h and h^GN come from the same K-batched pass (ż is an intermediate of the double backward anyway).
-Why this one: its cost per direction is the floor of any exact HVP — two matrix products per downstream linear
-map (the tangent J ṡ going up and the tangent adjoint going down) against three per linear map for one
-forward+backward — and it touches only the layer's downstream part, so late layers are cheap.  The forward and
-the first backward are shared by all layers and all K.  The alternatives measured on the benchmark model
-(``benchmarks/bench_curvature.py``): K separate double backwards do the same FLOPs in K small passes (no GEMM
-batching, K× the per-op overhead); ``torch.func`` forward-over-reverse (jvp of vjp under vmap, as in
-:func:`stage_backward_tangent`) does the same FLOPs again but recomputes the upstream forward per layer and
-forms the (K, m, n) tangent of ∇_W L.  Forward-over-forward (nested jvp) costs three tangent products per
-linear map.  When only h^GN is asked for, the double backward is taken w.r.t. z̄ alone, which runs only the
-tangent-forward half (one product per downstream linear map).
+so both h and h^GN come from the same pass (ż is an intermediate of the double backward anyway; asking for
+h^GN on top of h is free), and h^GN alone is a double backward w.r.t. z̄ only, which runs only the tangent-up
+half (one product per downstream linear map).
+
+Why this method.  Any exact HVP costs at least two matrix products per downstream linear map per direction
+(the tangent J ṡ going up, the tangent adjoint going down) against three per linear map for one
+forward+backward; this method does exactly that many (counted with a dispatch mode), touches only the layer's
+downstream part (late layers are nearly free), and shares the forward and the first backward across all layers
+and directions.  Measured on the benchmark (4×384 GPT-2, 64×64 tokens, fp32, 2 CPU threads, K = 20; multiples
+of one forward+backward in CPU time; see ``benchmarks/bench_curvature.py``): h and h^GN together for the first
+block's c_attn 18 (matmul floor 12.5), middle c_attn 9.8 (6.1), middle c_fc 8.0 (4.7), last c_proj 1.0 (0.35);
+h^GN alone 9.6 / 4.9 / 4.1 / 0.8; K separate double backwards (h only) 21 / 10 / 8.9 / 1.0; ``torch.func``
+forward-over-reverse on the weight (``method="param"``, h only) 51 / 31 / 27 / 11 (it recomputes the upstream
+forward, forms the (K, m, n) tangent of ∇_W L and pays functorch's per-op cost);
+forward mode for h^GN alone was ~1.4× the double backward w.r.t. z̄; forward-over-forward (nested jvp) costs
+three tangent products per linear map.  The gap to the matmul floor is elementwise work of the double
+backward (GELU, LayerNorm, softmax second derivatives), memory-bound on the CPU.  On the CPU, batching the K
+directions does not pay (same bytes per direction, and large blocks are mapped and zero-filled anew), so the
+default chunk keeps the batched tangent small there (:data:`CHUNK_BUDGET`) and a single direction takes a plain
+double backward; on a GPU the K directions go through ``is_grads_batched`` together.
+
+A module called more than once per forward (weight reuse) breaks s̈ = 0 when one call's input depends on W
+through another call; such a layer goes through ``method="param"``: ``torch.func`` forward-over-reverse on the
+weight itself, (H vec D_k, ż_k) = jvp(∇_W L_b, z)(W; D_k), vmapped over K (exact in every case, slower).
 
 Stage-local building blocks (pipeline, no autograd graph across processes)
 ---------------------------------------------------------------------------
@@ -48,8 +61,9 @@ Then h_k = ⟨ṗ_k, p̄̇_k⟩ (:func:`tangent_quadratic`) and h^GN_k = hessian
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -90,13 +104,16 @@ def exact_curvature(model: nn.Module, data: Iterable, loss: str,
 
     ``data``: iterable of ``(inputs, targets)`` micro-batches (see :mod:`curvdist.forward`); floating inputs are
     cast to the model's dtype and everything is computed in that dtype.  ``chunk_size`` bounds how many directions
-    go through one batched pass (memory ∝ chunk_size × downstream activations); None = all K at once.
+    go through one batched pass (memory ∝ chunk_size × downstream activations); None: as many as keep the batched
+    layer-output tangent within :data:`CHUNK_BUDGET` elements (all K for small layers).
     ``method``: ``"output"`` (hooks + batched double backward from the layer outputs, see the module docstring),
     ``"param"`` (``torch.func`` forward-over-reverse on the weight itself, one extra forward per layer), or
-    ``"auto"``: output, except for a layer whose weight is shared with another module (tied) or whose module is
-    called more than once in a forward — there the input of one call may depend on W, so s is not linear in W
-    and only the param route is exact.  The model is evaluated in its current mode (``model.eval()`` switches
-    dropout off).  Returns name → :class:`Curvature` with float64 CPU tensors (K,).
+    ``"auto"``: output, except for a layer whose module is called more than once in a forward — there the input
+    of one call may depend on W, so s is not linear in W and only the param route is exact.  A weight tied to
+    another module (GPT-2's lm_head and wte) is measured in its use by THIS module on the output route, as G and
+    the Kronecker factors are; ``method="param"`` gives the Hessian w.r.t. the shared tensor instead (all uses).
+    The model is evaluated in its current mode (``model.eval()`` switches dropout off).
+    Returns name → :class:`Curvature` with float64 CPU tensors (K,).
     """
     if not (hessian or gn):
         raise ValueError("nothing to compute: hessian=False and gn=False")
@@ -109,9 +126,9 @@ def exact_curvature(model: nn.Module, data: Iterable, loss: str,
     acc_h = {k: torch.zeros(U.shape[0], dtype=torch.float64) for k, (U, _) in dirs.items()}
     acc_gn = {k: torch.zeros(U.shape[0], dtype=torch.float64) for k, (U, _) in dirs.items()}
     pnames = {k: _weight_names(model, layers[k]) for k in names}
-    if method == "output" and any(len(v) > 1 for v in pnames.values()):
-        raise ValueError("a layer's weight is tied to another module; use method='param' or 'auto'")
-    param_path = {k for k in names if method == "param" or len(pnames[k]) > 1}
+    # A weight tied to another module (GPT-2's lm_head and wte) is measured in its use by THIS module, as G and the
+    # Kronecker factors are (and as a pipeline stage, which holds its own copy, must): the output path.
+    param_path = {k for k in names if method == "param"}
     n_total = 0
 
     captured: dict[str, list[tuple[Tensor, Tensor]]] = {k: [] for k in names}
@@ -215,28 +232,60 @@ def _output_path(model, inputs, targets, loss, names, param_path, captured, acti
 
 
 def _param_pass(model, inputs, targets, loss, module, pname, U, V, hessian, gn, chunk_size):
-    """torch.func forward-over-reverse on the weight: (H vec D_k, ż_k) = jvp(∇_W L_b, z)(W; D_k), batched over K."""
+    """torch.func on the weight, batched over K: forward-over-reverse (H vec D_k, ż_k) = jvp(∇_W L_b, z)(W; D_k)
+    when h is asked for; forward mode only, ż_k = jvp(z)(W; D_k), for h^GN alone."""
     W = module.weight.detach()
     D = layer_param_tangent(module, U, V)  # (K, *W.shape)
 
+    def logits(w):
+        return model_logits(lambda *a, **kw: functional_call(model, {pname: w}, a, kw), inputs)
+
     def grad_and_logits(w):
         def f(w):
-            z = model_logits(lambda *a, **kw: functional_call(model, {pname: w}, a, kw), inputs)
+            z = logits(w)
             return loss_terms(z, targets, loss)[0], z
         return torch.func.grad(f, has_aux=True)(w)  # (∇_W L_b, z)
 
-    step = D.shape[0] if chunk_size is None else max(1, int(chunk_size))
+    if chunk_size is None:  # one plain forward to size the chunks by the layer output (all its calls)
+        sizes = []
+        hook = module.register_forward_hook(lambda m, a, o: sizes.append(o.numel()))
+        try:
+            with torch.no_grad(), second_order_attention():
+                logits(W)
+        finally:
+            hook.remove()
+        step = _chunk(None, D.shape[0], sum(sizes), W.device)
+    else:
+        step = _chunk(chunk_size, D.shape[0], None, W.device)
     hs, gns = [], []
     with second_order_attention(), torch.no_grad():
         for a in range(0, D.shape[0], step):
             Dc = D[a:a + step]
-            (_, z), (gdot, zdot) = vmap(lambda d: jvp(grad_and_logits, (W,), (d,)), out_dims=(None, 0))(Dc)
             if hessian:
+                (_, z), (gdot, zdot) = vmap(lambda d: jvp(grad_and_logits, (W,), (d,)), out_dims=(None, 0))(Dc)
                 hs.append((gdot * Dc).flatten(1).sum(1))  # ⟨D_k, H vec D_k⟩
+            else:
+                z, zdot = vmap(lambda d: jvp(logits, (W,), (d,)), out_dims=(None, 0))(Dc)
             if gn:
                 gns.append(hessian_quadratic(z, targets, loss, zdot))
     nb = loss_terms(z.detach(), targets, loss)[1]
     return (torch.cat(hs) if hessian else None), (torch.cat(gns) if gn else None), nb
+
+
+CHUNK_BUDGET = {"cpu": 2 ** 20, "cuda": 2 ** 26}  # elements of the batched layer-output tangent per pass
+
+
+def _chunk(chunk_size, K, numel, device) -> int:
+    """Directions per batched pass: ``chunk_size`` if given, else as many as keep chunk × numel (the layer
+    output's size) within CHUNK_BUDGET.  On the CPU, passes over tensors of a few hundred MB are no faster per
+    direction than small ones (memory-bound elementwise work; glibc maps and zero-fills each large block anew),
+    so the budget is small there; on a GPU, batching K amortises launches and fills the device."""
+    if chunk_size is not None:
+        return max(1, int(chunk_size))
+    if numel is None:
+        return K
+    budget = CHUNK_BUDGET.get(torch.device(device).type, CHUNK_BUDGET["cuda"])
+    return max(1, min(K, budget // max(1, numel)))
 
 
 def _layer_pass(module, x, s, g, zbar, z, targets, loss, U, V, hessian, gn, chunk_size):
@@ -245,12 +294,17 @@ def _layer_pass(module, x, s, g, zbar, z, targets, loss, U, V, hessian, gn, chun
     if g is None or not g.requires_grad:  # the layer does not influence the loss here
         zero = torch.zeros(K, dtype=z.dtype, device=z.device)
         return (zero if hessian else None), (zero if gn else None)
-    step = K if chunk_size is None else max(1, int(chunk_size))
+    step = _chunk(chunk_size, K, s.numel(), s.device)
     out_h, out_gn = [], []
     for a in range(0, K, step):
         sdot = L.directional_output(module, x, U[a:a + step], V[a:a + step])  # (k, *s.shape)
-        res = torch.autograd.grad(g, ([s] if hessian else []) + ([zbar] if gn else []), grad_outputs=sdot,
-                                  retain_graph=True, is_grads_batched=True, allow_unused=True)
+        wrt = ([s] if hessian else []) + ([zbar] if gn else [])
+        if sdot.shape[0] == 1:  # a plain double backward: no vmap wrappers for one direction (~10% faster)
+            res = [r if r is None else r[None] for r in
+                   torch.autograd.grad(g, wrt, grad_outputs=sdot[0], retain_graph=True, allow_unused=True)]
+        else:
+            res = torch.autograd.grad(g, wrt, grad_outputs=sdot, retain_graph=True, is_grads_batched=True,
+                                      allow_unused=True)
         if hessian:  # ⟨ṡ, ∇²_s L ṡ⟩
             out_h.append((sdot * res[0]).flatten(1).sum(1) if res[0] is not None
                          else torch.zeros(sdot.shape[0], dtype=z.dtype, device=z.device))
@@ -341,10 +395,12 @@ def stage_backward_tangent(fn: StageFn, params: Mapping[str, Tensor], x, xdot: T
         in_dims.append(0 if xdot is not None else None)
     tangents += (ybar_dot,)
     in_dims.append(0)
-    with second_order_attention(), torch.no_grad():
+    # grad mode on even under a caller's no_grad: the vjp's backward then runs silu_backward & co. differentiably
+    # (without it, forward AD of aten::silu_backward is missing: NotImplementedError)
+    with second_order_attention(), torch.enable_grad():
         out, out_dot = vmap(lambda *t: jvp(F, primals, t), in_dims=tuple(in_dims), out_dims=(None, 0))(*tangents)
-    pbar_dot = dict(zip(names, out_dot[:len(names)]))
-    xbar, xbar_dot = (out[len(names)], out_dot[len(names)]) if dx else (None, None)
+    pbar_dot = {k: t.detach() for k, t in zip(names, out_dot[:len(names)])}
+    xbar, xbar_dot = (out[len(names)].detach(), out_dot[len(names)].detach()) if dx else (None, None)
     return xbar, xbar_dot, pbar_dot
 
 
@@ -354,8 +410,8 @@ def loss_tangent(logits: Tensor, targets: Tensor, loss: str, zdot: Tensor) -> tu
     def grad_z(zz):
         return torch.func.grad(lambda q: loss_terms(q, targets, loss)[0])(zz)
 
-    with torch.no_grad():
-        zbar, zbar_dot = vmap(lambda t: jvp(grad_z, (logits,), (t,)), out_dims=(None, 0))(zdot)
+    with torch.enable_grad():  # see stage_backward_tangent
+        zbar, zbar_dot = vmap(lambda t: jvp(grad_z, (logits.detach(),), (t,)), out_dims=(None, 0))(zdot)
     return zbar, zbar_dot, loss_terms(logits.detach(), targets, loss)[1]
 
 

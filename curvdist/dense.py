@@ -14,7 +14,7 @@ in memory; the Hessian is built by ``torch.func.hessian`` (forward-over-reverse 
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -84,7 +84,7 @@ def layer_ggn(model: nn.Module, data: Iterable, loss: str, module: nn.Module) ->
             f = _logits_fn(model, module, x)
             z0 = f(W0).detach()
             J = jacfwd(f)(W0).reshape(z0.numel(), m * n)  # (P, mn)
-            Hz = hessian(lambda z: loss_terms(z, y, loss)[0])(z0).reshape(z0.numel(), z0.numel())  # (P, P)
+            Hz = hessian(lambda z, y=y: loss_terms(z, y, loss)[0])(z0).reshape(z0.numel(), z0.numel())  # (P, P)
             G += (nb / N) * (J.T @ Hz @ J)
     return G.detach()
 

@@ -7,8 +7,16 @@ from torch import nn
 
 from curvdist import dense
 from curvdist import layers as L
-from curvdist.curvature import (Curvature, exact_curvature, layer_param_tangent, loss_tangent, module_stage,
-                                stage_backward_tangent, stage_forward_tangent, tangent_quadratic)
+from curvdist.curvature import (
+    Curvature,
+    exact_curvature,
+    layer_param_tangent,
+    loss_tangent,
+    module_stage,
+    stage_backward_tangent,
+    stage_forward_tangent,
+    tangent_quadratic,
+)
 from curvdist.losses import hessian_quadratic
 
 DT = torch.float64
@@ -89,11 +97,14 @@ def test_options_and_chunking():
     dirs = random_dirs(lay, 5)
     full = exact_curvature(model, data, "cross_entropy", dirs, layers=lay)
     chunked = exact_curvature(model, data, "cross_entropy", dirs, layers=lay, chunk_size=2)
+    single = exact_curvature(model, data, "cross_entropy", dirs, layers=lay, chunk_size=1)  # plain double backward
     h_only = exact_curvature(model, data, "cross_entropy", dirs, layers=lay, gn=False)
     gn_only = exact_curvature(model, data, "cross_entropy", dirs, layers=lay, hessian=False)
     for name in lay:
         close(chunked[name].h, full[name].h, 1e-13)
         close(chunked[name].h_gn, full[name].h_gn, 1e-13)
+        close(single[name].h, full[name].h, 1e-13)
+        close(single[name].h_gn, full[name].h_gn, 1e-13)
         close(h_only[name].h, full[name].h, 1e-13)
         close(gn_only[name].h_gn, full[name].h_gn, 1e-13)
         assert h_only[name].h_gn is None and gn_only[name].h is None
@@ -149,12 +160,24 @@ def test_param_method_equals_output_method():
         close(par[name].h_gn, out[name].h_gn, 1e-12)
 
 
-def test_tied_lm_head_uses_the_parameter_route():
-    """GPT-2's lm_head shares its weight with the token embedding: h is the Hessian w.r.t. the shared W."""
+def test_tied_lm_head():
+    """GPT-2's lm_head shares its weight with the token embedding.  The default (output) route measures the
+    lm_head's own use, like G and the Kronecker factors: the dense Hessian of an untied copy.  method="param"
+    gives the Hessian w.r.t. the shared tensor (both uses): the dense Hessian of the tied model."""
+    import copy
+
     model = tiny_gpt2(n_layer=1)
     assert model.lm_head.weight is model.transformer.wte.weight
-    check_dense(model, lm_data(11), "cross_entropy", {"lm_head": model.lm_head, "c_proj": model.transformer.h[0].mlp.c_proj},
-                K=2)
+    untied = copy.deepcopy(model)
+    untied.lm_head.weight = nn.Parameter(untied.lm_head.weight.detach().clone())
+    data = lm_data(11)
+    dirs = random_dirs({"lm_head": model.lm_head}, 2)
+    U, V = dirs["lm_head"]
+    own = exact_curvature(model, data, "cross_entropy", dirs, layers={"lm_head": model.lm_head})["lm_head"]
+    close(own.h, dense.quadratic(dense.layer_hessian(untied, data, "cross_entropy", untied.lm_head), U, V))
+    shared = exact_curvature(model, data, "cross_entropy", dirs, layers={"lm_head": model.lm_head}, method="param")
+    close(shared["lm_head"].h, dense.quadratic(dense.layer_hessian(model, data, "cross_entropy", model.lm_head), U, V))
+    close(shared["lm_head"].h_gn, dense.quadratic(dense.layer_ggn(model, data, "cross_entropy", model.lm_head), U, V))
 
 
 def test_cnn_matches_dense():
@@ -259,8 +282,9 @@ class Embed(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d):
+    def __init__(self, d, act=nn.functional.gelu):
         super().__init__()
+        self.act = act
         self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
         self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
         self.ln = nn.LayerNorm(d)
@@ -270,7 +294,7 @@ class Block(nn.Module):
         s = self.q(x) @ self.k(x).transpose(1, 2) / x.shape[-1] ** 0.5
         s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
         x = x + self.o(torch.softmax(s, -1) @ self.v(x))
-        return x + self.down(nn.functional.gelu(self.up(self.ln(x))))
+        return x + self.down(self.act(self.up(self.ln(x))))
 
 
 class Head(nn.Module):
@@ -324,6 +348,20 @@ def test_stage_chaining_equals_in_process(j, path):
         close(h, dense.quadratic(dense.layer_hessian(model, data, "cross_entropy", mod), *dirs[path]))
 
 
+def test_stage_chaining_silu_under_callers_no_grad():
+    """A SiLU stage (Llama's MLP) chained inside torch.no_grad(), as a stage actor may call it."""
+    torch.manual_seed(1)
+    stages = [Embed(9, 6), Block(6, act=nn.functional.silu), Head(6, 9)]
+    model = nn.Sequential(*stages).to(DT).eval()
+    data = lm_data(9, seed=6)
+    dirs = random_dirs({"up": stages[1].up}, 2, seed=7)
+    ref = exact_curvature(model, data, "cross_entropy", dirs, layers={"up": stages[1].up})["up"]
+    with torch.no_grad():
+        h, hgn = chained(stages, data, "cross_entropy", 1, "up.weight", layer_param_tangent(stages[1].up, *dirs["up"]))
+    close(h, ref.h)
+    close(hgn, ref.h_gn)
+
+
 def test_stage_tangents_with_gpt2_conv1d_layout():
     """Param tangents in the weight's own layout (Conv1D is (in, out)): one stage = the whole GPT-2."""
     model = tiny_gpt2(n_layer=1, seed=1)
@@ -331,7 +369,7 @@ def test_stage_tangents_with_gpt2_conv1d_layout():
     data = lm_data(11, seed=2)
     dirs = random_dirs({"fc": mod}, 2)
     ref = exact_curvature(model, data, "cross_entropy", dirs, layers={"fc": mod})["fc"]
-    fn = lambda p, ids: torch.func.functional_call(model, p, (ids,)).logits  # noqa: E731
+    fn = lambda p, ids: torch.func.functional_call(model, p, (ids,)).logits
     D = layer_param_tangent(mod, *dirs["fc"])
     name = "transformer.h.0.mlp.c_fc.weight"
     params = {name: mod.weight.detach()}
