@@ -70,6 +70,7 @@ class StageWorker:
         self.curvature: dict = {}
         self._mb: dict[int, dict[str, Any]] = {}
         self._inputs: dict[int, tuple] = {}          # micro-batch → (stage input, attention mask), from pass 1
+        self._targets: dict[int, Any] = {}           # last stage: micro-batch → targets, from pass 1
         self._tangent: dict[tuple, dict] = {}        # (micro-batch, layer) → what the tangent backward needs
         self._h: dict[str, dict[str, torch.Tensor]] = {}
         self._pass = ""
@@ -148,6 +149,8 @@ class StageWorker:
 
     def loss_backward(self, mb: int, x, attention_mask, targets) -> tuple[dict[str, np.ndarray | None], int]:
         """Last stage: forward to the logits, the loss terms, and every seed back to this stage's input."""
+        if self._pass == "stats":
+            self._targets[mb] = targets
         logits = self._forward(mb, x, attention_mask)
         tgt = torch.as_tensor(targets).to(self.device)
         loss, fisher = self.spec.get("loss", "cross_entropy"), self.spec.get("fisher", "empirical")
@@ -295,10 +298,28 @@ class StageWorker:
         out["xbar_dot"] = None if xbar_dot is None else to_numpy(xbar_dot)
         return out
 
+    def exact_local(self, layers: list[str]) -> dict:
+        """Last stage: its own layers' downstream network is all here, so the fast in-process route applies (one
+        forward per micro-batch, one create_graph backward, a double backward per layer from the layer outputs;
+        :func:`curvdist.curvature.exact_curvature`) on the cached stage inputs."""
+        from .curvature import exact_curvature
+        t0 = time.perf_counter()
+        data = []
+        for mb in sorted(self._inputs):
+            x, mask = self._primal(mb)
+            inputs = {"x": x} if mask is None else {"x": x, "attention_mask": mask}
+            data.append((inputs, torch.as_tensor(self._targets[mb]).to(self.device)))
+        dirs = {n: (self.spectra[n].U, self.spectra[n].V) for n in layers}
+        self._local = exact_curvature(self.module, data, self.spec.get("loss", "cross_entropy"), dirs,
+                                      layers={n: self.layers[n] for n in layers}, gn=self.spec.get("gn", True))
+        self.timings["exact_local_s"] = time.perf_counter() - t0
+        return {"stage": self.spec.get("stage"), "layers": len(layers)}
+
     def end_exact(self) -> dict:
         from .curvature import Curvature
         gn = self.spec.get("gn", True)
         self.curvature = {n: Curvature(h=a["h"] / a["n"], h_gn=(a["h_gn"] / a["n"]) if gn else None)
                           for n, a in self._h.items()}
-        self._h = {}
+        self.curvature.update(getattr(self, "_local", {}))
+        self._h, self._local = {}, {}
         return {"stage": self.spec.get("stage")}
