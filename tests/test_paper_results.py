@@ -33,8 +33,9 @@ TOL = 1e-6
 
 
 def _folder() -> Path:
+    """The copy shipped in tests/data/paper-results (MIT, with its LICENSE); CURVDIST_PAPER_RESULTS overrides."""
     env = os.environ.get("CURVDIST_PAPER_RESULTS")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "paper-results"
+    return Path(env) if env else Path(__file__).resolve().parent / "data" / "paper-results"
 
 
 FOLDER = _folder()
