@@ -4,45 +4,25 @@ import os
 import struct
 
 import pytest
+import tiny
 import torch
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
-    BertConfig,
     BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
 )
 
 from curvdist import checkpoint as ckpt
 from curvdist import families, stages
 
-SMALL = {"vocab_size": 48, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 3,
-         "num_attention_heads": 4, "max_position_embeddings": 32}
-MAKERS = {
-    "llama": lambda: LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, **SMALL)),
-    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=48, n_embd=16, n_layer=3, n_head=4, n_positions=32,
-                                               bos_token_id=0, eos_token_id=0)),
-    "gpt_neox": lambda: GPTNeoXForCausalLM(GPTNeoXConfig(**SMALL)),  # untied, stored as legacy ``embed_out``
-    "bert": lambda: BertForSequenceClassification(BertConfig(num_labels=3, **SMALL)),
-}
+MAKERS = tiny.makers(3)
 SPLITS = {1: [(0, 2)], 2: [(0, 0), (1, 2)], 3: [(0, 0), (1, 1), (2, 2)]}
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """Tiny random checkpoints of each family, sharded (several safetensors files and an index)."""
-    out = {}
-    for family, make in MAKERS.items():
-        torch.manual_seed(0)
-        d = tmp_path_factory.mktemp(family)
-        make().save_pretrained(d, max_shard_size="8KB")
-        out[family] = d
-    return out
+    return tiny.save_sharded(tmp_path_factory, MAKERS)
 
 
 def _full(path, family, attn="eager"):

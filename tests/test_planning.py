@@ -6,17 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
+import tiny
 
 from curvdist import checkpoint as ckpt
 from curvdist import planning
@@ -24,25 +14,13 @@ from curvdist.config import config_hash, load_config
 from curvdist.plan import LayerCost, plan_stages
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = {"vocab_size": 48, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 4,
-         "num_attention_heads": 4, "max_position_embeddings": 32}
-MAKERS = {
-    "llama": lambda: LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, **SMALL)),
-    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=48, n_embd=16, n_layer=4, n_head=4, n_positions=32)),
-    "gpt_neox": lambda: GPTNeoXForCausalLM(GPTNeoXConfig(**SMALL)),
-    "bert": lambda: BertForSequenceClassification(BertConfig(num_labels=3, **SMALL)),
-}
+MAKERS = tiny.makers(4)
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    out = {}
-    for family, make in MAKERS.items():
-        torch.manual_seed(0)
-        d = tmp_path_factory.mktemp(family)
-        make().save_pretrained(d, max_shard_size="8KB")
-        out[family] = d
-    return out
+    """Tiny random checkpoints of each family, sharded (several safetensors files and an index)."""
+    return tiny.save_sharded(tmp_path_factory, MAKERS)
 
 
 def _comparable(plan):
