@@ -52,12 +52,16 @@ def _n_terms(model, data, loss) -> list[int]:
         return [loss_terms(model_logits(model, x), y, loss)[1] for x, y in data]
 
 
-def layer_hessian(model: nn.Module, data: Iterable, loss: str, module: nn.Module) -> Tensor:
-    """Exact ∇²_W L (mn × mn) of the mean loss over all micro-batches, W the layer's (m, n) matrix."""
+def _setup(model, data, loss, module):
+    """Micro-batches on the model's device, their loss-term counts N_b, N = Σ N_b, and the layer's W (m, n)."""
     batches, _ = _prepared(model, data)
     counts = _n_terms(model, batches, loss)
-    N = sum(counts)
-    W0 = L.weight_matrix(module).detach().clone()
+    return batches, counts, sum(counts), L.weight_matrix(module).detach().clone()
+
+
+def layer_hessian(model: nn.Module, data: Iterable, loss: str, module: nn.Module) -> Tensor:
+    """Exact ∇²_W L (mn × mn) of the mean loss over all micro-batches, W the layer's (m, n) matrix."""
+    batches, counts, N, W0 = _setup(model, data, loss, module)
     m, n = W0.shape
 
     def total(W: Tensor) -> Tensor:
@@ -73,10 +77,7 @@ def layer_hessian(model: nn.Module, data: Iterable, loss: str, module: nn.Module
 
 def layer_ggn(model: nn.Module, data: Iterable, loss: str, module: nn.Module) -> Tensor:
     """Exact Gauss–Newton matrix Jᵀ (∇²_z L) J (mn × mn) of the mean loss, restricted to the layer's W."""
-    batches, _ = _prepared(model, data)
-    counts = _n_terms(model, batches, loss)
-    N = sum(counts)
-    W0 = L.weight_matrix(module).detach().clone()
+    batches, counts, N, W0 = _setup(model, data, loss, module)
     m, n = W0.shape
     G = torch.zeros(m * n, m * n, dtype=W0.dtype, device=W0.device)
     with second_order_attention():

@@ -120,12 +120,12 @@ def layer_rows(sp: LayerSpectra, *, layer_type: str, block: int | None, fisher: 
         h_sop = getattr(projections, "h_sop", None)
         sigma = _np(sp.sigma)
         nan = torch.full_like(sigma, float("nan"))
-        cols = spectral.direction_metrics(
-            sigma, _np(ray_d) if ray_d is not None else nan, _np(ray_a) if ray_a is not None else nan,
-            lambda_delta=_np(sp.lambda_delta), lambda_A=_np(sp.lambda_A), h=_np(h), h_sop=_np(h_sop))
-        cols = {key: _np(v) for key, v in cols.items()}
-        cols.update(sigma=sigma, h=_np(h), h_gn=_np(h_gn), h_sop=_np(h_sop), rayleigh_delta=_np(ray_d),
-                    rayleigh_A=_np(ray_a), lambda_delta=_np(sp.lambda_delta), lambda_A=_np(sp.lambda_A))
+        ray_d, ray_a, h = _np(ray_d), _np(ray_a), _np(h)
+        # direction_metrics echoes its inputs too; NaN (a missing input) becomes a null in the row
+        cols = {key: _np(v) for key, v in spectral.direction_metrics(
+            sigma, ray_d if ray_d is not None else nan, ray_a if ray_a is not None else nan,
+            lambda_delta=_np(sp.lambda_delta), lambda_A=_np(sp.lambda_A), h=h, h_sop=_np(h_sop)).items()}
+        cols["h_gn"] = _np(h_gn)
         names = ["sigma", "h", "h_gn", "h_kron", "h_sop", "rayleigh_delta", "rayleigh_A", "lambda_delta",
                  "lambda_A", "rho_delta", "rho_A", "phi", "Lambda", "chi"]
         for i in range(sp.k):
@@ -135,8 +135,8 @@ def layer_rows(sp: LayerSpectra, *, layer_type: str, block: int | None, fisher: 
                 row[c] = None if v is None else _nullable(v[i])
             directions.append(row)
         summary = fit.summarize_layer(
-            sigma.numpy(), h=None if h is None else _np(h).numpy(), h_kron=_np(cols["h_kron"]).numpy(),
-            Lambda=_np(cols["Lambda"]).numpy(), Phi=_np(cols["phi"]).numpy(),
+            sigma.numpy(), h=None if h is None else h.numpy(), h_kron=cols["h_kron"].numpy(),
+            Lambda=cols["Lambda"].numpy(), Phi=cols["phi"].numpy(),
             status=sp.status if _hard(sp.status) else None)
         for factor, lam in (("A", sp.lambda_A), ("delta", sp.lambda_delta)):
             if lam is not None:
