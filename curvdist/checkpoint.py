@@ -16,6 +16,7 @@ Stage construction lives in :mod:`curvdist.stages` (``build_stage`` is re-export
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -83,6 +84,7 @@ class CheckpointIndex:
     other_bytes: int = 0
     tied: dict[str, str] = field(default_factory=dict)  # canonical head tensor absent from the file → its source
     _hf_config: object = field(default=None, repr=False)
+    trust_remote_code: bool = False    # passed to transformers (set by --trust-remote-code only)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> CheckpointIndex:
@@ -143,7 +145,8 @@ class CheckpointIndex:
         """The transformers config (parsed once; local files only)."""
         if self._hf_config is None:
             from transformers import AutoConfig
-            self._hf_config = AutoConfig.from_pretrained(str(self.path), local_files_only=True)
+            self._hf_config = AutoConfig.from_pretrained(str(self.path), local_files_only=True,
+                                                         trust_remote_code=self.trust_remote_code)
         return self._hf_config
 
 
@@ -193,7 +196,8 @@ def open_index(path: str | os.PathLike) -> CheckpointIndex:
                                  f"`curvdist convert {path} DST`)")
     cfg_file = path / "config.json"
     if not cfg_file.exists():
-        raise FileNotFoundError(f"checkpoint {path}: no config.json")
+        raise FileNotFoundError(f"checkpoint {path}: no config.json; point model.path at a Hugging Face model "
+                                f"directory (config.json + *.safetensors), or convert one with `curvdist convert`")
     config = json.loads(cfg_file.read_text())
     index_file = path / "model.safetensors.index.json"
     shard_of: dict[str, str] = {}
@@ -202,7 +206,8 @@ def open_index(path: str | os.PathLike) -> CheckpointIndex:
         files = sorted(set(weight_map.values()))
         for f in files:
             if not (path / f).exists():
-                raise FileNotFoundError(f"checkpoint {path}: {index_file.name} names the missing shard {f}")
+                raise FileNotFoundError(f"checkpoint {path}: {index_file.name} names the missing shard {f}; "
+                                        f"copy or download the whole checkpoint again")
         shard_of = dict(weight_map)
     elif (path / "model.safetensors").exists():
         files = ["model.safetensors"]
@@ -292,7 +297,8 @@ def build_stage(index: CheckpointIndex, first_block: int, last_block: int, **kwa
 
 # --------------------------------------------------------------------------------------------------- conversion
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, gguf_file: str | None = None,
-            max_shard_size: str | int = "2GB", dtype: torch.dtype | str | None = None) -> Path:
+            max_shard_size: str | int = "2GB", dtype: torch.dtype | str | None = None,
+            trust_remote_code: bool = False) -> Path:
     """Write ``src`` (a local Hugging Face directory, or a GGUF file) as a sharded safetensors directory ``dst``.
 
     GGUF weights are dequantised (to float32 unless ``dtype``); the tokenizer is written too when transformers can
@@ -317,7 +323,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, gguf_file: str | 
             raise FileNotFoundError(f"convert: {src} has no config.json and {len(ggufs)} .gguf files; "
                                     f"pass gguf_file=")
         gguf_file = ggufs[0].name
-    kw = {"local_files_only": True}
+    kw = {"local_files_only": True, "trust_remote_code": trust_remote_code}
     if gguf_file:
         kw["gguf_file"] = gguf_file
     if isinstance(dtype, str):
@@ -393,11 +399,38 @@ def minilm_path() -> Path | None:
 
 def read_zero_checkpoint(path: str | os.PathLike, tag: str | None = None) -> dict[str, torch.Tensor]:
     """fp32 state dict of a DeepSpeed ZeRO (stage 1-3) checkpoint directory, via DeepSpeed's own zero_to_fp32.
-    Save it with ``save_pretrained`` (or :func:`convert` from the saved directory) to analyse it."""
+    Save it with ``save_pretrained`` (or :func:`convert` from the saved directory) to analyse it.
+
+    Every ``torch.load`` DeepSpeed makes meanwhile is forced to ``weights_only=True`` (tensors, containers and
+    plain values; DeepSpeed's own enums are allow-listed), so a crafted checkpoint cannot run code."""
     try:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     except ImportError as e:
         raise ImportError("reading DeepSpeed ZeRO checkpoints needs deepspeed: pip install curvdist[deepspeed]") from e
     if not Path(path).is_dir():
         raise FileNotFoundError(f"ZeRO checkpoint {path}: no such directory")
-    return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
+    with weights_only_loads():
+        return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Inside, ``torch.load`` ignores ``weights_only=False`` (and pickled code) from any caller: weights only."""
+    original = torch.load
+    safe: list = []
+    try:
+        from deepspeed.runtime.zero.config import ZeroStageEnum  # DeepSpeed stores it in its optimizer states
+        safe.append(ZeroStageEnum)
+    except ImportError:
+        pass
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals(safe):
+            yield
+    finally:
+        torch.load = original

@@ -6,6 +6,7 @@
     curvdist query out/quickstart "select layer_type, avg(alpha) from layers group by 1" --format csv
     curvdist plot out/quickstart                   # PNG figures into out/quickstart/plots/<run_id>
     curvdist convert model.gguf out/model-hf       # any locally loadable model → sharded safetensors
+    curvdist verify out/quickstart                 # Parquet files readable, schema versions, counts consistent
     curvdist config                                # every config key with its default and help
 
 Bad input ends with one line on stderr that names the problem (and the fix) and exit status 2; ``--debug`` shows
@@ -38,6 +39,8 @@ Overrides = Annotated[list[str] | None, typer.Argument(help="dotted key=value ov
 Config = Annotated[str, typer.Argument(help="run config YAML (see configs/)", show_default=False, metavar="CONFIG")]
 Out = Annotated[str, typer.Argument(help="dataset directory: the `out` of a run", show_default=False, metavar="OUT")]
 RunId = Annotated[str | None, typer.Option("--run-id", help="one run of the dataset (default: every run)")]
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="let transformers run Python code shipped "
+                                               "with the checkpoint (config.json auto_map); off unless given here")]
 
 
 def console(stderr: bool = False) -> Console:
@@ -48,8 +51,10 @@ def console(stderr: bool = False) -> Console:
 
 def _errors() -> tuple[type[BaseException], ...]:
     import duckdb
+
+    from .supervise import ClusterError
     return (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
-            KeyError, ImportError, NotImplementedError, ConnectionError, duckdb.Error)
+            KeyError, ImportError, NotImplementedError, ConnectionError, ClusterError, duckdb.Error)
 
 
 def _message(e: BaseException) -> str:
@@ -77,37 +82,46 @@ def boundary(debug: bool):
         raise typer.Exit(2) from None
 
 
-def _load(config: str, overrides: list[str] | None):
+def _load(config: str, overrides: list[str] | None, trust_remote_code: bool = False):
     from .config import load_config
     if not os.path.isfile(config):
         raise FileNotFoundError(f"config file {config!r} does not exist; give a run config YAML (examples in "
                                 f"configs/, e.g. configs/quickstart.yaml)")
-    return load_config(config, overrides or [])
+    return load_config(config, overrides or [], trust_remote_code=trust_remote_code)
 
 
 # ---------------------------------------------------------------------------------------------------- commands
 @app.command()
 def run(config: Config, overrides: Overrides = None,
         out: Annotated[str | None, typer.Option("--out", help="output directory (same as out=DIR)")] = None,
-        debug: Debug = False):
-    """Plan the run, start or join a Ray cluster, analyse every selected layer, write the Parquet dataset."""
+        trust_remote_code: TrustRemoteCode = False, debug: Debug = False):
+    """Plan the run, start or join a Ray cluster, analyse every selected layer, write the Parquet dataset.
+
+    Bad input (a missing or truncated checkpoint, a data file too short, an unwritable `out`…) is reported before
+    Ray starts, and nothing is written."""
     with boundary(debug):
-        cfg = _load(config, [*(overrides or []), *([f"out={out}"] if out else [])])
+        cfg = _load(config, [*(overrides or []), *([f"out={out}"] if out else [])], trust_remote_code)
         from .driver import main
-        run_id = main(cfg)
+        try:
+            run_id = main(cfg)
+        except KeyboardInterrupt:   # the driver stopped the actors and said what was kept
+            raise typer.Exit(130) from None
     console(stderr=True).print(f"run {escape(run_id)} → {escape(cfg.out)}")
 
 
 @app.command()
 def plan(config: Config, overrides: Overrides = None,
-         fmt: Annotated[str, typer.Option("--format", help="table or json")] = "table", debug: Debug = False):
+         fmt: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+         trust_remote_code: TrustRemoteCode = False, debug: Debug = False):
     """Print the stage plan (blocks, parameter and factor GB, passes, per-worker memory) without running anything.
 
     Reads only config.json or the safetensors headers, so a cluster run can be planned on a laptop."""
     with boundary(debug):
         _check_format(fmt, ("table", "json"))
         from .planning import plan_from_config
-        cfg = _load(config, overrides)
+        from .preflight import check_plan
+        cfg = _load(config, overrides, trust_remote_code)
+        check_plan(cfg)
         p = plan_from_config(cfg)
     if fmt == "json":
         typer.echo(json.dumps(p.as_dict(), indent=1))
@@ -212,6 +226,27 @@ def plot(dataset: Out, run_id: RunId = None, debug: Debug = False):
 
 
 @app.command()
+def verify(dataset: Out, debug: Debug = False):
+    """Check a dataset: Parquet files readable, schema versions, counts consistent across tables, leftovers.
+
+    Exit status 0 with a one-line summary when it is sound; 1 with one line per problem otherwise (warnings, such
+    as orphan rows of an interrupted write, are printed but do not fail)."""
+    from .verify import verify as _verify
+    with boundary(debug):
+        if not os.path.exists(dataset):
+            raise FileNotFoundError(f"dataset {dataset!r} does not exist; give the `out` directory of a run")
+        report = _verify(dataset)
+    err = console(stderr=True)
+    for w in report.warnings:
+        err.print(f"[yellow]warning:[/] {escape(w)}")
+    for p in report.problems:
+        err.print(f"[bold red]problem:[/] {escape(p)}")
+    typer.echo(report.summary())
+    if report.problems:
+        raise typer.Exit(1)
+
+
+@app.command()
 def convert(src: Annotated[str, typer.Argument(help="a local Hugging Face directory or a .gguf file",
                                                show_default=False)],
             dst: Annotated[str, typer.Argument(help="new (or empty) directory for the sharded safetensors",
@@ -220,13 +255,14 @@ def convert(src: Annotated[str, typer.Argument(help="a local Hugging Face direct
             max_shard_size: Annotated[str, typer.Option(help="largest shard, e.g. 2GB or 500MB")] = "2GB",
             dtype: Annotated[str | None, typer.Option(help="cast floating weights: float32, bfloat16, float16, "
                                                            "float64 (default: as stored; GGUF: float32)")] = None,
-            debug: Debug = False):
+            trust_remote_code: TrustRemoteCode = False, debug: Debug = False):
     """Write any locally loadable model (HF directory, GGUF) as a sharded safetensors checkpoint."""
     with boundary(debug):
         if dtype is not None and dtype not in ("float32", "bfloat16", "float16", "float64"):
             raise ValueError(f"--dtype {dtype!r} is not valid; choose one of: float32, bfloat16, float16, float64")
         from .checkpoint import convert as _convert
-        path = _convert(src, dst, gguf_file=gguf_file, max_shard_size=max_shard_size, dtype=dtype)
+        path = _convert(src, dst, gguf_file=gguf_file, max_shard_size=max_shard_size, dtype=dtype,
+                        trust_remote_code=trust_remote_code)
     typer.echo(str(path))
 
 

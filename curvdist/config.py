@@ -34,7 +34,8 @@ STAT_DTYPES = ("float32", "float64")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # keys that change where or how a run executes, not what it measures (distributed equals serial), so they do not
 # enter config_hash and a run can be resumed with, e.g., more stages or another Ray cluster
-HASH_EXCLUDE = ("out", "run_id", "plots", "ray", "stages", "factor_budget_gb", "model.config_json")
+HASH_EXCLUDE = ("out", "run_id", "plots", "ray", "stages", "factor_budget_gb", "model.config_json",
+                "model.trust_remote_code")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
 
@@ -112,10 +113,14 @@ class _Config:
             try:
                 value = _coerce(f.name, getattr(self, f.name), hints[f.name])
             except ConfigError as e:
+                if e.key == f.name and e.msg.startswith("expected") and _example(f) is not None:
+                    e = ConfigError(f.name, f"{e.msg}; e.g. {f.name}: {_example(f)}")
                 raise (e if e.key.startswith(f.name) else e.under(f.name)) from None
             choices = f.metadata.get("choices")
             if choices and value is not None and value not in choices:
-                raise ConfigError(f.name, f"{value!r} is not valid; choose one of: {', '.join(choices)}")
+                near = difflib.get_close_matches(str(value), choices, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise ConfigError(f.name, f"{value!r} is not valid{hint}; choose one of: {', '.join(choices)}")
             object.__setattr__(self, f.name, value)
         self._validate()
 
@@ -123,10 +128,20 @@ class _Config:
         pass
 
     def _positive(self, *names: str, strict: bool = True) -> None:
+        defaults = {f.name: _example(f) for f in dataclasses.fields(self)}
         for n in names:
             v = getattr(self, n)
             if v is not None and (v <= 0 if strict else v < 0):
-                raise ConfigError(n, f"must be {'> 0' if strict else '>= 0'}, got {v!r}")
+                eg = f"; e.g. {n}: {defaults[n]} (the default)" if defaults.get(n) is not None else ""
+                raise ConfigError(n, f"must be {'> 0' if strict else '>= 0'}, got {v!r}{eg}")
+
+
+def _example(f: dataclasses.Field) -> Any:
+    """A field's default as a YAML scalar (for "e.g." in messages), or None."""
+    d = f.default
+    if d is dataclasses.MISSING or d is None or isinstance(d, (list, dict)):
+        return None
+    return json.dumps(d) if isinstance(d, (bool, str)) else d
 
 
 @dataclass
@@ -146,6 +161,9 @@ class ModelConfig(_Config):
                                   "its MATH kernel, which supports double backward and forward-mode AD and keeps "
                                   "the working dtype (eager attention casts the softmax to float32)", ATTN_IMPLEMENTATIONS)
     seed: int = _f(0, "seed of the random initialisation of the tiny-* builtin models")
+    trust_remote_code: bool = _f(False, "let transformers run Python code shipped with the checkpoint (config.json "
+                                        "auto_map); set only by `--trust-remote-code` on the command line, never "
+                                        "from a YAML file")
 
     def _validate(self) -> None:
         if self.path is not None:
@@ -193,8 +211,13 @@ class RayConfig(_Config):
     cpus_per_stage: float = _f(1.0, "CPUs per stage actor, fractional allowed")
     object_store_gb: float | None = _f(None, "object store size of the local Ray in GiB (null: Ray's default)")
     placement_strategy: str = _f("PACK", "placement group strategy of the stage actors", PLACEMENT_STRATEGIES)
+    dashboard: bool = _f(False, "start the Ray dashboard with a local Ray (bound to 127.0.0.1 like the rest of "
+                                "the local cluster); off by default")
+    max_restarts: int = _f(3, "stage actors that die (killed, out of memory, node lost) are replaced and their "
+                              "group of layers replayed, at most this many times per run")
 
     def _validate(self) -> None:
+        self._positive("max_restarts", strict=False)
         self._positive("num_cpus", "cpus_per_stage", "object_store_gb")
         self._positive("num_gpus_per_stage", strict=False)
 
@@ -254,13 +277,27 @@ def from_dict(cls: type, d: dict, prefix: str = "") -> Any:
         if k not in names:
             key = f"{prefix}.{k}" if prefix else str(k)
             near = difflib.get_close_matches(str(k), names, n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            if near:
+                hint = f" (did you mean {near[0]!r}?)" if not prefix else \
+                    f" (did you mean {near[0]!r}? the full key is '{prefix}.{near[0]}')"
+            else:  # a key of another section (seq_len at the top: data.seq_len)
+                allkeys = _dotted_keys(RunConfig)
+                near = [n for n in allkeys if n.rsplit(".", 1)[-1] == str(k)] or \
+                    difflib.get_close_matches(str(k), allkeys, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise ConfigError(key, f"unknown key{hint}; valid keys{' under ' + repr(prefix) if prefix else ''}: "
                                    f"{', '.join(names)}")
     try:
         return cls(**d)
     except ConfigError as e:
         raise (e.under(prefix) if prefix and not e.key.startswith(prefix + ".") else e) from None
+
+
+def _dotted_keys(cls: type, prefix: str = "") -> list[str]:
+    out = []
+    for name, tp in typing.get_type_hints(cls).items():
+        out += _dotted_keys(tp, f"{prefix}{name}.") if dataclasses.is_dataclass(tp) else [prefix + name]
+    return out
 
 
 def to_dict(cfg: Any) -> dict:
@@ -307,8 +344,12 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Defaults, overridden by the YAML file at ``path`` (if any), overridden by ``key=value`` items."""
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *,
+                trust_remote_code: bool = False) -> RunConfig:
+    """Defaults, overridden by the YAML file at ``path`` (if any), overridden by ``key=value`` items.
+
+    ``model.trust_remote_code`` comes only from ``trust_remote_code`` (the command line's ``--trust-remote-code``):
+    a file or an override that turns it on is refused, so that a shared config cannot run code on its own."""
     d: dict = {}
     if path is not None:
         p = Path(path)
@@ -319,6 +360,13 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError("<root>", f"{str(p)!r} must hold a mapping of config keys, got {type(d).__name__}")
     for item in overrides:
         _set_dotted(d, *parse_override(item))
+    model = d.get("model")
+    if isinstance(model, dict) and model.get("trust_remote_code") not in (None, False) and not trust_remote_code:
+        raise ConfigError("model.trust_remote_code", "cannot be set in a config file or a key=value override (it "
+                                                     "runs Python code from the checkpoint); pass "
+                                                     "--trust-remote-code on the command line instead")
+    if trust_remote_code:
+        _set_dotted(d, "model.trust_remote_code", True)
     return from_dict(RunConfig, d)
 
 

@@ -39,7 +39,8 @@ Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
 def _path(cfg: DataConfig) -> Path:
     p = Path(str(cfg.path)).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"data.path={str(cfg.path)!r} does not exist (data.source={cfg.source!r})")
+        raise FileNotFoundError(f"data.path={str(cfg.path)!r} does not exist (data.source={cfg.source!r}); point "
+                                f"data.path at an existing file, or use data.source=pydoc or synthetic")
     return p
 
 
@@ -115,11 +116,15 @@ def _windows(stream: torch.Tensor, cfg: DataConfig, what: str) -> torch.Tensor:
 
 def load_npy(cfg: DataConfig) -> torch.Tensor:
     """(sequences, seq_len) token ids from a ``.npy`` stream or (S, T) array; negative ids are padding."""
-    arr = np.load(_path(cfg), mmap_mode="r")
+    try:
+        arr = np.load(_path(cfg), mmap_mode="r", allow_pickle=False)  # token ids only, never pickled objects
+    except (ValueError, OSError) as e:
+        raise ValueError(f"data.path={cfg.path!r} is not a .npy array of token ids ({e}); save the ids with "
+                         f"numpy.save(path, an integer array)") from None
     if not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"data.path={cfg.path!r} holds {arr.dtype} values; token ids must be integers")
     if arr.ndim == 1:
-        return _windows(torch.from_numpy(np.asarray(arr, dtype=np.int64)), cfg, f"data.path={cfg.path!r}")
+        return _windows(torch.from_numpy(np.array(arr, dtype=np.int64)), cfg, f"data.path={cfg.path!r}")
     if arr.ndim != 2:
         raise ValueError(f"data.path={cfg.path!r} has shape {arr.shape}; expected (S, T) sequences or a 1-D stream")
     S, T = arr.shape

@@ -24,6 +24,7 @@ from rich.console import Console
 from . import __version__, config as C, store
 from .checkpoint import CheckpointIndex
 from .plan import StagePlan
+from .supervise import ClusterError, Stages, check_reachable, drop_orphans, fault_point
 
 console = Console(stderr=True)
 STAT_BYTES = {"float32": 4, "float64": 8}
@@ -53,13 +54,20 @@ def _start_ray(cfg: C.RunConfig, stages: int, device: str):
 
     if not ray.is_initialized():
         if cfg.ray.address:
-            ray.init(address=cfg.ray.address, log_to_driver=False)
+            check_reachable(cfg.ray.address)
+            try:
+                ray.init(address=cfg.ray.address, log_to_driver=False)
+            except ConnectionError as e:   # the port answered, but not as a Ray GCS
+                raise ConnectionError(f"cannot reach the Ray cluster at {cfg.ray.address} ({e}); check ray.address "
+                                      "and that `ray start --head` runs there, or set ray.address to null for a "
+                                      "local Ray") from None
         else:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             kw = {}
             if cfg.ray.object_store_gb:
                 kw["object_store_memory"] = int(cfg.ray.object_store_gb * 2**30)
-            ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False,
+            # bound to loopback; the dashboard only when asked (it listens on a port)
+            ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=cfg.ray.dashboard,
                      _node_ip_address="127.0.0.1", log_to_driver=False, **kw)
     res = ray.cluster_resources()
     cpus, gpus = res.get("CPU", 0), res.get("GPU", 0)
@@ -68,16 +76,16 @@ def _start_ray(cfg: C.RunConfig, stages: int, device: str):
     if device == "cuda":
         gpu_each = cfg.ray.num_gpus_per_stage if cfg.ray.num_gpus_per_stage is not None else 1.0
         if gpus < gpu_each * stages:
-            raise RuntimeError(f"the Ray cluster has {gpus:g} GPUs but {stages} stages × {gpu_each:g} GPU were asked "
+            raise ClusterError(f"the Ray cluster has {gpus:g} GPUs but {stages} stages × {gpu_each:g} GPU were asked "
                                "for; lower `stages` or ray.num_gpus_per_stage, or add GPU nodes")
     if cpus < cpu_each * stages - 1e-9:
-        raise RuntimeError(f"the Ray cluster has {cpus:g} CPUs but {stages} stages × {cpu_each:g} CPU were asked for; "
+        raise ClusterError(f"the Ray cluster has {cpus:g} CPUs but {stages} stages × {cpu_each:g} CPU were asked for; "
                            "lower ray.cpus_per_stage (fractions work)")
     bundle = {"CPU": cpu_each} | ({"GPU": gpu_each} if gpu_each else {})
     pg = placement_group([dict(bundle) for _ in range(stages)], strategy=cfg.ray.placement_strategy)
     ready, _ = ray.wait([pg.ready()], timeout=120)
     if not ready:
-        raise RuntimeError(f"could not place {stages} stage actors with {bundle} each within 120 s "
+        raise ClusterError(f"could not place {stages} stage actors with {bundle} each within 120 s "
                            f"(strategy {cfg.ray.placement_strategy}); check `ray status`")
     # Stages of one pipeline mostly take turns (a micro-batch or a tangent moves through them in sequence), so on a
     # local cluster every actor may use all the cores; on a shared cluster an actor keeps to its reservation.
@@ -91,7 +99,8 @@ def _spec(cfg: C.RunConfig, ckpt: Path, plan: StagePlan, layers: list[str], devi
             "layers": layers, "dtype": cfg.model.dtype, "stat_dtype": cfg.stat_dtype, "device": device,
             "loss": cfg.loss, "fisher": cfg.fisher, "mc_samples": cfg.mc_samples, "top_k": cfg.top_k,
             "seed": cfg.data.seed, "factor_budget_bytes": int(cfg.factor_budget_gb * 2**30), "threads": threads,
-            "attn_implementation": cfg.model.attn_implementation, "exact": cfg.exact, "gn": cfg.gn, "exact_layers": cfg.exact_layers}
+            "attn_implementation": cfg.model.attn_implementation, "exact": cfg.exact, "gn": cfg.gn,
+            "exact_layers": cfg.exact_layers, "fault": os.environ.get("CURVDIST_FAULT")}
 
 
 def _versions() -> dict:
@@ -142,21 +151,23 @@ def stream(actors: list, batches: list, progress=None, task=None) -> None:
 
 
 def main(cfg: C.RunConfig) -> str:
-    """Run the measurement described by ``cfg``; returns the run id.  Prints the α-by-layer-type table."""
-    import ray
-    from rich.progress import Progress
+    """Run the measurement described by ``cfg``; returns the run id.  Prints the α-by-layer-type table.
 
+    Dead stage actors are replaced and their group replayed (:mod:`curvdist.supervise`); Ctrl-C stops the actors
+    and raises KeyboardInterrupt with every finished layer kept; a rerun into the same ``out`` resumes."""
     from . import data as D
-    from .curvature_pipeline import exact_pass
+    from .preflight import check as preflight
     from .sources import load_tokenizer, resolve_checkpoint
-    from .stage import StageWorker
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     run_id = C.resolve_run_id(cfg)
+    preflight(cfg)   # bad input: one clear error before Ray starts, nothing written
     out = Path(cfg.out)
     ckpt = resolve_checkpoint(cfg.model)
     index, plans = make_plan(cfg, CheckpointIndex.open(ckpt))
+    if store.is_dataset(out):
+        drop_orphans(out, run_id)
     done = store.done_layers(out, run_id) if store.is_dataset(out) else set()
     todo = {p.index: [n for n in p.layers if n not in done] for p in plans}
     n_todo = sum(len(v) for v in todo.values())
@@ -167,48 +178,100 @@ def main(cfg: C.RunConfig) -> str:
     if n_todo == 0:
         _finish(cfg, out, run_id, base_run, timings, "complete (resumed: nothing left)", None)
         return run_id
-    tok = load_tokenizer(ckpt)
+    tok = load_tokenizer(ckpt, trust_remote_code=cfg.model.trust_remote_code)
     vocab = index.hf_config().vocab_size
     batches = D.make_batches(cfg.data, tokenizer=tok, vocab_size=vocab)
     device = _device(cfg)
     pg, cpu_each, gpu_each, threads = _start_ray(cfg, len(plans), device)
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    Actor = ray.remote(StageWorker)
-    t0 = time.perf_counter()
-    actors = [Actor.options(num_cpus=cpu_each, num_gpus=gpu_each, scheduling_strategy=PlacementGroupSchedulingStrategy(
-        placement_group=pg, placement_group_bundle_index=p.index)).remote(
-        _spec(cfg, ckpt, p, todo[p.index], device, threads)) for p in plans]
-    ray.get([a.info.remote() for a in actors])   # waits for every stage to load its slice
-    timings["load_s"] = time.perf_counter() - t0
-    groups = max(len(p.passes) for p in plans)
-    with Progress(console=console, transient=True) as progress:
+    stages = None
+    try:
+        stages = _start_stages(cfg, ckpt, plans, todo, device, threads, pg, cpu_each, gpu_each)
+        t0 = time.perf_counter()
+        info = stages.run("loading", lambda actors: ray_get([a.info.remote() for a in actors]))
+        timings["load_s"] = time.perf_counter() - t0
+        groups = max(len(p.passes) for p in plans)
         for g in range(groups):   # the plan's passes: each group's factors fit the per-worker budget
-            mine = [[n for n in (p.passes[g] if g < len(p.passes) else []) if n not in done] for p in plans]
-            if not any(mine):
-                continue
-            ray.get([a.set_layers.remote(names) for a, names in zip(actors, mine)])
-            for kind in ("stats", "projections"):
-                task = progress.add_task(f"group {g + 1}/{groups}: pass {kind}", total=len(batches))
-                t0 = time.perf_counter()
-                ray.get([a.begin_pass.remote(kind) for a in actors])
-                stream(actors, batches, progress, task)
-                ray.get([a.end_pass.remote() for a in actors])
-                timings[f"{kind}_s"] = timings.get(f"{kind}_s", 0.0) + time.perf_counter() - t0
-            if cfg.exact:
-                t0 = time.perf_counter()
-                exact_pass(actors, batches, progress=progress)
-                timings["exact_s"] = timings.get("exact_s", 0.0) + time.perf_counter() - t0
-            t0 = time.perf_counter()
-            _gather(actors, out, run_id, g)
-            timings["write_s"] = timings.get("write_s", 0.0) + time.perf_counter() - t0
+            stages.run(f"group {g + 1}/{groups}", lambda actors, g=g: _group(cfg, actors, plans, batches, out,
+                                                                           run_id, g, groups, timings))
+        info = ray_get([a.info.remote() for a in stages.actors])
+    except KeyboardInterrupt:
+        _stop(stages, pg)
+        kept = len(store.done_layers(out, run_id)) if store.is_dataset(out) else 0
+        console.print(f"[yellow]interrupted: stage actors stopped; {kept} finished layers kept in {out}; rerun the "
+                      "same command to resume[/]", soft_wrap=True)
+        raise
+    except BaseException:
+        _stop(stages, pg)
+        raise
+    _stop(stages, pg)
     timings["total_s"] = time.perf_counter() - t_start
-    for a in actors:
-        ray.kill(a)
-    from ray.util.placement_group import remove_placement_group
-    remove_placement_group(pg)
+    timings["stage_restarts"] = len(stages.restarts)
+    timings["peak_rss_gb_per_stage"] = [round(i["peak_rss_bytes"] / 2**30, 3) for i in info]
     _finish(cfg, out, run_id, base_run, timings, "complete", _hardware(device))
     return run_id
+
+
+def ray_get(refs):
+    import ray
+    return ray.get(refs)
+
+
+def _start_stages(cfg, ckpt, plans, todo, device, threads, pg, cpu_each, gpu_each) -> Stages:
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from .stage import StageWorker
+
+    Actor = ray.remote(StageWorker)
+
+    def start(i: int):
+        p = plans[i]
+        return Actor.options(num_cpus=cpu_each, num_gpus=gpu_each, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            placement_group=pg, placement_group_bundle_index=p.index)).remote(
+            _spec(cfg, ckpt, p, todo[p.index], device, threads))
+
+    return Stages(start, len(plans), max_restarts=cfg.ray.max_restarts)
+
+
+def _stop(stages: Stages | None, pg) -> None:
+    from ray.util.placement_group import remove_placement_group
+
+    if stages is not None:
+        stages.kill()
+    try:
+        remove_placement_group(pg)
+    except Exception:   # Ray already shutting down
+        pass
+
+
+def _group(cfg, actors, plans, batches, out: Path, run_id: str, g: int, groups: int, timings: dict) -> None:
+    """One group of the plan's passes: statistics, projections, exact curvature, then each stage's rows written.
+    Replayable: layers already written (before a failure) are dropped from the group first."""
+    import ray
+    from rich.progress import Progress
+
+    from .curvature_pipeline import exact_pass
+
+    done = store.done_layers(out, run_id) if store.is_dataset(out) else set()
+    mine = [[n for n in (p.passes[g] if g < len(p.passes) else []) if n not in done] for p in plans]
+    if not any(mine):
+        return
+    ray.get([a.set_layers.remote(names) for a, names in zip(actors, mine)])
+    with Progress(console=console, transient=True) as progress:
+        for kind in ("stats", "projections"):
+            task = progress.add_task(f"group {g + 1}/{groups}: pass {kind}", total=len(batches))
+            t0 = time.perf_counter()
+            ray.get([a.begin_pass.remote(kind) for a in actors])
+            stream(actors, batches, progress, task)
+            ray.get([a.end_pass.remote() for a in actors])
+            timings[f"{kind}_s"] = timings.get(f"{kind}_s", 0.0) + time.perf_counter() - t0
+        if cfg.exact:
+            t0 = time.perf_counter()
+            exact_pass(actors, batches, progress=progress)
+            timings["exact_s"] = timings.get("exact_s", 0.0) + time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _gather(actors, out, run_id, g)
+    timings["write_s"] = timings.get("write_s", 0.0) + time.perf_counter() - t0
 
 
 def _gather(actors: list, out: Path, run_id: str, group: int) -> None:
@@ -225,6 +288,7 @@ def _gather(actors: list, out: Path, run_id: str, group: int) -> None:
                                {"layers": store.to_table("layers", layers, run_id),
                                 "directions": store.to_table("directions", directions, run_id),
                                 "spectra": store.to_table("spectra", spectra, run_id)})
+            fault_point({"fault": os.environ.get("CURVDIST_FAULT"), "stage": "driver"}, "written")
 
 
 def _finish(cfg, out: Path, run_id: str, base_run: dict, timings: dict, status: str, hardware: dict | None) -> None:

@@ -217,10 +217,11 @@ def _builtin(name: str) -> dict | ckpt.CheckpointIndex:
                      f"model.path")
 
 
-def _gguf_config(directory: Path, file: str) -> dict:
+def _gguf_config(directory: Path, file: str, trust_remote_code: bool = False) -> dict:
     from transformers import AutoConfig
 
-    d = AutoConfig.from_pretrained(str(directory), gguf_file=file, local_files_only=True).to_dict()
+    d = AutoConfig.from_pretrained(str(directory), gguf_file=file, local_files_only=True,
+                                   trust_remote_code=trust_remote_code).to_dict()
     d.setdefault("architectures", None)
     return d
 
@@ -238,9 +239,11 @@ def resolve_index(cfg: RunConfig) -> tuple[ckpt.CheckpointIndex, str]:
         return index_from_hf_config(read_hf_config(m.config_json), m.config_json), "config.json"
     if path is not None:
         if path.is_file() and path.suffix == ".gguf":
-            return index_from_hf_config(_gguf_config(path.parent, path.name), path), "config.json"
+            gguf = _gguf_config(path.parent, path.name, m.trust_remote_code)
+            return index_from_hf_config(gguf, path), "config.json"
         if m.gguf_file and (path / m.gguf_file).is_file():
-            return index_from_hf_config(_gguf_config(path, m.gguf_file), path / m.gguf_file), "config.json"
+            return index_from_hf_config(_gguf_config(path, m.gguf_file, m.trust_remote_code),
+                                        path / m.gguf_file), "config.json"
         if (path / "config.json").is_file():
             return index_from_hf_config(read_hf_config(path), path), "config.json"
         raise FileNotFoundError(f"model.path={m.path!r} holds no safetensors and no config.json; set "
@@ -269,7 +272,8 @@ def select_layer_costs(idx: ckpt.CheckpointIndex, patterns: list[str] | None) ->
             hits = [n for n in names if n == pat or fnmatch.fnmatchcase(n, pat)]
             if not hits:
                 raise ValueError(f"layers: pattern {pat!r} matches no analysable layer; names look like "
-                                 f"{', '.join(names[:4])} … ({len(names)} in all)")
+                                 f"{', '.join(names[:4])} … ({len(names)} in all); fix the pattern (a glob such as "
+                                 f"'{_glob_example(names)}') or use layers=null for every layer")
             keep.update(hits)
         mats = [d for d in mats if d["name"] in keep]
     # one order whatever the source: embedding side, blocks, head side; within a block by layer type
@@ -277,6 +281,11 @@ def select_layer_costs(idx: ckpt.CheckpointIndex, patterns: list[str] | None) ->
     mats.sort(key=lambda d: (rank[_side(idx, d)], d["block"] or 0, _TYPE_RANK.get(d["layer_type"], 99), d["name"]))
     costs = [LayerCost(d["name"], d["block"], d["m"], d["n"], _side(idx, d)) for d in mats]
     return costs, {d["name"]: d["layer_type"] for d in mats}
+
+
+def _glob_example(names: list[str]) -> str:
+    block = next((n for n in names if ".0." in n), names[0] if names else "*")
+    return block.split(".0.")[0] + ".0.*" if ".0." in block else block
 
 
 def plan_from_index(index: ckpt.CheckpointIndex, cfg: RunConfig, source: str = "checkpoint",

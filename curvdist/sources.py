@@ -75,11 +75,19 @@ def resolve_checkpoint(model_cfg) -> Path:
                      f"smollm2-135m, {', '.join(TINY)}")
 
 
-def load_tokenizer(path: Path):
-    """The checkpoint's own tokenizer, or None when the directory has none (use data.source=synthetic or npy)."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    """The checkpoint's own tokenizer, or None when the directory has none (use data.source=synthetic or npy).
+    (Without tokenizer files transformers would build an empty tokenizer from config.json alone.)"""
+    if not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        return None
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - any failure means no usable tokenizer (the caller says what to do)
         return None
+    return tok if len(tok) > 1 else None

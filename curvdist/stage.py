@@ -17,6 +17,8 @@ object store); bfloat16 hidden states travel as float32 and are cast back.
 from __future__ import annotations
 
 import fnmatch
+import os
+import resource
 import time
 from typing import Any
 
@@ -26,8 +28,14 @@ import torch
 from . import checkpoint, families, forward, losses, measure
 from .factors import StatisticsCollector
 from .stages import build_stage
+from .supervise import fault_point
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -54,6 +62,7 @@ class StageWorker:
         self.stat_dtype = DTYPES[spec.get("stat_dtype", "float32")]
         t0 = time.perf_counter()
         index = checkpoint.CheckpointIndex.open(spec["checkpoint"])
+        fault_point(spec, "load")
         self.module = build_stage(index, spec["first_block"], spec["last_block"], has_embedding=spec["has_embedding"],
                                   has_head=spec["has_head"], dtype=self.dtype, device=self.device,
                                   attn_implementation=spec.get("attn_implementation", "sdpa"))
@@ -85,10 +94,28 @@ class StageWorker:
         self.layers = {n: self._all_layers[n] for n in names}
         self.spectra, self.projections, self.curvature = {}, {}, {}
 
+    def reset(self) -> None:
+        """Forget everything of the current group (hooks, cached micro-batches, partial results), so that the
+        driver can replay the group from its start after another stage was replaced."""
+        if self.collector is not None:
+            self.collector.detach()
+        self.collector = None
+        self._mb, self._inputs, self._targets, self._tangent, self._h = {}, {}, {}, {}, {}
+        self._local = {}
+        self.spectra, self.projections, self.curvature = {}, {}, {}
+        self._pass = ""
+
     # ------------------------------------------------------------------ info
+    def ping(self) -> int:
+        return os.getpid()
+
     def info(self) -> dict:
-        return {"stage": self.spec.get("stage"), "layers": list(self.layers), "loaded_tensors": self.loaded_tensors,
-                "device": str(self.device), "timings": dict(self.timings)}
+        out = {"stage": self.spec.get("stage"), "layers": list(self.layers), "loaded_tensors": self.loaded_tensors,
+               "device": str(self.device), "timings": dict(self.timings), "pid": os.getpid(),
+               "peak_rss_bytes": peak_rss_bytes()}
+        if self.device.type == "cuda":
+            out["peak_cuda_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
+        return out
 
     # ------------------------------------------------------------------ passes over the batch
     def begin_pass(self, kind: str) -> None:
@@ -179,7 +206,9 @@ class StageWorker:
 
     def end_microbatch(self, mb: int, n_terms: int) -> None:
         self.collector.end_microbatch(n_terms)
-        self._mb.pop(mb, None)
+        self._mb.pop(mb, None)   # this micro-batch's activations and graph are freed here
+        if self._pass == "stats" and mb == 1:
+            fault_point(self.spec, "stats")
 
     def end_pass(self) -> dict:
         col, self.collector = self.collector, None
@@ -189,6 +218,7 @@ class StageWorker:
             t0 = time.perf_counter()
             stats = col.finalize()
             del col
+            fault_point(self.spec, "spectral")
             self.spectra = {n: measure.spectral_step(st, int(self.spec.get("top_k", 20)),
                                                      seed=int(self.spec.get("seed", 0))) for n, st in stats.items()}
             self.timings["spectral_s"] = time.perf_counter() - t0

@@ -126,6 +126,8 @@ def to_table(table_name: str, rows: list[dict] | pa.Table | Mapping[str, Any], r
     ``run_id`` is filled from the argument when the data has no such column.  Unknown columns raise ValueError.
     """
     sch = schema(table_name)
+    if isinstance(rows, (list, tuple)) and not rows:
+        return sch.empty_table()
     if isinstance(rows, pa.Table):
         names, n = rows.column_names, rows.num_rows
         get = rows.column
@@ -256,6 +258,35 @@ def done_layers(out: str | os.PathLike, run_id: str) -> set[str]:
     for f in _visible_parquet(partition_dir(out, "layers", run_id)):
         done.update(pq.read_table(f, columns=["layer"]).column("layer").to_pylist())
     return done
+
+
+def file_schema_version(path: str | os.PathLike) -> int | str | None:
+    """The ``curvdist.schema_version`` of one Parquet file's metadata (None when absent)."""
+    v = (pq.read_schema(path).metadata or {}).get(b"curvdist.schema_version")
+    if v is None:
+        return None
+    return int(v) if v.decode().isdigit() else v.decode()
+
+
+def dataset_schema_version(out: str | os.PathLike) -> tuple[int | str | None, Path | None]:
+    """The schema version an existing dataset was written with, and the file it was read from: the marker, else
+    the first readable Parquet file; ``(None, None)`` when there is neither."""
+    out = Path(out)
+    marker = out / MARKER
+    if marker.exists():
+        try:
+            return json.loads(marker.read_text()).get("schema_version"), marker
+        except (OSError, ValueError, AttributeError) as e:
+            raise ValueError(f"{marker} is corrupt ({e}); use another out, or delete the marker if the dataset "
+                             f"is yours") from None
+    for t in TABLES:
+        for d in sorted((out / t).glob("run_id=*")):
+            for f in _visible_parquet(d):
+                try:
+                    return file_schema_version(f), f
+                except (OSError, pa.ArrowException):
+                    continue
+    return None, None
 
 
 # ---------------------------------------------------------------------------------------------------- reading

@@ -1,0 +1,160 @@
+"""Stage actors that die are replaced, and the work they lost is replayed.
+
+    stages = Stages(start_actor, n, max_restarts=3)
+    stages.run("loading", lambda actors: ray.get([a.info.remote() for a in actors]))
+    stages.run("group 1", run_group)         # run_group(actors) does one group's passes and writes its rows
+
+A step is a function of the current actor list.  When it fails with a Ray error, every actor is pinged: the dead
+ones (SIGKILL, OOM killer, a lost node) are replaced by fresh actors in the same placement-group bundle, which
+reload their slice of the checkpoint; the live ones drop the step's partial state (:meth:`StageWorker.reset`);
+then the step runs again from its start.  A step must therefore be replayable: the driver's group step re-reads
+which layers are already written, so rows written before the failure are neither lost nor duplicated.  An error
+with no dead actor (a bug, bad input inside a task) is raised unchanged.
+
+Also here: the resume bookkeeping of a dataset (parts that a killed driver left without their ``layers`` commit
+record are dropped before a rerun) and a fast reachability check of a Ray address.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+
+from . import store
+
+console = Console(stderr=True)
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster cannot run this plan (too few CPUs/GPUs, placement timed out) or its actors kept dying;
+    the CLI reports it in one line."""
+
+
+class StageFailure(ClusterError):
+    """Stage actors kept dying: more replacements were needed than ``ray.max_restarts`` allows."""
+
+
+class Stages:
+    """The stage actors of one run, with replacement of dead ones (at most ``max_restarts`` in the run)."""
+
+    def __init__(self, start: Callable[[int], Any], n: int, *, max_restarts: int = 3):
+        self._start = start
+        self.actors = [start(i) for i in range(n)]
+        self.max_restarts = max_restarts
+        self.restarts: list[dict] = []
+
+    def run(self, what: str, step: Callable[[list], Any]) -> Any:
+        import ray
+
+        while True:
+            try:
+                return step(self.actors)
+            except ray.exceptions.RayError as e:
+                dead = self.dead()
+                if not dead:
+                    raise
+                if len(self.restarts) + len(dead) > self.max_restarts:
+                    raise StageFailure(
+                        f"stage actor(s) {dead} died during {what} after {len(self.restarts)} replacement(s) in this "
+                        f"run (ray.max_restarts={self.max_restarts}); finished layers are kept: check the workers' "
+                        f"memory and logs (/tmp/ray/session_latest/logs), then rerun the same command to resume"
+                    ) from e
+                for i in dead:
+                    console.print(f"[yellow]stage {i} died during {what} ({type(e).__name__}); starting a "
+                                  f"replacement and replaying {what}[/]", soft_wrap=True)
+                    ray.kill(self.actors[i], no_restart=True)
+                    self.actors[i] = self._start(i)
+                    self.restarts.append({"stage": i, "during": what, "at": time.time()})
+                alive = [a for i, a in enumerate(self.actors) if i not in dead]
+                ray.get([a.reset.remote() for a in alive])
+
+    def dead(self) -> list[int]:
+        """Indices of the actors whose process is gone.  A live actor answers after the calls queued before the
+        ping (each actor runs its calls in order), so this also waits for the failed step's leftovers."""
+        import ray
+
+        out = []
+        for i, a in enumerate(self.actors):
+            try:
+                ray.get(a.ping.remote())
+            except ray.exceptions.RayActorError:
+                out.append(i)
+        return out
+
+    def kill(self) -> None:
+        import ray
+
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:   # already gone
+                pass
+
+
+def drop_orphans(out: str | Path, run_id: str) -> list[Path]:
+    """Remove what a killed writer left behind for ``run_id``: hidden temporary files, and ``directions`` /
+    ``spectra`` parts whose ``layers`` part (written last, the commit record) is missing.  Those layers are not
+    counted as done, so the rerun recomputes them; without this their rows would be duplicated."""
+    out = Path(out)
+    committed = {p.name for p in _parts(store.partition_dir(out, "layers", run_id))}
+    removed = []
+    for table in store.TABLES:
+        d = store.partition_dir(out, table, run_id)
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            orphan = table in ("directions", "spectra") and p.suffix == ".parquet" and p.name not in committed
+            if p.name.startswith(".tmp-") or (orphan and not p.name.startswith(".")):
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def fault_point(spec: dict, point: str) -> None:
+    """Fault injection for the kill tests (``tests/test_faults.py``), inert unless the driver was started with
+    ``CURVDIST_FAULT=<stage>:<point>:<dir>``.  The first incarnation of that stage, on reaching ``point``
+    (``load``, ``stats``, ``spectral``; the driver itself is stage ``driver``, point ``written``), writes its pid to ``<dir>/<point>-stage<stage>.pid`` and waits to be
+    killed from outside (a real SIGKILL of this process); the replacement actor finds the marker and goes on."""
+    fault = spec.get("fault")
+    if not fault:
+        return
+    stage, where, directory = fault.split(":", 2)
+    if stage != str(spec.get("stage")) or where != point:
+        return
+    marker = Path(directory) / f"{point}-stage{stage}.pid"
+    if marker.exists():
+        return
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(str(os.getpid()))
+    os.replace(tmp, marker)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:   # interruptible sleep: a SIGKILL ends it
+        time.sleep(0.05)
+
+
+def _parts(d: Path) -> list[Path]:
+    return [p for p in d.iterdir() if p.suffix == ".parquet" and not p.name.startswith(".")] if d.is_dir() else []
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail within ``timeout_s`` when ``host:port`` does not accept a TCP connection (``ray.init`` would retry
+    for a long time).  ``auto`` and ``ray://`` client addresses are left to Ray."""
+    if address in ("auto", "local") or "://" in address and not address.startswith("ray://"):
+        return
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"ray.address {address!r} is not host:port (e.g. 10.0.0.1:6379, or 'auto' on a node of "
+                         "the cluster); fix ray.address, or set it to null to start a local Ray")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ConnectionError(f"cannot reach the Ray cluster at {address} within {timeout_s:g} s ({e.strerror or e}); "
+                              "check ray.address and that `ray start --head` runs there, or set ray.address to null "
+                              "for a local Ray") from None

@@ -1,0 +1,203 @@
+"""Faults with real processes: a stage actor SIGKILLed while loading, accumulating statistics or in its spectral
+work is replaced and the run ends with the numbers of an undisturbed run; a SIGKILLed driver resumes on rerun; Ctrl-C
+(SIGINT) stops the actors and exits 130.  The kill points are reached through ``CURVDIST_FAULT`` (the process
+announces its pid at that point and waits); the kill itself is an ordinary ``os.kill(pid, SIGKILL)`` from here."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+
+from curvdist import config as C, driver, store
+from curvdist.verify import verify
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+ARGS = ["model.name=tiny-gpt2", "stages=2", "model.dtype=float64", "stat_dtype=float64", "top_k=6",
+        "data.source=synthetic", "data.sequences=6", "data.seq_len=16", "data.micro_batch=2", "plots=false",
+        "ray.num_cpus=2"]
+CLI = [sys.executable, "-m", "curvdist"]
+ROOT = Path(__file__).parents[1]
+YAML = str(ROOT / "configs" / "tiny-gpt2.yaml")
+
+
+def load(*extra):
+    return C.load_config(YAML, ARGS + list(extra))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    import ray
+    cache = tmp_path_factory.mktemp("cache")
+    saved = {k: os.environ.get(k) for k in ("CURVDIST_CACHE", "CURVDIST_FAULT")}
+    os.environ["CURVDIST_CACHE"] = str(cache)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield cache
+    ray.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def read(out, run_id):
+    con = store.open(out)
+    layers = store.arrow(con.sql(f"select * from layers where run_id='{run_id}'")).to_pylist()
+    dirs = store.arrow(con.sql(f"select * from directions where run_id='{run_id}'")).to_pylist()
+    run = store.read_run(out, run_id)
+    con.close()
+    return layers, dirs, run
+
+
+@pytest.fixture(scope="module")
+def baseline(env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("baseline")
+    run_id = driver.main(load(f"out={out}"))
+    return read(out, run_id)
+
+
+def assert_same(result, baseline):
+    layers, dirs, _ = result
+    ref_layers, ref_dirs, _ = baseline
+    names = [r["layer"] for r in layers]
+    assert len(names) == len(set(names)), "duplicate layer rows"
+    assert sorted(names) == sorted(r["layer"] for r in ref_layers)
+    keys = [(r["layer"], r["k"]) for r in dirs]
+    assert len(keys) == len(set(keys)), "duplicate direction rows"
+    assert sorted(keys) == sorted((r["layer"], r["k"]) for r in ref_dirs)
+    by = {r["layer"]: r for r in layers}
+    for r in ref_layers:
+        for key in ("alpha", "alpha_kron", "beta", "phi", "chi_slope", "gamma", "s", "n_valid", "status"):
+            assert by[r["layer"]][key] == pytest.approx(r[key], rel=1e-9, abs=1e-12) if isinstance(r[key], float) \
+                else by[r["layer"]][key] == r[key], (r["layer"], key)
+    dby = {(r["layer"], r["k"]): r for r in dirs}
+    for r in ref_dirs:
+        for key in ("sigma", "h", "h_gn", "h_kron", "h_sop"):
+            assert dby[(r["layer"], r["k"])][key] == pytest.approx(r[key], rel=1e-9, abs=1e-300), (r["layer"], key)
+
+
+def killer(pid_file: Path, sig=signal.SIGKILL, timeout=120.0) -> threading.Thread:
+    """Wait for the process at the fault point to announce itself, then send it ``sig``."""
+    def run():
+        deadline = time.monotonic() + timeout
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if pid_file.exists():
+            os.kill(int(pid_file.read_text()), sig)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("stage,point", [(0, "load"), (1, "stats"), (0, "spectral"), (1, "spectral")])
+def test_stage_killed_is_replaced(env, baseline, tmp_path, stage, point):
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    os.environ["CURVDIST_FAULT"] = f"{stage}:{point}:{faults}"
+    try:
+        t = killer(faults / f"{point}-stage{stage}.pid")
+        run_id = driver.main(load(f"out={tmp_path / 'out'}"))
+        t.join(5)
+    finally:
+        os.environ.pop("CURVDIST_FAULT", None)
+    killed = int((faults / f"{point}-stage{stage}.pid").read_text())
+    assert not pid_alive(killed)
+    result = read(tmp_path / "out", run_id)
+    assert json.loads(result[2]["timings_json"])["stage_restarts"] == 1
+    assert_same(result, baseline)
+
+
+def _cli(args, env_extra=None, **kw):
+    e = dict(os.environ, **(env_extra or {}))
+    return subprocess.Popen(CLI + ["run", YAML, *args], env=e, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, **kw)
+
+
+def test_driver_killed_then_rerun_resumes(env, baseline, tmp_path):
+    out, faults = tmp_path / "out", tmp_path / "faults"
+    faults.mkdir()
+    proc = _cli(ARGS + [f"out={out}"], {"CURVDIST_FAULT": f"driver:written:{faults}"})
+    pid_file = faults / "written-stagedriver.pid"
+    deadline = time.monotonic() + 240
+    while not pid_file.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pid_file.exists(), proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
+    # what the killed driver left is readable and whole: one stage's part, no run row yet
+    written = [p for p in (out / "layers").rglob("*.parquet")]
+    assert len(written) == 1
+    pads.dataset(out / "layers", partitioning="hive").to_table()
+    run_id = C.resolve_run_id(load(f"out={out}"))
+    assert store.read_run(out, run_id) is None
+    n_first = len(store.done_layers(out, run_id))
+    assert 0 < n_first < len(baseline[0])
+    report = verify(out)             # whole files only: no problem, the missing runs row is a warning
+    assert not report.problems and any("interrupted" in w for w in report.warnings)
+    rerun = _cli(ARGS + [f"out={out}"])
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err[-2000:]
+    assert f"({n_first} already written)" in err
+    assert_same(read(out, run_id), baseline)
+    report = verify(out)
+    assert not report.problems and not report.warnings
+
+
+def test_sigint_stops_actors_and_exits_130(env, tmp_path):
+    out, faults = tmp_path / "out", tmp_path / "faults"
+    faults.mkdir()
+    proc = _cli(ARGS + [f"out={out}"], {"CURVDIST_FAULT": f"1:stats:{faults}"})
+    pid_file = faults / "stats-stage1.pid"
+    deadline = time.monotonic() + 240
+    while not pid_file.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pid_file.exists(), proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "rerun the same command" in err
+    assert "Traceback" not in err
+    stage_pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 30
+    while pid_alive(stage_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not pid_alive(stage_pid), "the stage actor outlived the interrupted driver"
+    assert not list(out.rglob("*.parquet")) if out.exists() else True   # nothing was finished, nothing written
+
+
+def test_non_finite_weights_give_statuses_and_the_run_completes(env, tmp_path):
+    """A NaN in one weight makes the loss and every gradient non-finite: every layer gets a status saying so, no
+    stage crashes, and the run is recorded as complete."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from curvdist import sources
+    src = sources.resolve_checkpoint(load().model)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_fc.weight[0, 0] = float("nan")
+    ck = tmp_path / "nan-gpt2"
+    model.save_pretrained(ck)
+    run_id = driver.main(load(f"model.path={ck}", f"out={tmp_path / 'out'}"))
+    layers, dirs, run = read(tmp_path / "out", run_id)
+    assert run["status"] == "complete"
+    assert len(layers) == len(store.done_layers(tmp_path / "out", run_id)) >= 9
+    assert all(r["status"].startswith("non_finite") for r in layers), {r["layer"]: r["status"] for r in layers}
+    assert all(r["alpha"] is None for r in layers) and not dirs
