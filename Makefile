@@ -35,6 +35,12 @@ run: setup
 test: dev
 	$(BIN)/python -m pytest -q -x
 
+# train the reference models (cached under out/reproduce/checkpoints), measure them and SmolLM2 / MiniLM into
+# out/reproduce, write docs/reproduction.md (~45 min on 2 CPU cores; every phase resumes)
+.PHONY: reproduce
+reproduce: setup
+	$(BIN)/python -m curvdist.reference.reproduce
+
 bench: dev
 	$(BIN)/python benchmarks/bench_core.py
 

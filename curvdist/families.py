@@ -29,6 +29,8 @@ MODEL_TYPES = {
     "gpt2": "gpt2",
     "gpt_neox": "gpt_neox",
     "bert": "bert", "roberta": "bert", "xlm-roberta": "bert",
+    # convolutional and plain networks with a Hugging Face config: classified structurally (conv / head / other)
+    "resnet": "cnn", "reference_mlp": "mlp",
 }
 
 # The attribute under which a head model (``LlamaForCausalLM``…) holds its base model; checkpoints saved from the
