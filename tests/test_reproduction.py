@@ -93,3 +93,35 @@ def test_real_model_answers_match_the_snapshot():
         a = report.mlp_answer(con, run, types)
         assert a["n"] > 0
         assert f"α < {report.THRESHOLD} in {a['below']} of {a['n']}" in text
+
+
+@committed
+def test_smollm2_batch_check_matches_the_snapshot():
+    from curvdist.reference import batchcheck
+
+    con = report.connect(SNAP)
+    text = DOC.read_text()
+    assert report.has_run(con, "smollm2-b1024")
+    c = batchcheck.claim(con)
+    terms = {r: con.execute("SELECT max(n_terms) FROM layers WHERE run_id = ?", [r]).fetchone()[0]
+             for r in ("smollm2", "smollm2-b1024")}
+    assert c["terms"] == (terms["smollm2"], terms["smollm2-b1024"]) and terms["smollm2-b1024"] > terms["smollm2"]
+    mlp = "layer_type IN ('mlp_gate', 'mlp_up', 'mlp_down')"
+    for i, run in enumerate(("smollm2", "smollm2-b1024")):
+        exact = [r[0] for r in con.execute(f"SELECT alpha FROM layers WHERE run_id = ? AND block = 29 AND {mlp} "
+                                           "AND alpha IS NOT NULL", [run]).fetchall()]
+        kron = [r[0] for r in con.execute(f"SELECT alpha_kron FROM layers WHERE run_id = ? AND {mlp} "
+                                          "AND alpha_kron IS NOT NULL", [run]).fetchall()]
+        assert len(exact) == 3 and len(kron) == 90, run
+        assert c["exact"][i]["below"] == sum(a < report.THRESHOLD for a in exact)
+        assert c["kron"][i]["below"] == sum(a < report.THRESHOLD for a in kron)
+    # the larger run has exact h for block 29 only, α_Kron for every block
+    blocks = con.execute("SELECT DISTINCT block FROM layers WHERE run_id = 'smollm2-b1024' AND alpha IS NOT NULL"
+                         ).fetchall()
+    assert blocks == [(29,)]
+    changes = any(c[k][0]["verdict"] != c[k][1]["verdict"] for k in ("exact", "kron"))
+    assert c["changes"] == changes
+    stated = text.split("Batch-size check: the answer to", 1)[1].split("\n", 1)[0]
+    assert ("does **not** change" in stated) == (not changes) and ("**changes**" in stated) == changes
+    assert (f"exact α < {report.THRESHOLD} in {c['exact'][0]['below']} of 3 → {c['exact'][1]['below']} of 3"
+            in stated)

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from curvdist import store
 
+from . import batchcheck
 from .queries import (
     _LAYER_COLS,
     LLAMA_TYPES,
@@ -215,6 +216,7 @@ def render(snap: str | Path) -> str:
         "",
         _depth(con, "smollm2", LLAMA_TYPES, "alpha_kron"),
         "",
+        *batchcheck.section(con),
         "### all-MiniLM-L6-v2 (BERT, 6 blocks) under its contrastive objective",
         "",
         ("A sentence-embedding model without an LM head, measured in-process with `curvdist.analyze` under its "
@@ -239,6 +241,7 @@ def render(snap: str | Path) -> str:
         "",
         _answer(con, "smollm2", ("mlp_gate", "mlp_up", "mlp_down")),
         "",
+        *([batchcheck.sentence(con), ""] if batchcheck.claim(con) else []),
         _answer(con, "minilm", ("mlp_up", "mlp_down")),
         "",
         "## Figures",

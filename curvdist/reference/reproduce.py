@@ -12,7 +12,9 @@ Phases (each resumable; the wall time of every phase that did work is stored in 
 4. ``smollm2``: SmolLM2-135M through the runner (``configs/reproduce/smollm2.yaml``, pydoc text).
 5. ``minilm``: all-MiniLM-L6-v2 through ``curvdist.analyze`` under its contrastive objective.
 6. ``lm_checks``: the LM's costly exact checks (half evaluation batch; the epoch-1 checkpoint), run last.
-7. ``report``: snapshot (docs/reproduction/*.parquet), figures and docs/reproduction.md (curvdist.reference.report).
+7. ``smollm2_checks``: SmolLM2 on a 4× larger batch of the same text (``smollm2-b1024``: 16 sequences, whose
+   seeded windows include the 4 of ``smollm2``), exact h for block 29 only (skipped per run_id).
+8. ``report``: snapshot (docs/reproduction/*.parquet), figures and docs/reproduction.md (curvdist.reference.report).
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ class Profile:
     smollm2: list | None     # runner overrides, None: skip
     minilm: dict | None      # pairs, window, exact blocks; None: skip
     batch: int = 64
+    smollm2_checks: list = field(default_factory=list)   # (run_id, runner overrides of smollm2.yaml)
     extra: dict = field(default_factory=dict)
 
 
@@ -69,6 +72,7 @@ PROFILES = {
                                  ("-mc", 2048, "mc", False), ("-type2", 2048, "type2", False)],
         micro_batch=256,
         smollm2=[],
+        smollm2_checks=[("smollm2-b1024", ["data.sequences=16", "exact_layers=[model.layers.29.*]"])],
         minilm={"pairs": 32, "window": 32, "micro": 32, "exact_blocks": [0, 1, 2, 3, 4, 5]}),
     "tiny": Profile(
         size="tiny", lm_train=256, cls_train=256, epochs=2, lm_eval=32,
@@ -83,7 +87,7 @@ class Phases:
     """Wall time and load average of each phase of each invocation of the command (one row per phase that did work
     in an invocation, or that never did); earlier invocations' rows are kept, so a resumed command adds rows."""
 
-    ORDER = ("train", "lm", "small", "smollm2", "minilm", "lm_checks", "report")
+    ORDER = ("train", "lm", "small", "smollm2", "minilm", "lm_checks", "smollm2_checks", "report")
 
     def __init__(self, out: Path):
         self.out = out
@@ -197,6 +201,13 @@ def phase_smollm2(out: Path, prof: Profile) -> bool:
     return _runner("smollm2.yaml", prof.smollm2, "smollm2", out)
 
 
+def phase_smollm2_checks(out: Path, prof: Profile) -> bool:
+    did = False
+    for run_id, ov in prof.smollm2_checks:
+        did |= _runner("smollm2.yaml", [*(prof.smollm2 or []), *ov], run_id, out)
+    return did
+
+
 def minilm_batches(tokenizer, pairs: int, window: int, micro: int) -> list:
     """Micro-batches of (anchor, positive) windows: adjacent, non-overlapping windows of the pydoc token stream,
     [CLS] + (window − 2) tokens + [SEP], no padding; pairs spread evenly over the stream."""
@@ -281,6 +292,8 @@ def run(out: Path, docs: Path, prof: Profile, only=None) -> None:
         steps.append(("minilm", lambda: phase_minilm(out, prof)))
     if prof.lm_checks:
         steps.append(("lm_checks", lambda: phase_lm(out, prof, prof.lm_checks)))
+    if prof.smollm2 is not None and prof.smollm2_checks:
+        steps.append(("smollm2_checks", lambda: phase_smollm2_checks(out, prof)))
     steps.append(("report", lambda: phase_report(out, docs, prof)))
     for name, fn in steps:
         if only is None or name in only:
