@@ -118,8 +118,9 @@ def drop_orphans(out: str | Path, run_id: str) -> list[Path]:
 def fault_point(spec: dict, point: str) -> None:
     """Fault injection for the kill tests (``tests/test_faults.py``), inert unless the driver was started with
     ``CURVDIST_FAULT=<stage>:<point>:<dir>``.  The first incarnation of that stage, on reaching ``point``
-    (``load``, ``stats``, ``spectral``; the driver itself is stage ``driver``, point ``written``), writes its pid to ``<dir>/<point>-stage<stage>.pid`` and waits to be
-    killed from outside (a real SIGKILL of this process); the replacement actor finds the marker and goes on."""
+    (``load``, ``stats``, ``spectral``; the driver itself is stage ``driver``, point ``written``), writes its pid
+    to ``<dir>/<point>-stage<stage>.pid`` and waits to be killed from outside (a real SIGKILL of this process);
+    the replacement actor finds the marker and goes on."""
     fault = spec.get("fault")
     if not fault:
         return
