@@ -151,16 +151,33 @@ class CheckpointIndex:
 
 
 def _read_header(file: Path) -> dict:
-    """The JSON header of a safetensors file: 8-byte little-endian length, then that many bytes of JSON."""
+    """The JSON header of a safetensors file (8-byte little-endian length, then that many bytes of JSON), checked
+    against the file's size: a truncated download is caught here, from the offsets, without reading a weight."""
+    refetch = "download, copy or convert the checkpoint again"
+    size = file.stat().st_size
     with open(file, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise ValueError(f"{file}: not a safetensors file (shorter than 8 bytes)")
+            raise ValueError(f"safetensors shard {file} is truncated ({size} bytes, not even a header); {refetch}")
         (n,) = struct.unpack("<Q", raw)
         if n > 100 * 2**20:
-            raise ValueError(f"{file}: not a safetensors file (header length {n})")
-        header = json.loads(f.read(n))
+            raise ValueError(f"{file}: not a safetensors file (header length {n:,}); {refetch}")
+        if 8 + n > size:
+            raise ValueError(f"safetensors shard {file} is truncated (header of {n:,} bytes, file of {size:,}); "
+                             f"{refetch}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"safetensors shard {file} has a corrupt header ({e}); {refetch}") from None
     header.pop("__metadata__", None)
+    try:
+        end = max((int(h["data_offsets"][1]) for h in header.values()), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise ValueError(f"safetensors shard {file} has a corrupt header (a tensor without data_offsets); "
+                         f"{refetch}") from None
+    if 8 + n + end > size:
+        raise ValueError(f"safetensors shard {file} is truncated: its header promises {end:,} bytes of tensor data "
+                         f"but the file holds {size - 8 - n:,}; {refetch}")
     return header
 
 

@@ -155,17 +155,18 @@ def main(cfg: C.RunConfig) -> str:
 
     Dead stage actors are replaced and their group replayed (:mod:`curvdist.supervise`); Ctrl-C stops the actors
     and raises KeyboardInterrupt with every finished layer kept; a rerun into the same ``out`` resumes."""
+    import ray
+
     from . import data as D
     from .preflight import check as preflight
-    from .sources import load_tokenizer, resolve_checkpoint
+    from .sources import load_tokenizer
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     run_id = C.resolve_run_id(cfg)
-    preflight(cfg)   # bad input: one clear error before Ray starts, nothing written
+    ckpt, index = preflight(cfg)   # bad input: one clear error before Ray starts, nothing written
     out = Path(cfg.out)
-    ckpt = resolve_checkpoint(cfg.model)
-    index, plans = make_plan(cfg, CheckpointIndex.open(ckpt))
+    index, plans = make_plan(cfg, index)
     if store.is_dataset(out):
         drop_orphans(out, run_id)
     done = store.done_layers(out, run_id) if store.is_dataset(out) else set()
@@ -187,13 +188,13 @@ def main(cfg: C.RunConfig) -> str:
     try:
         stages = _start_stages(cfg, ckpt, plans, todo, device, threads, pg, cpu_each, gpu_each)
         t0 = time.perf_counter()
-        info = stages.run("loading", lambda actors: ray_get([a.info.remote() for a in actors]))
+        stages.run("loading", lambda actors: ray.get([a.info.remote() for a in actors]))
         timings["load_s"] = time.perf_counter() - t0
         groups = max(len(p.passes) for p in plans)
         for g in range(groups):   # the plan's passes: each group's factors fit the per-worker budget
             stages.run(f"group {g + 1}/{groups}", lambda actors, g=g: _group(cfg, actors, plans, batches, out,
                                                                            run_id, g, groups, timings))
-        info = ray_get([a.info.remote() for a in stages.actors])
+        info = ray.get([a.info.remote() for a in stages.actors])
     except KeyboardInterrupt:
         _stop(stages, pg)
         kept = len(store.done_layers(out, run_id)) if store.is_dataset(out) else 0
@@ -209,11 +210,6 @@ def main(cfg: C.RunConfig) -> str:
     timings["peak_rss_gb_per_stage"] = [round(i["peak_rss_bytes"] / 2**30, 3) for i in info]
     _finish(cfg, out, run_id, base_run, timings, "complete", _hardware(device))
     return run_id
-
-
-def ray_get(refs):
-    import ray
-    return ray.get(refs)
 
 
 def _start_stages(cfg, ckpt, plans, todo, device, threads, pg, cpu_each, gpu_each) -> Stages:

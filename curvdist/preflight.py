@@ -22,7 +22,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import struct
 import tempfile
 from pathlib import Path
 
@@ -41,9 +40,9 @@ class PreflightError(ValueError):
     """A run's input is unusable; the message names the problem and the fix (one line)."""
 
 
-def check(cfg: RunConfig) -> None:
+def check(cfg: RunConfig):
     """Every check a run needs before Ray starts; raises PreflightError.  Materialises a builtin model (into the
-    cache, atomically) as the run would."""
+    cache, atomically) as the run would.  Returns ``(checkpoint directory, CheckpointIndex)`` for the run to use."""
     from .checkpoint import CheckpointIndex
     from .sources import resolve_checkpoint
 
@@ -65,6 +64,7 @@ def check(cfg: RunConfig) -> None:
     check_architecture(index)
     check_layers(index, cfg)
     check_data(cfg, ckpt, index.config.get("vocab_size"))
+    return ckpt, index
 
 
 def check_plan(cfg: RunConfig) -> None:
@@ -183,28 +183,12 @@ def shard_files(path: Path) -> list[Path]:
 
 def check_shard(f: Path) -> None:
     """A safetensors file's header parses and the file holds every byte the header's offsets promise."""
-    size = f.stat().st_size
-    what = f"safetensors shard {f}"
-    with open(f, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) < 8:
-            raise PreflightError(f"{what} is truncated ({size} bytes, not even a header); {_REFETCH}")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100 * 2**20 or 8 + n > size:
-            raise PreflightError(f"{what} is truncated or not safetensors (header of {n:,} bytes, file of "
-                                 f"{size:,}); {_REFETCH}")
-        try:
-            header = json.loads(fh.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise PreflightError(f"{what} has a corrupt header ({e}); {_REFETCH}") from None
-    header.pop("__metadata__", None)
+    from .checkpoint import _read_header
+
     try:
-        end = max((int(h["data_offsets"][1]) for h in header.values()), default=0)
-    except (TypeError, KeyError, IndexError, ValueError):
-        raise PreflightError(f"{what} has a corrupt header (a tensor without data_offsets); {_REFETCH}") from None
-    if 8 + n + end > size:
-        raise PreflightError(f"{what} is truncated: its header promises {end:,} bytes of tensor data but the file "
-                             f"holds {size - 8 - n:,}; {_REFETCH}")
+        _read_header(f)
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
 
 
 def check_architecture(index) -> None:

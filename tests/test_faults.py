@@ -129,15 +129,20 @@ def _cli(args, env_extra=None, **kw):
                             stderr=subprocess.PIPE, text=True, cwd=ROOT, **kw)
 
 
+def reached(proc, pid_file: Path, timeout=240.0) -> Path:
+    """Wait until the CLI run ``proc`` reaches its fault point (the pid file appears); fail with its stderr."""
+    deadline = time.monotonic() + timeout
+    while not pid_file.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pid_file.exists(), proc.communicate()[1][-2000:]
+    return pid_file
+
+
 def test_driver_killed_then_rerun_resumes(env, baseline, tmp_path):
     out, faults = tmp_path / "out", tmp_path / "faults"
     faults.mkdir()
     proc = _cli(ARGS + [f"out={out}"], {"CURVDIST_FAULT": f"driver:written:{faults}"})
-    pid_file = faults / "written-stagedriver.pid"
-    deadline = time.monotonic() + 240
-    while not pid_file.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert pid_file.exists(), proc.communicate()[1][-2000:]
+    reached(proc, faults / "written-stagedriver.pid")
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     assert proc.returncode == -signal.SIGKILL
@@ -164,11 +169,7 @@ def test_sigint_stops_actors_and_exits_130(env, tmp_path):
     out, faults = tmp_path / "out", tmp_path / "faults"
     faults.mkdir()
     proc = _cli(ARGS + [f"out={out}"], {"CURVDIST_FAULT": f"1:stats:{faults}"})
-    pid_file = faults / "stats-stage1.pid"
-    deadline = time.monotonic() + 240
-    while not pid_file.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert pid_file.exists(), proc.communicate()[1][-2000:]
+    pid_file = reached(proc, faults / "stats-stage1.pid")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
