@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from curvdist import families, forward, losses, measure, spectral  # noqa: E402
-from curvdist.factors import collect_statistics  # noqa: E402
+from curvdist.math import families, forward, losses, measure, spectral
+from curvdist.math.factors import collect_statistics
 
 
 def gpt2(seed=0):

@@ -5,7 +5,7 @@ float32, eager attention; batch 64 × 64 tokens.  For K = 20 directions of four 
 the middle block's attn.c_attn and mlp.c_fc, last block mlp.c_proj) it times, each in multiples of one
 forward+backward (re-measured around every layer; the machine may be shared):
 
-- ``h+GN``, ``h``, ``GN``: :func:`curvdist.curvature.exact_curvature` (output route: one forward, one create_graph
+- ``h+GN``, ``h``, ``GN``: :func:`curvdist.math.curvature.exact_curvature` (output route: one forward, one create_graph
   backward, batched double backwards from the layer output; h and h^GN come from the same pass);
 - ``loop h``: the same forward + create_graph backward, then K separate double backwards (retained graph);
 - ``param h`` (``--param``): the torch.func forward-over-reverse route on the weight (``method="param"``);
@@ -23,10 +23,10 @@ import time
 
 import torch
 
-from curvdist import layers as L
-from curvdist.curvature import exact_curvature
-from curvdist.forward import model_logits, second_order_attention
-from curvdist.losses import loss_terms
+from curvdist.math import layers as L
+from curvdist.math.curvature import exact_curvature
+from curvdist.math.forward import model_logits, second_order_attention
+from curvdist.math.losses import loss_terms
 
 
 def build(seed=0):

@@ -26,7 +26,9 @@ def deep_llama(path: Path, blocks: int, hidden: int) -> Path:
 
 
 def run(ckpt: Path, out: Path, stages: int, micro_batches: int, seq_len: int, micro_batch: int, blocks: int) -> dict:
-    from curvdist import config as C, driver, store
+    from curvdist import config as C
+    from curvdist.io import store
+    from curvdist.runner import driver
 
     cfg = C.load_config(None, [f"model.path={ckpt}", f"stages={stages}", "data.source=synthetic",
                                f"data.sequences={micro_batches * micro_batch}", f"data.seq_len={seq_len}",

@@ -1,4 +1,4 @@
-"""Benchmark curvdist.spectral against dense torch.linalg.svd / eigh.  A script, not a test:
+"""Benchmark curvdist.math.spectral against dense torch.linalg.svd / eigh.  A script, not a test:
 
     .venv/bin/python benchmarks/bench_spectral.py [--repeats 3] [--threads N] [--k 20] [--quick]
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from curvdist.spectral import dense_top_eigen, dense_top_singular, top_eigen, top_singular
+from curvdist.math.spectral import dense_top_eigen, dense_top_singular, top_eigen, top_singular
 
 F64 = torch.float64
 

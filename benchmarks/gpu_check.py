@@ -19,9 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import curvdist  # noqa: E402
-from curvdist import forward, losses  # noqa: E402
-
+import curvdist
+from curvdist.math import forward, losses
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"   # cpu: a smoke run of the same code (no large models)
 
@@ -103,10 +102,10 @@ def fwd_bwd(model, data):
 def cost_check(model, data, name, exact_layer, dtype):
     model = model.to(DEV).to(dtype)
     t_fb = timed(fwd_bwd(model, data))
-    from curvdist import families
-    from curvdist.curvature import exact_curvature
-    from curvdist.factors import collect_statistics
-    from curvdist.measure import spectral_step
+    from curvdist.math import families
+    from curvdist.math.curvature import exact_curvature
+    from curvdist.math.factors import collect_statistics
+    from curvdist.math.measure import spectral_step
     layers = families.select_layers(model, None, families.detect_family(model))
 
     def kron():

@@ -6,15 +6,15 @@
 """
 __version__ = "0.1.0"
 
-from . import fit
-from .analyze import Result, analyze
+from curvdist.analyze import Result, analyze
+from curvdist.math import fit
 
 __all__ = ["Result", "__version__", "analyze", "fit", "open"]
 
 
-def open(out):  # noqa: A001 - the public name the SPEC gives
+def open(out):
     """A DuckDB connection over the dataset in ``out`` with views ``runs``, ``layers``, ``directions``, ``spectra``
     (imported lazily: the in-process API needs neither DuckDB nor Ray)."""
-    from .store import open as _open
+    from curvdist.io.store import open as _open
 
     return _open(out)

@@ -1,4 +1,4 @@
 """``python -m curvdist``: the ``curvdist`` command."""
-from .cli import main
+from curvdist.cli import main
 
 main()

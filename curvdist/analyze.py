@@ -10,22 +10,19 @@ by batched Hessian- and Jacobian-vector products.  The Ray runner does the same 
 """
 from __future__ import annotations
 
-import fnmatch
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import pyarrow as pa
 import torch
 from torch import nn
 
-from . import families, forward, measure
-from .curvature import exact_curvature
-from .factors import collect_projections, collect_statistics
-from .losses import check_fisher, check_loss
-
-DIRECTION_COLUMNS = ["layer", "k", "sigma", "h", "h_gn", "h_kron", "h_sop", "rayleigh_delta", "rayleigh_A",
-                     "lambda_delta", "lambda_A", "rho_delta", "rho_A", "phi", "Lambda", "chi"]
+from curvdist.math import families, forward, measure
+from curvdist.math.curvature import exact_curvature
+from curvdist.math.factors import collect_projections, collect_statistics
+from curvdist.math.losses import check_fisher, check_loss
+from curvdist.vocab import DIRECTION_COLUMNS, SPECTRA_COLUMNS, matches
 
 
 @dataclass
@@ -100,7 +97,7 @@ def analyze(model: nn.Module, data: Iterable, loss: str = "cross_entropy", *, to
             directions = {name: sp.directions for name, sp in spectra.items() if sp.directions is not None}
             live = {name: selected[name] for name in directions}
             exact_live = {n: m for n, m in live.items()
-                          if not exact_layers or any(fnmatch.fnmatchcase(n, p) for p in exact_layers)}
+                          if matches(n, exact_layers)}
             t0 = time.perf_counter()
             proj = collect_projections(model, batches, loss, fisher=fisher, layers=live, directions=directions,
                                        stat_dtype=stat_dtype, mc_samples=mc_samples, seed=seed) if live else {}
@@ -120,5 +117,5 @@ def analyze(model: nn.Module, data: Iterable, loss: str = "cross_entropy", *, to
         layer_rows.append(row)
         direction_rows += drows
         spectra_rows += srows
-    return Result(_table(layer_rows), _table(direction_rows, DIRECTION_COLUMNS),
-                  _table(spectra_rows, ["layer", "factor", "k", "eigenvalue"]), timings)
+    return Result(_table(layer_rows), _table(direction_rows, list(DIRECTION_COLUMNS)),
+                  _table(spectra_rows, list(SPECTRA_COLUMNS)), timings)

@@ -52,7 +52,7 @@ def console(stderr: bool = False) -> Console:
 def _errors() -> tuple[type[BaseException], ...]:
     import duckdb
 
-    from .supervise import ClusterError
+    from curvdist.runner.supervise import ClusterError
     return (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
             KeyError, ImportError, NotImplementedError, ConnectionError, ClusterError, duckdb.Error)
 
@@ -83,7 +83,7 @@ def boundary(debug: bool):
 
 
 def _load(config: str, overrides: list[str] | None, trust_remote_code: bool = False):
-    from .config import load_config
+    from curvdist.config import load_config
     if not os.path.isfile(config):
         raise FileNotFoundError(f"config file {config!r} does not exist; give a run config YAML (examples in "
                                 f"configs/, e.g. configs/quickstart.yaml)")
@@ -101,7 +101,7 @@ def run(config: Config, overrides: Overrides = None,
     Ray starts, and nothing is written."""
     with boundary(debug):
         cfg = _load(config, [*(overrides or []), *([f"out={out}"] if out else [])], trust_remote_code)
-        from .driver import main
+        from curvdist.runner.driver import main
         try:
             run_id = main(cfg)
         except KeyboardInterrupt:   # the driver stopped the actors and said what was kept
@@ -118,8 +118,8 @@ def plan(config: Config, overrides: Overrides = None,
     Reads only config.json or the safetensors headers, so a cluster run can be planned on a laptop."""
     with boundary(debug):
         _check_format(fmt, ("table", "json"))
-        from .planning import plan_from_config
-        from .preflight import check_plan
+        from curvdist.preflight import check_plan
+        from curvdist.runner.planning import plan_from_config
         cfg = _load(config, overrides, trust_remote_code)
         check_plan(cfg)
         p = plan_from_config(cfg)
@@ -160,7 +160,7 @@ def plan(config: Config, overrides: Overrides = None,
 @app.command()
 def summary(dataset: Out, run_id: RunId = None, debug: Debug = False):
     """α, α_Kron, β, φ by layer type (mean ± std / median over layers)."""
-    from . import store
+    from curvdist.io import store
     with boundary(debug):
         con = _open(dataset)
         tab = store.summary(con, run_id)
@@ -186,7 +186,7 @@ def query(dataset: Out, sql: Annotated[str, typer.Argument(help="DuckDB SQL over
           limit: Annotated[int, typer.Option(help="most rows shown by --format table (0: all)")] = 200,
           debug: Debug = False):
     """Run SQL over the dataset's views and print the result."""
-    from . import store
+    from curvdist.io import store
     with boundary(debug):
         _check_format(fmt, ("table", "csv", "json"))
         rel = _open(dataset).sql(sql)
@@ -219,7 +219,7 @@ def plot(dataset: Out, run_id: RunId = None, debug: Debug = False):
     """Write the PNG figures of each run (or one) into OUT/plots/<run_id>/ and print their paths."""
     with boundary(debug):
         _open(dataset).close()  # dataset errors first, before matplotlib is imported
-        from .plots import make_plots
+        from curvdist.plots import make_plots
         paths = make_plots(dataset, run_id)
     for p in paths:
         typer.echo(str(p))
@@ -231,7 +231,7 @@ def verify(dataset: Out, debug: Debug = False):
 
     Exit status 0 with a one-line summary when it is sound; 1 with one line per problem otherwise (warnings, such
     as orphan rows of an interrupted write, are printed but do not fail)."""
-    from .verify import verify as _verify
+    from curvdist.io.verify import verify as _verify
     with boundary(debug):
         if not os.path.exists(dataset):
             raise FileNotFoundError(f"dataset {dataset!r} does not exist; give the `out` directory of a run")
@@ -260,7 +260,7 @@ def convert(src: Annotated[str, typer.Argument(help="a local Hugging Face direct
     with boundary(debug):
         if dtype is not None and dtype not in ("float32", "bfloat16", "float16", "float64"):
             raise ValueError(f"--dtype {dtype!r} is not valid; choose one of: float32, bfloat16, float16, float64")
-        from .checkpoint import convert as _convert
+        from curvdist.io.checkpoint import convert as _convert
         path = _convert(src, dst, gguf_file=gguf_file, max_shard_size=max_shard_size, dtype=dtype,
                         trust_remote_code=trust_remote_code)
     typer.echo(str(path))
@@ -271,7 +271,7 @@ def config_cmd(config: Annotated[str | None, typer.Argument(help="a config YAML:
                                                            show_default=False)] = None,
                overrides: Overrides = None, debug: Debug = False):
     """Every config key (dotted) with its default, choices and help; with CONFIG, the resolved config."""
-    from .config import config_help, to_dict
+    from curvdist.config import config_help, to_dict
     if config is None:
         typer.echo(config_help())
         return
@@ -288,7 +288,7 @@ def _check_format(fmt: str, choices: tuple[str, ...]) -> None:
 
 
 def _open(dataset: str):
-    from . import store
+    from curvdist.io import store
     if not os.path.exists(dataset):
         raise FileNotFoundError(f"dataset {dataset!r} does not exist; give the `out` directory of a run "
                                 f"(`curvdist run CONFIG out={dataset}` writes one)")

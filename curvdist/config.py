@@ -34,7 +34,8 @@ STAT_DTYPES = ("float32", "float64")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # keys that change where or how a run executes, not what it measures (distributed equals serial), so they do not
 # enter config_hash and a run can be resumed with, e.g., more stages or another Ray cluster
-HASH_EXCLUDE = ("out", "run_id", "plots", "ray", "stages", "factor_budget_gb", "model.config_json",
+HASH_EXCLUDE = ("out", "run_id", "plots", "ray", "stages", "replicas", "in_flight", "factor_budget_gb",
+                "model.config_json",
                 "model.trust_remote_code")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
@@ -179,7 +180,7 @@ class ModelConfig(_Config):
 
 @dataclass
 class DataConfig(_Config):
-    """The evaluation batch (curvdist.data.make_batches)."""
+    """The evaluation batch (curvdist.io.data.make_batches)."""
     source: str = _f("pydoc", "where the text or tokens come from: pydoc (the standard library's pydoc topics, "
                               "offline English), text (plain text file), jsonl, parquet, npy (token ids, (S, T) "
                               "or a 1-D stream), synthetic (uniform random tokens)", DATA_SOURCES)
@@ -229,6 +230,12 @@ class RunConfig(_Config):
     data: DataConfig = _sub(DataConfig, "the evaluation batch")  # noqa: RUF009
     loss: str = _f("cross_entropy", "loss averaged over loss terms (tokens whose target is not -100)", LOSSES)
     stages: int = _f(1, "number of pipeline stages (Ray actors), each holding a contiguous slice of blocks")
+    replicas: int | None = _f(None, "copies of the stage pipeline, each over its own share of the micro-batches; "
+                                    "their sums are combined (all-reduce between the actors holding the same "
+                                    "layers) so any number of replicas gives the numbers of one; null: as many as "
+                                    "the GPUs allow after the stages (1 on CPU)")
+    in_flight: int | None = _f(None, "micro-batches in flight in one pipeline (1F1B schedule): stage j holds at "
+                                     "most in_flight - j of them at once; null: the number of stages")
     top_k: int = _f(20, "K: gradient singular directions (and factor eigenpairs) per layer")
     fisher: str = _f("empirical", "errors behind the Kronecker factor C_δ: empirical (true labels, the seed "
                                   "paper's), mc (sampled labels, the true Fisher), type2 (exact Hessian square "
@@ -251,7 +258,7 @@ class RunConfig(_Config):
     plots: bool = _f(True, "write PNG figures to OUT/plots/<run_id> at the end of the run")
 
     def _validate(self) -> None:
-        self._positive("stages", "top_k", "mc_samples", "factor_budget_gb")
+        self._positive("stages", "top_k", "mc_samples", "factor_budget_gb", "replicas", "in_flight")
         if self.exact_layers is not None and not self.exact_layers:
             raise ConfigError("exact_layers", "[] selects nothing; use exact=false to skip exact curvature")
         if self.layers is not None:

@@ -1,4 +1,4 @@
-"""PNG figures of a curvdist dataset, read through the DuckDB views of ``curvdist.store.open``.
+"""PNG figures of a curvdist dataset, read through the DuckDB views of ``curvdist.io.store.open``.
 
 ``make_plots(out, run_id=None)`` writes, for each run (or the one named), into ``OUT/plots/<run_id>/``:
 
@@ -11,7 +11,7 @@
 
 Layers with a null exponent are left out of the figure that needs it; a figure with nothing to show says so.
 Figures are built with ``matplotlib.figure.Figure`` (Agg canvas), so importing this module never changes the
-pyplot backend of the caller; files are written atomically through ``curvdist.store``.
+pyplot backend of the caller; files are written atomically through ``curvdist.io.store``.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from curvdist import store
+from curvdist.io import store
+from curvdist.vocab import LAYER_TYPES
 
 _DPI = 110
 _MAX_PANELS = 9
@@ -39,8 +40,8 @@ def _rows(con, sql: str, params: dict | None = None) -> list[dict]:
 
 
 def _order(types: set[str]) -> list[str]:
-    known = [t for t in store.LAYER_TYPES if t in types]
-    return known + sorted(t for t in types if t not in store.LAYER_TYPES)
+    known = [t for t in LAYER_TYPES if t in types]
+    return known + sorted(t for t in types if t not in LAYER_TYPES)
 
 
 def _colors(types: list[str]) -> dict[str, Any]:

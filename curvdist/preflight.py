@@ -1,6 +1,6 @@
 """Checks of a run's inputs before anything starts: no Ray, no stage actor, no output written.
 
-    check(cfg)        # `curvdist run` (first thing in curvdist.driver.main): output, model, plan, data
+    check(cfg)        # `curvdist run` (first thing in curvdist.runner.driver.main): output, model, plan, data
     check_plan(cfg)   # `curvdist plan`: the model directory only (planning may go from a config.json alone)
 
 Every failure is a :class:`PreflightError` (a ``ValueError``, which the command line turns into one line on stderr
@@ -19,19 +19,15 @@ and exit status 2) whose message names the problem and the fix.  What is checked
 """
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import tempfile
 from pathlib import Path
 
-from . import store
-from .config import FILE_SOURCES, RunConfig
+from curvdist.config import FILE_SOURCES, RunConfig
+from curvdist.io import store
+from curvdist.vocab import STAGE_MODEL_TYPES, STAGE_MODELS_TEXT, matches
 
-# what a stage can be built from (curvdist.stages.model_class)
-SUPPORTED = ("Llama-like decoders (model_type llama, mistral, qwen2, qwen3), GPT-2 (gpt2), GPT-NeoX (gpt_neox) and "
-             "BERT (bert), as *ForCausalLM/*LMHeadModel or the base *Model")
-_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "bert")
 _TOKENIZE_MAX_BYTES = 16 * 2**20
 _REFETCH = "download, copy or convert the checkpoint again"
 
@@ -43,8 +39,8 @@ class PreflightError(ValueError):
 def check(cfg: RunConfig):
     """Every check a run needs before Ray starts; raises PreflightError.  Materialises a builtin model (into the
     cache, atomically) as the run would.  Returns ``(checkpoint directory, CheckpointIndex)`` for the run to use."""
-    from .checkpoint import CheckpointIndex
-    from .sources import resolve_checkpoint
+    from curvdist.io.checkpoint import CheckpointIndex
+    from curvdist.io.sources import resolve_checkpoint
 
     check_output(cfg.out)
     m = cfg.model
@@ -133,10 +129,10 @@ def _check_config(config: dict, where: Path, trust_remote_code: bool) -> None:
         raise PreflightError(f"{where} asks for remote code (auto_map: {', '.join(config['auto_map'])}); curvdist "
                              f"runs no code from a checkpoint unless you pass --trust-remote-code on the command line")
     mt = config.get("model_type")
-    if mt not in _MODEL_TYPES:
+    if mt not in STAGE_MODEL_TYPES:
         arch = ", ".join(config.get("architectures") or []) or "no architectures"
         raise PreflightError(f"{where}: unsupported architecture (model_type {mt!r}, {arch}); curvdist runs "
-                             f"{SUPPORTED}; use a checkpoint of one of these")
+                             f"{STAGE_MODELS_TEXT}; use a checkpoint of one of these")
 
 
 def check_checkpoint(path: Path, *, trust_remote_code: bool = False, weights: bool = True) -> None:
@@ -183,7 +179,7 @@ def shard_files(path: Path) -> list[Path]:
 
 def check_shard(f: Path) -> None:
     """A safetensors file's header parses and the file holds every byte the header's offsets promise."""
-    from .checkpoint import _read_header
+    from curvdist.io.checkpoint import _read_header
 
     try:
         _read_header(f)
@@ -193,24 +189,24 @@ def check_shard(f: Path) -> None:
 
 def check_architecture(index) -> None:
     """A stage can be built from the checkpoint's class (``config.architectures``)."""
-    from . import stages
+    from curvdist.io import slice as stages
 
     try:
         stages.model_class(index)
     except (NotImplementedError, ValueError, AttributeError, KeyError) as e:
         raise PreflightError(f"checkpoint {index.path}: unsupported architecture "
                              f"({index.architecture or index.config.get('model_type')}: {e}); curvdist runs "
-                             f"{SUPPORTED}") from None
+                             f"{STAGE_MODELS_TEXT}") from None
 
 
 def check_layers(index, cfg: RunConfig) -> None:
     """``layers`` and ``exact_layers`` select analysable layers and ``stages`` <= blocks (the plan's own errors)."""
-    from .planning import plan_from_index
+    from curvdist.runner.planning import plan_from_index
 
     plan = plan_from_index(index, cfg)  # stages > blocks and layer patterns that match nothing raise here
     names = [c.name for c in plan.layers]
     for pat in (cfg.exact_layers or []) if cfg.exact else []:
-        if not any(n == pat or fnmatch.fnmatchcase(n, pat) for n in names):
+        if not any(matches(n, [pat]) for n in names):
             raise PreflightError(f"exact_layers: pattern {pat!r} matches none of the analysed layers ("
                                  f"{', '.join(names[:4])} … {len(names)} in all); fix the pattern, or use "
                                  f"exact_layers=null for every analysed layer")
@@ -219,8 +215,8 @@ def check_layers(index, cfg: RunConfig) -> None:
 # -------------------------------------------------------------------------------------------------------- data
 def check_data(cfg: RunConfig, ckpt: Path, vocab_size: int | None = None) -> None:
     """The data file exists and is not empty, a text source has a tokenizer, and there are enough tokens."""
-    from . import data as D
-    from .sources import load_tokenizer
+    from curvdist.io import data as D
+    from curvdist.io.sources import load_tokenizer
 
     d = cfg.data
     size = None

@@ -16,8 +16,8 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from curvdist import store
 from curvdist.cli import app
+from curvdist.io import store
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -26,8 +26,8 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     """$CURVDIST_CACHE with the builtin tiny-gpt2 materialised (its progress bar is not part of an error)."""
-    from curvdist import sources
     from curvdist.config import ModelConfig
+    from curvdist.io import sources
 
     d = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as mp:
@@ -298,7 +298,7 @@ def test_trust_remote_code_only_from_the_command_line(model, tmp_path):
 def test_transformers_never_runs_remote_code_by_default(model, monkeypatch):
     import transformers
 
-    from curvdist import checkpoint, sources
+    from curvdist.io import checkpoint, sources
 
     ckpt = model
     (ckpt / "tokenizer_config.json").write_text("{}")
@@ -328,7 +328,7 @@ class _Payload:
 def test_zero_checkpoint_loads_weights_only(tmp_path, monkeypatch):
     import types
 
-    from curvdist import checkpoint
+    from curvdist.io import zero
 
     def get_fp32(path, tag=None):  # what DeepSpeed's zero_to_fp32 does: torch.load(..., weights_only=False)
         return torch.load(Path(path) / "state.pt", weights_only=False)
@@ -340,19 +340,19 @@ def test_zero_checkpoint_loads_weights_only(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed.utils.zero_to_fp32", mod)
     original = torch.load
     torch.save({"w": torch.ones(2), "step": 3, "name": "x"}, tmp_path / "state.pt")
-    got = checkpoint.read_zero_checkpoint(tmp_path)
+    got = zero.read_zero_checkpoint(tmp_path)
     assert torch.equal(got["w"], torch.ones(2)) and got["step"] == 3
     torch.save({"w": _Payload()}, tmp_path / "state.pt")
     with pytest.raises(Exception, match="[Ww]eights only"):
-        checkpoint.read_zero_checkpoint(tmp_path)
+        zero.read_zero_checkpoint(tmp_path)
     assert torch.load is original  # restored
 
 
 def test_local_ray_is_loopback_without_dashboard(monkeypatch):
     import ray
 
-    from curvdist import driver
     from curvdist.config import RayConfig, load_config
+    from curvdist.runner import driver
 
     assert RayConfig().dashboard is False and RayConfig().address is None
     seen = {}

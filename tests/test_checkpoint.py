@@ -12,8 +12,10 @@ from transformers import (
     BertForSequenceClassification,
 )
 
-from curvdist import checkpoint as ckpt
-from curvdist import families, stages
+from curvdist.io import checkpoint as ckpt
+from curvdist.io import slice as slice_
+from curvdist.io import zero
+from curvdist.math import families
 
 MAKERS = tiny.makers(3)
 SPLITS = {1: [(0, 2)], 2: [(0, 0), (1, 2)], 3: [(0, 0), (1, 1), (2, 2)]}
@@ -41,7 +43,7 @@ def _batch():
 def _compose(index, split, x, mask, attn="eager"):
     h, built = x, []
     for j, (a, b) in enumerate(split):
-        st = ckpt.build_stage(index, a, b, has_embedding=j == 0, has_head=j == len(split) - 1,
+        st = slice_.build_slice(index, a, b, has_embedding=j == 0, has_head=j == len(split) - 1,
                               dtype=torch.float64, device="cpu", attn_implementation=attn)
         h = st(h, attention_mask=mask)
         built.append(st)
@@ -84,7 +86,7 @@ def test_middle_stage_reads_only_its_tensors(saved):
     for family, path in saved.items():
         idx = ckpt.CheckpointIndex.open(path)
         ckpt.reset_reads()
-        st = ckpt.build_stage(idx, 1, 1, has_embedding=False, has_head=False)
+        st = slice_.build_slice(idx, 1, 1, has_embedding=False, has_head=False)
         expected = {s for c, s in idx.names.items() if families.tensor_part(c, family) == 1}
         assert set(ckpt.READS) == expected and set(st.loaded_tensors) == expected
         assert all(v == 1 for v in ckpt.READS.values())
@@ -97,7 +99,7 @@ def test_middle_stage_reads_only_its_tensors(saved):
 def test_last_stage_of_a_tied_model_reads_the_embedding(saved):
     idx = ckpt.CheckpointIndex.open(saved["llama"])
     ckpt.reset_reads()
-    st = ckpt.build_stage(idx, 2, 2, has_embedding=False, has_head=True)
+    st = slice_.build_slice(idx, 2, 2, has_embedding=False, has_head=True)
     assert "model.embed_tokens.weight" in ckpt.READS
     assert st.model.embed_tokens is None and st.lm_head.weight.shape == (48, 16)
     assert set(ckpt.READS) == set(idx.stage_tensors(2, 2, has_embedding=False, has_head=True))
@@ -169,8 +171,8 @@ def test_real_minilm_two_stages():
     x = torch.randint(1000, 2000, (2, 9))
     with torch.no_grad():
         ref = full(input_ids=x).last_hidden_state
-        h = ckpt.build_stage(idx, 0, 2, has_embedding=True, has_head=False, attn_implementation="eager")(x)
-        out = ckpt.build_stage(idx, 3, 5, has_embedding=False, has_head=True, attn_implementation="eager")(h)
+        h = slice_.build_slice(idx, 0, 2, has_embedding=True, has_head=False, attn_implementation="eager")(x)
+        out = slice_.build_slice(idx, 3, 5, has_embedding=False, has_head=True, attn_implementation="eager")(h)
     assert torch.allclose(out, ref, atol=1e-5)
 
 
@@ -194,7 +196,7 @@ def test_errors(saved, tmp_path):
         ckpt.CheckpointIndex.open(bad)
     idx = ckpt.CheckpointIndex.open(saved["llama"])
     with pytest.raises(ValueError, match="outside 0..2"):
-        ckpt.build_stage(idx, 2, 3, has_embedding=False, has_head=True)
+        slice_.build_slice(idx, 2, 3, has_embedding=False, has_head=True)
     with pytest.raises(KeyError, match="no tensor"):
         ckpt.load_tensors(idx, ["nope.weight"])
 
@@ -230,7 +232,7 @@ def test_bundled_weight_helpers_and_zero():
         import deepspeed  # noqa: F401
     except ImportError:
         with pytest.raises(ImportError, match=r"pip install curvdist\[deepspeed\]"):
-            ckpt.read_zero_checkpoint("/nonexistent")
+            zero.read_zero_checkpoint("/nonexistent")
 
 
 def test_unsupported_family_for_stages(tmp_path):
@@ -240,7 +242,7 @@ def test_unsupported_family_for_stages(tmp_path):
     idx = ckpt.CheckpointIndex.open(tmp_path)
     assert idx.family == "opt" and idx.tensors["model.decoder.layers.0.fc1.weight"].shape == (2, 2)
     with pytest.raises(NotImplementedError, match="opt"):
-        stages.model_class(idx)
+        slice_.model_class(idx)
 
 
 @pytest.mark.slow
@@ -257,13 +259,13 @@ def test_convert_real_smollm2_gguf(tmp_path):
     x = torch.randint(0, 49152, (1, 8))
     with torch.no_grad():
         ref = full(input_ids=x).logits
-        h = ckpt.build_stage(idx, 0, 14, has_embedding=True, has_head=False, attn_implementation="eager")(x)
-        out = ckpt.build_stage(idx, 15, 29, has_embedding=False, has_head=True, attn_implementation="eager")(h)
+        h = slice_.build_slice(idx, 0, 14, has_embedding=True, has_head=False, attn_implementation="eager")(x)
+        out = slice_.build_slice(idx, 15, 29, has_embedding=False, has_head=True, attn_implementation="eager")(h)
     assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
 
 
 def test_matrix_layers_match_the_model(saved):
-    from curvdist import layers
+    from curvdist.math import layers
 
     for family, path in saved.items():
         idx = ckpt.CheckpointIndex.open(path)

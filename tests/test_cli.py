@@ -12,9 +12,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from curvdist import checkpoint as ckpt
-from curvdist import store
 from curvdist.cli import app
+from curvdist.io import checkpoint as ckpt
+from curvdist.io import store
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -141,7 +141,7 @@ def test_run_is_a_thin_shell_over_driver_main(monkeypatch, tmp_path):
         seen["cfg"] = cfg
         return "r1"
 
-    monkeypatch.setitem(sys.modules, "curvdist.driver", types.SimpleNamespace(main=main))
+    monkeypatch.setitem(sys.modules, "curvdist.runner.driver", types.SimpleNamespace(main=main))
     r = invoke("run", "configs/tiny-gpt2.yaml", "stages=1", "top_k=3", "--out", tmp_path / "o")
     assert r.exit_code == 0, r.output
     cfg = seen["cfg"]

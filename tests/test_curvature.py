@@ -1,13 +1,13 @@
-"""Exact directional curvature (curvdist.curvature) against dense truth, curvlinops, and stage chaining (float64)."""
+"""Exact directional curvature (curvdist.math.curvature) against dense truth, curvlinops, and stage chaining (float64)."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from curvdist import dense
-from curvdist import layers as L
-from curvdist.curvature import (
+from curvdist.math import dense
+from curvdist.math import layers as L
+from curvdist.math.curvature import (
     Curvature,
     exact_curvature,
     layer_param_tangent,
@@ -17,7 +17,7 @@ from curvdist.curvature import (
     stage_forward_tangent,
     tangent_quadratic,
 )
-from curvdist.losses import hessian_quadratic
+from curvdist.math.losses import hessian_quadratic
 
 DT = torch.float64
 RTOL = 1e-10

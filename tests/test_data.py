@@ -1,4 +1,4 @@
-"""curvdist.data: every source, packing, targets, determinism, error messages (tiny in-test tokenizer, no hub)."""
+"""curvdist.io.data: every source, packing, targets, determinism, error messages (tiny in-test tokenizer, no hub)."""
 import json
 
 import numpy as np
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from curvdist.config import DataConfig
-from curvdist.data import IGNORE_INDEX, causal_lm_batch, make_batches
+from curvdist.io.data import IGNORE_INDEX, causal_lm_batch, make_batches
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and", "then", "sleeps", "in", "warm",
          "sun"]

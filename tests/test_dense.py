@@ -1,12 +1,12 @@
-"""Dense truth (curvdist.dense) against closed forms, in float64."""
+"""Dense truth (curvdist.math.dense) against closed forms, in float64."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from curvdist import dense
-from curvdist import layers as L
+from curvdist.math import dense
+from curvdist.math import layers as L
 
 DT = torch.float64
 

@@ -5,7 +5,10 @@ import pytest
 import torch
 
 import curvdist
-from curvdist import checkpoint, config as C, data as D, driver, sources, store
+from curvdist import config as C
+from curvdist.io import checkpoint, sources, store
+from curvdist.io import data as D
+from curvdist.runner import driver
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -69,12 +72,12 @@ def test_stages_equal_in_process(ray_local, tmp_path, model, stages):
 
 
 def test_stage_reads_only_its_tensors(ray_local, tmp_path):
-    from curvdist.stage import StageWorker
+    from curvdist.runner.worker import Worker
     cfg = C.load_config(None, COMMON + ["model.name=tiny-llama", "stages=3", f"out={tmp_path}"])
     index, plans = driver.make_plan(cfg)
     mid = plans[1]
     checkpoint.reset_reads()
-    w = StageWorker(driver._spec(cfg, index.path, mid, mid.layers, "cpu", 1))
+    w = Worker(driver._spec(cfg, index.path, mid, mid.layers, "cpu", 1))
     loaded = set(w.info()["loaded_tensors"])
     expected = set(index.stage_tensors(mid.first_block, mid.last_block, has_embedding=False, has_head=False))
     assert loaded == expected

@@ -1,11 +1,11 @@
-"""curvdist.factors against curvlinops' KFAC ("expand", mean loss), autograd, and dense projections (float64).
+"""curvdist.math.factors against curvlinops' KFAC ("expand", mean loss), autograd, and dense projections (float64).
 
-Conventions checked exactly (see the curvdist.factors docstring):
+Conventions checked exactly (see the curvdist.math.factors docstring):
 - curvlinops' input covariance Σ a aᵀ / (N_data · weight-sharing size) == C_A = Σ a aᵀ / R;
 - its gradient covariance == C_δ = Σ δδᵀ / N for CE (empirical / mc / type-2) and MSE (mc, type-2); MSE empirical:
   curvlinops scales the loss by √C, so its factor is C × ours;
 - mc: with the same seed, curvlinops' sampler (its own CPU generator, float64 probabilities) draws exactly the labels
-  and normals that curvdist.losses draws (CPU generator, float32 probabilities), so mc is compared exactly;
+  and normals that curvdist.math.losses draws (CPU generator, float32 probabilities), so mc is compared exactly;
 - targets -100: curvlinops' empirical matches with ``num_per_example_loss_terms`` = valid terms per sequence;
   its mc / type-2 still draw / expand at ignored positions and divide by all positions, so we compare against a
   model whose ignored logits are detached and rescale by (B·T)/N_valid.
@@ -16,9 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-from curvdist import factors, losses
-from curvdist import layers as L
-from curvdist.factors import StatisticsCollector, collect_projections, collect_statistics
+from curvdist.math import factors, losses
+from curvdist.math import layers as L
+from curvdist.math.factors import StatisticsCollector, collect_projections, collect_statistics
 
 curvlinops = pytest.importorskip("curvlinops")
 transformers = pytest.importorskip("transformers")

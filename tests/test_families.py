@@ -14,7 +14,7 @@ from transformers import (
     MistralConfig,
 )
 
-from curvdist import families
+from curvdist.math import families
 
 SMALL = {"vocab_size": 32, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
          "num_attention_heads": 2, "max_position_embeddings": 16}

@@ -14,8 +14,10 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 
-from curvdist import config as C, driver, store
-from curvdist.verify import verify
+from curvdist import config as C
+from curvdist.io import store
+from curvdist.io.verify import verify
+from curvdist.runner import driver
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -189,7 +191,7 @@ def test_non_finite_weights_give_statuses_and_the_run_completes(env, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from curvdist import sources
+    from curvdist.io import sources
     src = sources.resolve_checkpoint(load().model)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""curvdist.fit: exact recovery on synthetic power laws, the decomposition identity, bad inputs, rank-model BICs."""
+"""curvdist.math.fit: exact recovery on synthetic power laws, the decomposition identity, bad inputs, rank-model BICs."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from curvdist.fit import LayerSummary, fit_exponents, ols, rank_model_bics, summarize_layer
+from curvdist.math.fit import LayerSummary, fit_exponents, ols, rank_model_bics, summarize_layer
 
 LAYER_FIELDS = ["alpha", "r2_alpha", "alpha_kron", "r2_alpha_kron", "beta", "phi", "chi_slope", "gamma", "r2_gamma",
                 "s", "r2_s", "n_valid", "n_valid_kron", "pr_h", "pr_grad", "triangle_error", "triangle_rel_error",

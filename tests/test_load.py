@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from curvdist import config as C, driver, store
+from curvdist import config as C
+from curvdist.io import store
+from curvdist.runner import driver
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

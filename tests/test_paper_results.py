@@ -1,7 +1,7 @@
 """The seed paper's frozen per-layer results (``shared/paper-results/*.json``, MIT) as an external test vector.
 
 Every α, R², γ, s, n_valid and BIC stored next to raw (σ_k, h_k) arrays is recomputed with
-:func:`curvdist.fit.fit_exponents` / :func:`curvdist.fit.rank_model_bics` and must agree to 1e-6.
+:func:`curvdist.math.fit.fit_exponents` / :func:`curvdist.math.fit.rank_model_bics` and must agree to 1e-6.
 Conventions the numbers pin down (all consistent with SPEC §1):
 
 - natural logs; k = position 1..K of σ in the (descending) SVD order;
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from curvdist.fit import RANK_MODELS, fit_exponents, rank_model_bics, summarize_layer
+from curvdist.math.fit import RANK_MODELS, fit_exponents, rank_model_bics, summarize_layer
 
 TOL = 1e-6
 

@@ -1,4 +1,4 @@
-"""curvdist.planning: a plan from config.json alone (meta-device skeleton) equals the plan from the checkpoint index."""
+"""curvdist.runner.planning: a plan from config.json alone (meta-device skeleton) equals the plan from the checkpoint index."""
 import itertools
 import json
 import math
@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import tiny
 
-from curvdist import checkpoint as ckpt
-from curvdist import planning
 from curvdist.config import config_hash, load_config
-from curvdist.plan import LayerCost, plan_stages
+from curvdist.io import checkpoint as ckpt
+from curvdist.runner import planning
+from curvdist.runner.plan import LayerCost, plan_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 MAKERS = tiny.makers(4)
@@ -111,7 +111,7 @@ def test_errors(tmp_path, saved, monkeypatch):
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
 def test_builtin_plan_before_and_after_materialising(tmp_path, monkeypatch, name):
-    from curvdist import sources
+    from curvdist.io import sources
 
     monkeypatch.setenv("CURVDIST_CACHE", str(tmp_path))
     cfg = load_config(None, [f"model.name={name}", "stages=2"])

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from curvdist import plots, store
+from curvdist import plots
+from curvdist.io import store
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

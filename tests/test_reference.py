@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from curvdist import families
+from curvdist.math import families
 from curvdist.reference import models, tasks, train
 
 

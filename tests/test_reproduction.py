@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from curvdist import store
+from curvdist.io import store
 from curvdist.reference import report, reproduce
 
 ROOT = Path(__file__).resolve().parents[1]

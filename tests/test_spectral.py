@@ -1,11 +1,11 @@
-"""curvdist.spectral against dense truth (full SVD / eigh) in float64, on planted and realistic spectra."""
+"""curvdist.math.spectral against dense truth (full SVD / eigh) in float64, on planted and realistic spectra."""
 import math
 import warnings
 
 import pytest
 import torch
 
-from curvdist.spectral import (
+from curvdist.math.spectral import (
     dense_top_eigen,
     dense_top_singular,
     direction_metrics,
@@ -173,7 +173,7 @@ def test_top_singular_reports_non_convergence():
 
 def test_stop_at_the_rounding_floor(monkeypatch):
     """With no floor and tol = 0 the residuals bottom out at rounding: both solvers must notice and stop early."""
-    import curvdist.spectral as sp
+    import curvdist.math.spectral as sp
 
     monkeypatch.setattr(sp, "_FLOORC", {"svd": 0.0, "eig": 0.0})
     G = planted_matrix(300, 200, power_law(200, 2.0), seed=1)

@@ -1,4 +1,4 @@
-"""curvdist.store: schemas, atomic part files, DuckDB views, resume bookkeeping."""
+"""curvdist.io.store: schemas, atomic part files, DuckDB views, resume bookkeeping."""
 import datetime
 import json
 import os
@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curvdist import store
+from curvdist.io import store
 
 
 def _one(con, sql):

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from curvdist import store
 from curvdist.cli import app
-from curvdist.verify import verify
+from curvdist.io import store
+from curvdist.io.verify import verify
 
 runner = CliRunner()
 K = 4

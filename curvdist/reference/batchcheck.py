@@ -73,7 +73,7 @@ def section(con) -> list[str]:
                      f(b - a) if None not in (a, b) else "—"])
     return [
         (f"Evaluation batch (`{BIG}`): the same measurement on 16 sequences of the same pydoc text "
-         f"({f(na)} → {f(nb)} loss terms; the seeded window draw of `curvdist.data` keeps the first draws, so the 4 "
+         f"({f(na)} → {f(nb)} loss terms; the seeded window draw of `curvdist.io.data` keeps the first draws, so the 4 "
          f"sequences of `{REF}` are among the 16), exact h for block {BLOCK} only (its downstream is the final norm "
          "and the head), α_Kron for every block:"),
         "",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import duckdb
 
-from curvdist import store
+from curvdist.vocab import LAYER_TYPES
 
 PAPER = {("cnn", "conv"): "1.94–2.17", ("mlp", "other"): "2.18", ("lm", "attn_qkv"): "1.43",
          ("lm", "attn_out"): "1.17", ("lm", "mlp_up"): "0.84", ("lm", "mlp_down"): "1.15"}
@@ -35,7 +35,7 @@ THRESHOLD = 1.2       # the paper's prediction for LLaMA-class MLP layers: α < 
 MAIN_DIRS = ("lm", "cnn", "mlp", "smollm2", "minilm")
 
 
-_ORDER = "[" + ", ".join(f"'{t}'" for t in store.LAYER_TYPES) + "]"
+_ORDER = "[" + ", ".join(f"'{t}'" for t in LAYER_TYPES) + "]"
 
 
 _LAYER_COLS = ("run_id, layer, layer_type, block, family, m, n, rows, n_terms, fisher, alpha, r2_alpha, alpha_kron, "

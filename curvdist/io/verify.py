@@ -7,7 +7,7 @@
 
 Problems make the dataset wrong to read; warnings are what an interrupted run leaves behind (rerunning the same
 command completes it).  The ``layers`` part of a unit of work is written last as its commit record
-(:func:`curvdist.store.write_result`), so ``directions``/``spectra`` rows without a ``layers`` row are orphans of a
+(:func:`curvdist.io.store.write_result`), so ``directions``/``spectra`` rows without a ``layers`` row are orphans of a
 crash, not corruption.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import store
+from curvdist.io import store
 
 STALE_TEMP_S = 3600.0  # a temporary file this old (or older than its run's runs row) is a leftover
 

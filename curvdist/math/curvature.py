@@ -7,7 +7,7 @@ For a layer W (m × n) with output s_i = W a_i at its rows i, and directions D_k
 
 with L = (1/N) Σ_t ℓ_t over every loss term of every micro-batch.  A micro-batch b with N_b terms and mean loss L_b
 contributes (N_b/N)·h_b.  Since s is linear in W and a does not depend on W, the output tangent along D_k is
-ṡ_{k,i} = (v_kᵀ a_i) u_k (:func:`curvdist.layers.directional_output`), s̈ = 0, and so
+ṡ_{k,i} = (v_kᵀ a_i) u_k (:func:`curvdist.math.layers.directional_output`), s̈ = 0, and so
 
     h_k = ṡ_kᵀ ∇²_s L ṡ_k ,                                   ∇²_s L: the Hessian w.r.t. the layer output only,
 
@@ -69,9 +69,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp, vmap
 
-from . import layers as L
-from .forward import model_logits, second_order_attention, to_device
-from .losses import hessian_quadratic, loss_terms
+from curvdist.math import layers as L
+from curvdist.math.forward import model_logits, second_order_attention, to_device
+from curvdist.math.losses import hessian_quadratic, loss_terms
 
 
 @dataclass
@@ -102,7 +102,7 @@ def exact_curvature(model: nn.Module, data: Iterable, loss: str,
                     method: str = "auto") -> dict[str, Curvature]:
     """Exact h_k and h^GN_k of every layer in ``directions`` (name → (U (K, m), V (K, n))), over all micro-batches.
 
-    ``data``: iterable of ``(inputs, targets)`` micro-batches (see :mod:`curvdist.forward`); floating inputs are
+    ``data``: iterable of ``(inputs, targets)`` micro-batches (see :mod:`curvdist.math.forward`); floating inputs are
     cast to the model's dtype and everything is computed in that dtype.  ``chunk_size`` bounds how many directions
     go through one batched pass (memory ∝ chunk_size × downstream activations); None: as many as keep the batched
     layer-output tangent within :data:`CHUNK_BUDGET` elements (all K for small layers).

@@ -1,12 +1,12 @@
 """Stage actors that die are replaced, and the work they lost is replayed.
 
-    stages = Stages(start_actor, n, max_restarts=3)
+    stages = WorkerPool(start_actor, n, max_restarts=3)
     stages.run("loading", lambda actors: ray.get([a.info.remote() for a in actors]))
     stages.run("group 1", run_group)         # run_group(actors) does one group's passes and writes its rows
 
 A step is a function of the current actor list.  When it fails with a Ray error, every actor is pinged: the dead
 ones (SIGKILL, OOM killer, a lost node) are replaced by fresh actors in the same placement-group bundle, which
-reload their slice of the checkpoint; the live ones drop the step's partial state (:meth:`StageWorker.reset`);
+reload their slice of the checkpoint; the live ones drop the step's partial state (:meth:`Worker.reset`);
 then the step runs again from its start.  A step must therefore be replayable: the driver's group step re-reads
 which layers are already written, so rows written before the failure are neither lost nor duplicated.  An error
 with no dead actor (a bug, bad input inside a task) is raised unchanged.
@@ -19,13 +19,13 @@ from __future__ import annotations
 import os
 import socket
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from . import store
+from curvdist.io import store
 
 console = Console(stderr=True)
 
@@ -39,7 +39,7 @@ class StageFailure(ClusterError):
     """Stage actors kept dying: more replacements were needed than ``ray.max_restarts`` allows."""
 
 
-class Stages:
+class WorkerPool:
     """The stage actors of one run, with replacement of dead ones (at most ``max_restarts`` in the run)."""
 
     def __init__(self, start: Callable[[int], Any], n: int, *, max_restarts: int = 3):

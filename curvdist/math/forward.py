@@ -7,7 +7,8 @@ item is the logits, or an object with ``.logits`` (Hugging Face).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn

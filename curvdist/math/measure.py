@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import fit, spectral
+from curvdist.math import fit, spectral
+from curvdist.vocab import NO_DIRECTION_STATUSES, VOIDING, Status, status_code
 
 
 @dataclass
@@ -46,14 +47,16 @@ class LayerSpectra:
 
 def gradient_status(G: torch.Tensor) -> str:
     if not bool(torch.isfinite(G).all()):
-        return "non_finite_gradient: G has NaN or Inf entries (check the loss, the dtype and the checkpoint)"
+        return Status.NON_FINITE_GRADIENT.with_reason(
+            "G has NaN or Inf entries (check the loss, the dtype and the checkpoint)")
     if not bool((G != 0).any()):
-        return "zero_gradient: G is identically zero (the layer does not influence the loss on this batch)"
-    return "ok"
+        return Status.ZERO_GRADIENT.with_reason(
+            "G is identically zero (the layer does not influence the loss on this batch)")
+    return Status.OK.value
 
 
 def spectral_step(stats, top_k: int, *, seed: int = 0) -> LayerSpectra:
-    """Top-K structure of one layer from its :class:`curvdist.factors.LayerStatistics`."""
+    """Top-K structure of one layer from its :class:`curvdist.math.factors.LayerStatistics`."""
     import time
 
     m, n = stats.m, stats.n
@@ -61,9 +64,9 @@ def spectral_step(stats, top_k: int, *, seed: int = 0) -> LayerSpectra:
     out = LayerSpectra(stats.name, m, n, stats.rows, stats.n_terms, k, factor_status=stats.status)
     status = gradient_status(stats.G)
     if top_k > min(m, n):
-        status = f"top_k_exceeds_rank: top_k={top_k} > min(m, n)={min(m, n)}; lower top_k to fit exponents" \
-            if status == "ok" else status
-    if status.startswith(("non_finite", "zero_gradient")):
+        status = Status.TOP_K_EXCEEDS_RANK.with_reason(
+            f"top_k={top_k} > min(m, n)={min(m, n)}; lower top_k to fit exponents") if status == "ok" else status
+    if status_code(status) in NO_DIRECTION_STATUSES:
         out.k, out.status = 0, status
         return out
     out.status = status
@@ -86,7 +89,7 @@ def spectral_step(stats, top_k: int, *, seed: int = 0) -> LayerSpectra:
 
 def _hard(status: str) -> bool:
     """Statuses that void the exponents (a factor over budget only voids β and φ, which the fit sees as nulls)."""
-    return status.startswith(("top_k_exceeds_rank", "non_finite", "zero_gradient"))
+    return status_code(status) in VOIDING
 
 
 def _np(t):
@@ -104,7 +107,7 @@ def layer_rows(sp: LayerSpectra, *, layer_type: str, block: int | None, fisher: 
                projections=None, curvature=None, extra: dict | None = None):
     """Output rows of one layer: ``(layer_row: dict, direction_rows: list[dict], spectra_rows: list[dict])``.
 
-    ``projections`` (from :func:`curvdist.factors.collect_projections`) supply h^SoP and, for layers whose dense
+    ``projections`` (from :func:`curvdist.math.factors.collect_projections`) supply h^SoP and, for layers whose dense
     factors were over budget, the Rayleigh quotients; ``curvature`` supplies exact h and h^GN.
     """
     base = {"layer": sp.name, "layer_type": layer_type, "block": block, "m": sp.m, "n": sp.n, "rows": sp.rows,

@@ -9,7 +9,7 @@ For every layer l (owned by stage j) and micro-batch b, with the stage inputs ca
     stage j          tangent_backward(b, msg, layer=l)  h_k += N_b ⟨ṗ_k, p̄̇_k⟩
 
 Layers on the last stage have their whole downstream network there, so that stage measures them in one go with the
-in-process route (:func:`curvdist.curvature.exact_curvature`, about 3× cheaper than forward-over-reverse).
+in-process route (:func:`curvdist.math.curvature.exact_curvature`, about 3× cheaper than forward-over-reverse).
 
 All calls are submitted at once; each actor runs its calls in submission order and every dependency points to an
 earlier submission, so layers on different stages proceed concurrently without deadlock.

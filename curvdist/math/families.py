@@ -11,27 +11,14 @@ structure (which supported layer is last, which is a convolution), so pass the m
 """
 from __future__ import annotations
 
-import fnmatch
 import re
 from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
-from .layers import is_supported
-
-LAYER_TYPES = ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_out", "mlp_up", "mlp_gate", "mlp_down", "conv",
-               "embedding", "head", "other")
-
-# Hugging Face ``model_type`` → family.  Llama-like decoders share the Llama module names.
-MODEL_TYPES = {
-    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "smollm": "llama",
-    "gpt2": "gpt2",
-    "gpt_neox": "gpt_neox",
-    "bert": "bert", "roberta": "bert", "xlm-roberta": "bert",
-    # convolutional and plain networks with a Hugging Face config: classified structurally (conv / head / other)
-    "resnet": "cnn", "reference_mlp": "mlp",
-}
+from curvdist.math.layers import is_supported
+from curvdist.vocab import LAYER_TYPES, MODEL_TYPES, matches  # noqa: F401  (LAYER_TYPES: the rules' vocabulary)
 
 # The attribute under which a head model (``LlamaForCausalLM``…) holds its base model; checkpoints saved from the
 # base class (``BertModel``, legacy ``gpt2``) store names without it.
@@ -223,7 +210,7 @@ def select_layers(model: nn.Module, patterns: list[str] | str | None = None,
         patterns = [patterns]
     keep: set[str] = set()
     for pat in patterns:
-        hits = [n for n in found if n == pat or fnmatch.fnmatchcase(n, pat)]
+        hits = [n for n in found if matches(n, [pat])]
         if not hits:
             some = list(found)[:8]
             raise ValueError(f"layer pattern {pat!r} matches no supported layer; valid names include: "

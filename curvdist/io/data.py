@@ -4,7 +4,7 @@
 
     inputs  = {"input_ids": (B, T) long, "attention_mask": (B, T) long}
     targets = (B, T) long: targets[:, t] = input_ids[:, t + 1]; -100 at the last position and wherever the
-              position or the next one is padding (the loss ignores -100, see curvdist.losses)
+              position or the next one is padding (the loss ignores -100, see curvdist.math.losses)
 
 Sources (``cfg.source``):
 - ``pydoc``: the standard library's ``pydoc_data.topics.topics`` (real English text, offline), documents in sorted

@@ -21,7 +21,7 @@ gradients of the *summed* loss Σ_t ℓ_t (not the mean), so δ_i = N ∂L/∂s_
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

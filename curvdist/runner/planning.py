@@ -6,8 +6,8 @@
 
 Where the numbers come from (first that applies):
 
-1. ``model.path`` holds safetensors, or :mod:`curvdist.sources` has already materialised the builtin or GGUF
-   model: :class:`curvdist.checkpoint.CheckpointIndex` (names and shapes from the safetensors headers);
+1. ``model.path`` holds safetensors, or :mod:`curvdist.io.sources` has already materialised the builtin or GGUF
+   model: :class:`curvdist.io.checkpoint.CheckpointIndex` (names and shapes from the safetensors headers);
 2. ``model.config_json`` (a config.json, or a directory holding one), else ``model.path``'s own config.json (or
    GGUF metadata), else the builtin model's config: the model is built from the config on the ``meta`` device (no
    memory, no initialisation), and its parameter names and shapes stand in for the index.
@@ -21,21 +21,21 @@ dense factor (a larger C_A or C_δ is skipped, its layer's status says so) and o
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import checkpoint as ckpt
-from . import families
-from .config import RunConfig
-from .plan import LayerCost, StagePlan, plan_stages
+from curvdist.config import RunConfig
+from curvdist.io import checkpoint as ckpt
+from curvdist.math import families
+from curvdist.runner.plan import LayerCost, StagePlan, plan_stages
+from curvdist.vocab import LAYER_TYPES, glob_example, matches
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float64": 8, "float16": 2}
 _ST_CODE = {"float32": "F32", "bfloat16": "BF16", "float64": "F64", "float16": "F16"}
 _FLOAT_CODES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
-_TYPE_RANK = {t: i for i, t in enumerate(families.LAYER_TYPES)}
+_TYPE_RANK = {t: i for i, t in enumerate(LAYER_TYPES)}
 
 
 @dataclass
@@ -183,8 +183,8 @@ def _has_safetensors(p: Path) -> bool:
 
 
 def _cached(m) -> Path | None:
-    """The checkpoint a run would use, when ``curvdist.sources`` has already materialised it (never converts)."""
-    from . import sources
+    """The checkpoint a run would use, when ``curvdist.io.sources`` has already materialised it (never converts)."""
+    from curvdist.io import sources
 
     if m.path:
         p = Path(m.path).expanduser()
@@ -198,7 +198,7 @@ def _cached(m) -> Path | None:
 
 def _builtin(name: str) -> dict | ckpt.CheckpointIndex:
     """A builtin model's config (or index) without materialising it."""
-    from . import sources
+    from curvdist.io import sources
 
     if name in sources.TINY:
         return dict(sources.TINY[name])
@@ -263,17 +263,17 @@ def _side(idx: ckpt.CheckpointIndex, d: dict) -> str | None:
 
 def select_layer_costs(idx: ckpt.CheckpointIndex, patterns: list[str] | None) -> tuple[list[LayerCost], dict]:
     """Analysed layers (``CheckpointIndex.matrix_layers`` filtered by the ``layers`` globs) as LayerCosts in plan
-    order; a pattern that matches nothing is an error, as in :func:`curvdist.families.select_layers`."""
+    order; a pattern that matches nothing is an error, as in :func:`curvdist.math.families.select_layers`."""
     mats = idx.matrix_layers()
     if patterns is not None:
         names = [d["name"] for d in mats]
         keep = set()
         for pat in patterns:
-            hits = [n for n in names if n == pat or fnmatch.fnmatchcase(n, pat)]
+            hits = [n for n in names if matches(n, [pat])]
             if not hits:
                 raise ValueError(f"layers: pattern {pat!r} matches no analysable layer; names look like "
                                  f"{', '.join(names[:4])} … ({len(names)} in all); fix the pattern (a glob such as "
-                                 f"'{_glob_example(names)}') or use layers=null for every layer")
+                                 f"'{glob_example(names)}') or use layers=null for every layer")
             keep.update(hits)
         mats = [d for d in mats if d["name"] in keep]
     # one order whatever the source: embedding side, blocks, head side; within a block by layer type
@@ -281,11 +281,6 @@ def select_layer_costs(idx: ckpt.CheckpointIndex, patterns: list[str] | None) ->
     mats.sort(key=lambda d: (rank[_side(idx, d)], d["block"] or 0, _TYPE_RANK.get(d["layer_type"], 99), d["name"]))
     costs = [LayerCost(d["name"], d["block"], d["m"], d["n"], _side(idx, d)) for d in mats]
     return costs, {d["name"]: d["layer_type"] for d in mats}
-
-
-def _glob_example(names: list[str]) -> str:
-    block = next((n for n in names if ".0." in n), names[0] if names else "*")
-    return block.split(".0.")[0] + ".0.*" if ".0." in block else block
 
 
 def plan_from_index(index: ckpt.CheckpointIndex, cfg: RunConfig, source: str = "checkpoint",

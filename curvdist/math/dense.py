@@ -1,7 +1,7 @@
 """Dense truth for tiny models: the exact Hessian and Gauss–Newton matrix of L restricted to one layer.
 
 Pure: tensors in, tensors out (torch.func, meant for float64 and a few hundred weights).  For a layer W (m × n)
-(the (out, in) matrix of :func:`curvdist.layers.weight_matrix`), with vec in row-major order (index i·n + j):
+(the (out, in) matrix of :func:`curvdist.math.layers.weight_matrix`), with vec in row-major order (index i·n + j):
 
     L(W)  = (1/N) Σ_b N_b L_b(W),   L_b the mean loss of micro-batch b over its N_b terms
     H     = ∇²_W L                                        (mn × mn)
@@ -9,7 +9,7 @@ Pure: tensors in, tensors out (torch.func, meant for float64 and a few hundred w
     quadratic(M, U, V)_k = vec(u_k v_kᵀ)ᵀ M vec(u_k v_kᵀ)   = Σ_{ijkl} M[(i,j),(k,l)] u_i v_j u_k v_l
 
 The weight enters through ``torch.func.functional_call`` with the weight tensor rebuilt from W by
-:func:`curvdist.layers.matrix_to_weight`, so Linear, Conv2d and GPT-2 Conv1D all work.  Every micro-batch is held
+:func:`curvdist.math.layers.matrix_to_weight`, so Linear, Conv2d and GPT-2 Conv1D all work.  Every micro-batch is held
 in memory; the Hessian is built by ``torch.func.hessian`` (forward-over-reverse over all mn basis directions).
 """
 from __future__ import annotations
@@ -20,9 +20,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacfwd
 
-from . import layers as L
-from .forward import model_logits, second_order_attention, to_device
-from .losses import loss_terms
+from curvdist.math import layers as L
+from curvdist.math.forward import model_logits, second_order_attention, to_device
+from curvdist.math.losses import loss_terms
 
 
 def _weight_name(model: nn.Module, module: nn.Module) -> str:

@@ -1,10 +1,10 @@
 """The Ray driver: plan stages, start one actor per stage, stream the evaluation batch, gather, write.
 
     cfg = curvdist.config.load_config("configs/quickstart.yaml", ["stages=2"])
-    run_id = curvdist.driver.main(cfg)
+    run_id = curvdist.runner.driver.main(cfg)
 
 Flow: checkpoint index (no weights) → stage plan (contiguous blocks balanced by parameter and factor bytes) →
-Ray (a local cluster unless ``ray.address`` is given) → one :class:`curvdist.stage.StageWorker` actor per stage in a
+Ray (a local cluster unless ``ray.address`` is given) → one :class:`curvdist.runner.worker.Worker` actor per stage in a
 placement group → pass 1 (statistics) → spectral work on every stage in parallel → pass 2 (projections) →
 exact curvature (forward tangents carried stage to stage, then the reverse pass with tangent adjoints) → each stage's
 rows written to the Parquet store as soon as they arrive.  Layers already written under the same run id are skipped,
@@ -21,19 +21,22 @@ from pathlib import Path
 
 from rich.console import Console
 
-from . import __version__, config as C, store
-from .checkpoint import CheckpointIndex
-from .plan import StagePlan
-from .supervise import ClusterError, Stages, check_reachable, drop_orphans, fault_point
+from curvdist import __version__
+from curvdist import config as C
+from curvdist.io import store
+from curvdist.io.checkpoint import CheckpointIndex
+from curvdist.runner.plan import StagePlan
+from curvdist.runner.supervise import ClusterError, WorkerPool, check_reachable, drop_orphans, fault_point
 
 console = Console(stderr=True)
 STAT_BYTES = {"float32": 4, "float64": 8}
 
 
 def make_plan(cfg: C.RunConfig, index: CheckpointIndex | None = None) -> tuple[CheckpointIndex, list[StagePlan]]:
-    """The checkpoint index and the stage plan (with each stage's passes) of ``cfg``; see :mod:`curvdist.planning`."""
-    from .planning import plan_from_index
-    from .sources import resolve_checkpoint
+    """The checkpoint index and the stage plan (with each stage's passes) of ``cfg``
+    (:mod:`curvdist.runner.planning`)."""
+    from curvdist.io.sources import resolve_checkpoint
+    from curvdist.runner.planning import plan_from_index
 
     index = index or CheckpointIndex.open(resolve_checkpoint(cfg.model))
     return index, plan_from_index(index, cfg).stages
@@ -87,7 +90,7 @@ def _start_ray(cfg: C.RunConfig, stages: int, device: str):
     if not ready:
         raise ClusterError(f"could not place {stages} stage actors with {bundle} each within 120 s "
                            f"(strategy {cfg.ray.placement_strategy}); check `ray status`")
-    # Stages of one pipeline mostly take turns (a micro-batch or a tangent moves through them in sequence), so on a
+    # WorkerPool of one pipeline mostly take turns (a micro-batch or a tangent moves through them in sequence), so on a
     # local cluster every actor may use all the cores; on a shared cluster an actor keeps to its reservation.
     threads = max(1, int(cpu_each)) if cfg.ray.address else int(cfg.ray.num_cpus or os.cpu_count())
     return pg, cpu_each, gpu_each, threads
@@ -153,13 +156,13 @@ def stream(actors: list, batches: list, progress=None, task=None) -> None:
 def main(cfg: C.RunConfig) -> str:
     """Run the measurement described by ``cfg``; returns the run id.  Prints the α-by-layer-type table.
 
-    Dead stage actors are replaced and their group replayed (:mod:`curvdist.supervise`); Ctrl-C stops the actors
+    Dead stage actors are replaced and their group replayed (:mod:`curvdist.runner.supervise`); Ctrl-C stops the actors
     and raises KeyboardInterrupt with every finished layer kept; a rerun into the same ``out`` resumes."""
     import ray
 
-    from . import data as D
-    from .preflight import check as preflight
-    from .sources import load_tokenizer
+    from curvdist.io import data as D
+    from curvdist.io.sources import load_tokenizer
+    from curvdist.preflight import check as preflight
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -212,13 +215,13 @@ def main(cfg: C.RunConfig) -> str:
     return run_id
 
 
-def _start_stages(cfg, ckpt, plans, todo, device, threads, pg, cpu_each, gpu_each) -> Stages:
+def _start_stages(cfg, ckpt, plans, todo, device, threads, pg, cpu_each, gpu_each) -> WorkerPool:
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from .stage import StageWorker
+    from curvdist.runner.worker import Worker
 
-    Actor = ray.remote(StageWorker)
+    Actor = ray.remote(Worker)
 
     def start(i: int):
         p = plans[i]
@@ -226,10 +229,10 @@ def _start_stages(cfg, ckpt, plans, todo, device, threads, pg, cpu_each, gpu_eac
             placement_group=pg, placement_group_bundle_index=p.index)).remote(
             _spec(cfg, ckpt, p, todo[p.index], device, threads))
 
-    return Stages(start, len(plans), max_restarts=cfg.ray.max_restarts)
+    return WorkerPool(start, len(plans), max_restarts=cfg.ray.max_restarts)
 
 
-def _stop(stages: Stages | None, pg) -> None:
+def _stop(stages: WorkerPool | None, pg) -> None:
     from ray.util.placement_group import remove_placement_group
 
     if stages is not None:
@@ -246,7 +249,7 @@ def _group(cfg, actors, plans, batches, out: Path, run_id: str, g: int, groups: 
     import ray
     from rich.progress import Progress
 
-    from .curvature_pipeline import exact_pass
+    from curvdist.runner.schedule import exact_pass
 
     done = store.done_layers(out, run_id) if store.is_dataset(out) else set()
     mine = [[n for n in (p.passes[g] if g < len(p.passes) else []) if n not in done] for p in plans]
@@ -296,7 +299,7 @@ def _finish(cfg, out: Path, run_id: str, base_run: dict, timings: dict, status: 
     console.print(store.format_summary(store.summary(con, run_id)), highlight=False)
     con.close()
     if cfg.plots:
-        from .plots import make_plots
+        from curvdist.plots import make_plots
         paths = make_plots(out, run_id)
         console.print(f"{len(paths)} figures in {store.plots_dir(out, run_id)}")
     console.print(f"results: {out} (run_id={run_id}); query with `curvdist query {out} \"select * from layers\"`")

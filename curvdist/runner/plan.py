@@ -1,7 +1,7 @@
 """Stage planning and the memory model.  Pure: numbers in, plan out (no ray, no IO).
 
 A *stage* is a contiguous run of blocks held by one actor; the first stage also holds the embedding, the last the
-final norm and head.  Stages are balanced by the bytes they hold — parameters plus the dense Kronecker factors of
+final norm and head.  WorkerPool are balanced by the bytes they hold — parameters plus the dense Kronecker factors of
 their layers — with the linear-partition dynamic programme (minimise the largest stage), so that the stage that
 bounds a worker's memory is as small as a contiguous split allows.
 
