@@ -40,7 +40,7 @@ def run(ckpt: Path, out: Path, stages: int, micro_batches: int, seq_len: int, mi
     row = store.read_run(out, run_id)
     timings = json.loads(row["timings_json"])
     return {"wall_s": wall, "layers": len(store.done_layers(out, run_id)),
-            "peak_rss_gb_per_stage": timings["peak_rss_gb_per_stage"]}
+            "peak_rss_gb_per_worker": timings["peak_rss_gb_per_worker"]}
 
 
 def main() -> None:
@@ -59,7 +59,7 @@ def main() -> None:
               f"{a.micro_batch}×{a.seq_len} tokens, 2 CPUs")
         for n in (a.micro_batches, 2 * a.micro_batches):
             r = run(ckpt, Path(d) / f"out{n}", a.stages, n, a.seq_len, a.micro_batch, a.blocks)
-            peaks = ", ".join(f"{g:.2f}" for g in r["peak_rss_gb_per_stage"])
+            peaks = ", ".join(f"{g:.2f}" for g in r["peak_rss_gb_per_worker"])
             print(f"{n:3d} micro-batches: {r['layers']} layers in {r['wall_s']:.1f} s; peak RSS per stage (GiB): "
                   f"{peaks}")
 

@@ -18,11 +18,11 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from curvdist.math import families, forward, measure
+from curvdist.math import families, forward
 from curvdist.math.curvature import exact_curvature
 from curvdist.math.factors import collect_projections, collect_statistics
-from curvdist.math.losses import check_fisher, check_loss
-from curvdist.vocab import DIRECTION_COLUMNS, SPECTRA_COLUMNS, matches
+from curvdist.math.sequence import Measurement, assemble_rows, exact_layer_names, spectral_steps
+from curvdist.vocab import DIRECTION_COLUMNS, SPECTRA_COLUMNS
 
 
 @dataclass
@@ -67,10 +67,8 @@ def analyze(model: nn.Module, data: Iterable, loss: str = "cross_entropy", *, to
         stat_dtype: accumulation dtype of G, C_A, C_δ (default float64 when the model is float64, else float32).
         factor_budget_bytes: dense factors larger than this are never allocated (layer status says so).
     """
-    check_loss(loss)
-    check_fisher(fisher)
-    if top_k < 1:
-        raise ValueError(f"top_k={top_k} must be ≥ 1")
+    m = Measurement(loss=loss, fisher=fisher, mc_samples=mc_samples, top_k=top_k, seed=seed, exact=exact, gn=gn,
+                    exact_layers=tuple(exact_layers) if exact_layers is not None else None)
     if dtype is not None:
         model = model.to(dtype)
     param = next(model.parameters())
@@ -92,30 +90,23 @@ def analyze(model: nn.Module, data: Iterable, loss: str = "cross_entropy", *, to
                                        factor_budget_bytes=factor_budget_bytes, mc_samples=mc_samples, seed=seed)
             timings["factors_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            spectra = {name: measure.spectral_step(st, top_k, seed=seed) for name, st in stats.items()}
+            spectra = spectral_steps(stats, m)
             timings["spectral_s"] = time.perf_counter() - t0
             directions = {name: sp.directions for name, sp in spectra.items() if sp.directions is not None}
             live = {name: selected[name] for name in directions}
-            exact_live = {n: m for n, m in live.items()
-                          if matches(n, exact_layers)}
             t0 = time.perf_counter()
             proj = collect_projections(model, batches, loss, fisher=fisher, layers=live, directions=directions,
                                        stat_dtype=stat_dtype, mc_samples=mc_samples, seed=seed) if live else {}
             timings["projections_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
+            exact_live = {n: selected[n] for n in exact_layer_names(spectra, m)}
             curv = exact_curvature(model, batches, loss, {n: directions[n] for n in exact_live},
-                                   layers=exact_live, hessian=True, gn=gn) if (exact and exact_live) else {}
+                                   layers=exact_live, hessian=True, gn=gn) if exact_live else {}
             timings["exact_s"] = time.perf_counter() - t0
     finally:
         model.train(was_training)
-    layer_rows, direction_rows, spectra_rows = [], [], []
-    for name, sp in spectra.items():
-        layer_type, block = families.classify(name, family, model)
-        row, drows, srows = measure.layer_rows(sp, layer_type=layer_type, block=block, fisher=fisher,
-                                               projections=proj.get(name), curvature=curv.get(name),
-                                               extra={"family": family})
-        layer_rows.append(row)
-        direction_rows += drows
-        spectra_rows += srows
+    layer_rows, direction_rows, spectra_rows = assemble_rows(
+        spectra, m, classify=lambda name: families.classify(name, family, model), projections=proj, curvature=curv,
+        extra=lambda name: {"family": family})
     return Result(_table(layer_rows), _table(direction_rows, list(DIRECTION_COLUMNS)),
                   _table(spectra_rows, list(SPECTRA_COLUMNS)), timings)

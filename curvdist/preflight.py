@@ -179,10 +179,10 @@ def shard_files(path: Path) -> list[Path]:
 
 def check_shard(f: Path) -> None:
     """A safetensors file's header parses and the file holds every byte the header's offsets promise."""
-    from curvdist.io.checkpoint import _read_header
+    from curvdist.io.checkpoint import read_header
 
     try:
-        _read_header(f)
+        read_header(f)
     except ValueError as e:
         raise PreflightError(str(e)) from None
 

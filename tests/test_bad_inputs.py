@@ -352,7 +352,7 @@ def test_local_ray_is_loopback_without_dashboard(monkeypatch):
     import ray
 
     from curvdist.config import RayConfig, load_config
-    from curvdist.runner import driver
+    from curvdist.runner import cluster
 
     assert RayConfig().dashboard is False and RayConfig().address is None
     seen = {}
@@ -367,8 +367,8 @@ def test_local_ray_is_loopback_without_dashboard(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", init)
     with pytest.raises(Stop):
-        driver._start_ray(load_config(None, ["device=cpu"]), 1, "cpu")
+        cluster.start_ray(load_config(None, ["device=cpu"]))
     assert seen["_node_ip_address"] == "127.0.0.1" and seen["include_dashboard"] is False
     with pytest.raises(Stop):
-        driver._start_ray(load_config(None, ["ray.dashboard=true"]), 1, "cpu")
+        cluster.start_ray(load_config(None, ["ray.dashboard=true"]))
     assert seen["include_dashboard"] is True

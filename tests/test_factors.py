@@ -19,6 +19,7 @@ from torch import nn
 from curvdist.math import factors, losses
 from curvdist.math import layers as L
 from curvdist.math.factors import StatisticsCollector, collect_projections, collect_statistics
+from curvdist.math.sequence import microbatch_generator
 
 curvlinops = pytest.importorskip("curvlinops")
 transformers = pytest.importorskip("transformers")
@@ -31,12 +32,27 @@ TOL = {"rtol": 1e-10, "atol": 1e-12}
 
 
 def kfac_factors(model_func, loss_func, mods, data, fisher, mc_samples=1, **kw):
-    """{name: (C_A, C_δ)} from curvlinops for the modules ``mods`` ({name: module inside model_func})."""
+    """{name: (C_A, C_δ)} from curvlinops for the modules ``mods`` ({name: module inside model_func}).
+
+    ``mc``: curvdist draws the labels of micro-batch b from its own generator (``sequence.microbatch_generator``,
+    so that pipelines and replicas draw the same labels in any order); curvlinops draws from one generator over the
+    whole batch.  So curvlinops runs once per micro-batch with that micro-batch's seed, and its per-micro-batch
+    factors are combined with the micro-batch sizes as weights (every sample has the same rows and loss terms)."""
     names = {id(m): n for n, m in model_func.named_modules()}
-    op = KFACLinearOperator(model_func, loss_func, [m.weight for m in mods.values()], data, fisher_type=fisher,
-              mc_samples=mc_samples, kfac_approx="expand", seed=SEED, check_deterministic=False, **kw)
-    op.compute_kronecker_factors()
-    return {n: (op._input_covariances[names[id(m)]], op._gradient_covariances[names[id(m)]]) for n, m in mods.items()}
+    params = [m.weight for m in mods.values()]
+
+    def one(batches, seed):
+        op = KFACLinearOperator(model_func, loss_func, params, batches, fisher_type=fisher, mc_samples=mc_samples,
+                                kfac_approx="expand", seed=seed, check_deterministic=False, **kw)
+        op.compute_kronecker_factors()
+        return {n: (op._input_covariances[names[id(m)]], op._gradient_covariances[names[id(m)]])
+                for n, m in mods.items()}
+
+    if fisher != "mc":
+        return one(data, SEED)
+    sizes = [len(y) for _, y in data]
+    parts = [one([batch], microbatch_generator(SEED, b).initial_seed()) for b, batch in enumerate(data)]
+    return {n: tuple(sum(w * p[n][i] for w, p in zip(sizes, parts)) / sum(sizes) for i in (0, 1)) for n in mods}
 
 
 CURV_FISHER = {"empirical": "empirical", "mc": "mc", "type2": "type-2"}
@@ -296,19 +312,19 @@ def test_budget_never_allocates_the_factor():
     data = mlp_data("cross_entropy")
     col = StatisticsCollector(mods, stat_dtype=DT, factor_budget_bytes=400)
     assert col.layers["2"].cov_A is None and col.layers["2"].cov_delta is not None
-    factors._run(col, net, data, "cross_entropy", "empirical", 1, 0, need_true=True)
+    factors._run(col, net, data, "cross_entropy", "empirical", 1, 0, "stats")
     assert col.layers["2"].cov_A is None
     st = col.finalize()["2"]
     full = collect_statistics(net, data, "cross_entropy", layers=mods, stat_dtype=DT)["2"]
     assert st.C_A is None and st.factor_bytes == 392
     assert st.status == ("factor_too_large: C_A is 8×8 float64 = 512 B > budget 400 B; "
-                         "raise factor_budget or use sketch mode")
+                         "raise factor_budget_gb")
     assert_close(st.G, full.G)
     assert_close(st.C_delta, full.C_delta)
     big = StatisticsCollector({"h": nn.Linear(8, 49152, device="meta")}, factor_budget_bytes=4 * 10 ** 9)
     assert big.layers["h"].cov_delta is None and big.layers["h"].cov_A is not None
     assert big.layers["h"].status == [("factor_too_large: C_delta is 49152×49152 float32 = 9.66 GB > budget 4.00 GB; "
-                                       "raise factor_budget or use sketch mode")]
+                                       "raise factor_budget_gb")]
 
 
 def test_pipeline_stage_usage():
@@ -339,6 +355,54 @@ def test_pipeline_stage_usage():
             assert_close(getattr(staged[name], f), getattr(full[name], f))
 
 
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_microbatches_in_flight_and_combined(fisher):
+    """Several micro-batches in flight on one stage (all forwards first, backwards in reverse order, as a pipeline
+    schedule may run them), and collectors over disjoint micro-batches combined by summing their states (what the
+    replicas' all-reduce does): both equal the plain in-process collection."""
+    from curvdist.math.sequence import error_seeds
+
+    net = mlp()
+    data = mlp_data("cross_entropy") * 2
+    mods = mlp_layers(net)
+    full = collect_statistics(net, data, "cross_entropy", fisher=fisher, layers=mods, stat_dtype=DT, seed=3)
+
+    def run(col, keys):
+        with col:
+            open_ = {}
+            for b in keys:
+                x, y = data[b]
+                col.begin_microbatch(key=b)
+                open_[b] = (net(x), y)
+            assert col.in_flight == len(keys)
+            for b in reversed(keys):
+                z, y = open_.pop(b)
+                _, n, _ = losses.loss_terms(z, y, "cross_entropy")
+                for kind, s in error_seeds(z, y, loss="cross_entropy", fisher=fisher, mc_samples=1, seed=3,
+                                           pass_kind="stats", microbatch=b):
+                    col.seed_kind(kind)
+                    torch.autograd.grad(z, col.outputs(b), s, retain_graph=True)
+                    col.seed_kind(None)
+                col.end_microbatch(n, key=b)
+        return col
+
+    keys = list(range(len(data)))
+    interleaved = run(StatisticsCollector(mods, stat_dtype=DT), keys).finalize()
+    a = run(StatisticsCollector(mods, stat_dtype=DT), keys[::2])
+    b = run(StatisticsCollector(mods, stat_dtype=DT), keys[1::2])
+    combined = StatisticsCollector(mods, stat_dtype=DT)
+    combined.set_state([x + y for x, y in zip(a.state(), b.state())])
+    combined = combined.finalize()
+    for name in full:
+        assert interleaved[name].n_terms == combined[name].n_terms == full[name].n_terms
+        assert interleaved[name].rows == combined[name].rows == full[name].rows
+        for f in ("G", "C_A", "C_delta"):
+            assert_close(getattr(interleaved[name], f), getattr(full[name], f))
+            assert_close(getattr(combined[name], f), getattr(full[name], f))
+    # one half alone is not the whole: the check above can fail
+    assert not torch.allclose(a.finalize()["0"].G, full["0"].G)
+
+
 # -- projections ---------------------------------------------------------------------------------------------------
 def _directions(mods, K=3):
     g = torch.Generator().manual_seed(7)
@@ -361,10 +425,10 @@ def test_projections_equal_rayleigh_quotients(fisher):
         assert_close(proj[name].rayleigh_A, torch.einsum("kn,np,kp->k", V, stats[name].C_A, V))
     # h^SoP at the head, whose input rows are the features and whose error rows are the seeds themselves
     U, V = dirs["4"]
-    gen = torch.Generator().manual_seed(SEED)
     sop, N = 0.0, 0
-    for x, y in data:
+    for b, (x, y) in enumerate(data):
         a, z = net[:4](x), net(x)
+        gen = microbatch_generator(SEED, b)
         for s in losses.error_seeds(z, y, "cross_entropy", fisher, generator=gen, mc_samples=3):
             sop = sop + ((s @ U.T) ** 2 * (a @ V.T) ** 2).sum(0)
         N += x.shape[0]

@@ -143,14 +143,20 @@ def reached(proc, pid_file: Path, timeout=240.0) -> Path:
 def test_driver_killed_then_rerun_resumes(env, baseline, tmp_path):
     out, faults = tmp_path / "out", tmp_path / "faults"
     faults.mkdir()
-    proc = _cli(ARGS + [f"out={out}"], {"CURVDIST_FAULT": f"driver:written:{faults}"})
-    reached(proc, faults / "written-stagedriver.pid")
+    # killed mid-way through the exact pass, right after the first stage's exact rows are committed (the last
+    # stage measures its own layers first, while the sweeps of stage 0 go on)
+    proc = _cli(ARGS + [f"out={out}"], {"CURVDIST_FAULT": f"driver:written-exact:{faults}"})
+    reached(proc, faults / "written-exact-stagedriver.pid")
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     assert proc.returncode == -signal.SIGKILL
-    # what the killed driver left is readable and whole: one stage's part, no run row yet
-    written = [p for p in (out / "layers").rglob("*.parquet")]
-    assert len(written) == 1
+    # what the killed driver left is readable and whole: both stages' Kronecker commits, one exact commit, no run
+    # row yet; a reader sees every layer (its Kronecker rows, or its exact rows where they are committed)
+    written = sorted(p.name for p in (out / "layers").rglob("*.parquet"))
+    assert len(written) == 3 and sum("-exact-" in n for n in written) == 1, written
+    con = store.open(out)
+    assert con.sql("select count(*) from layers").fetchall() == [(len(baseline[0]),)]
+    con.close()
     pads.dataset(out / "layers", partitioning="hive").to_table()
     run_id = C.resolve_run_id(load(f"out={out}"))
     assert store.read_run(out, run_id) is None

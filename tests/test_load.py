@@ -41,5 +41,5 @@ def test_64_blocks_over_4_stages(tmp_path, monkeypatch):
     assert {r[2] for r in rows if r[2] is not None} == set(range(blocks))
     assert measured == 7 * 4                                         # the last block got exact h (K = 4)
     timings = json.loads(store.read_run(tmp_path / "out", run_id)["timings_json"])
-    peaks = timings["peak_rss_gb_per_stage"]
+    peaks = timings["peak_rss_gb_per_worker"]
     assert len(peaks) == 4 and all(0 < p for p in peaks)

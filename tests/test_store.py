@@ -86,19 +86,23 @@ def test_views_sql_and_hidden_files_ignored(tmp_path):
     # a leftover temporary file of a crashed writer, even one that looks like a parquet file
     part = tmp_path / "layers" / "run_id=r1"
     pq.write_table(store.to_table("layers", [{"run_id": "r1", "layer": "ghost"}]), part / ".tmp-stage9.parquet")
-    store.write_part(tmp_path, "directions", "r1", "stage0",
-                     {"layer": ["a"] * 3, "k": [1, 2, 3], "sigma": [3.0, 2.0, 1.0], "h": [9.0, 4.0, 1.0]})
+    store.write_result(tmp_path, "r1", "stage2", {
+        "layers": [{"layer": "a", "layer_type": "other", "status": "ok"}],
+        "directions": {"layer": ["a"] * 3, "k": [1, 2, 3], "sigma": [3.0, 2.0, 1.0], "h": [9.0, 4.0, 1.0]}})
+    # directions without their commit record (a crash between the two writes) stay invisible
+    store.write_part(tmp_path, "directions", "r1", "stage3",
+                     {"layer": ["b"] * 2, "k": [1, 2], "sigma": [3.0, 2.0], "h": [5.0, 5.0]})
     store.write_run(tmp_path, "r1", {"created_at": datetime.datetime.now(datetime.timezone.utc),
                                      "config_json": {"top_k": 20}, "status": "done"})
     con = store.open(tmp_path)
-    assert _one(con, "SELECT count(*) FROM layers WHERE run_id = 'r1'") == 5
+    assert _one(con, "SELECT count(*) FROM layers WHERE run_id = 'r1'") == 6
     assert _one(con, "SELECT count(*) FROM layers WHERE layer = 'ghost'") == 0
     assert _one(con, "SELECT count(*) FROM layers WHERE run_id = '2024-01-01'") == 3
     assert _one(con, "SELECT sum(h) FROM directions") == 14.0
     cfg = _one(con, "SELECT config_json FROM runs WHERE run_id = 'r1'")
     assert json.loads(cfg) == {"top_k": 20}
     types = dict(con.sql("SELECT layer_type, avg(alpha) FROM layers WHERE run_id='r1' GROUP BY 1").fetchall())
-    assert types == {"attn_q": pytest.approx((1 + 3 + 1) / 3), "mlp_up": pytest.approx((2 + 2) / 2)}
+    assert types == {"attn_q": pytest.approx((1 + 3 + 1) / 3), "mlp_up": pytest.approx((2 + 2) / 2), "other": None}
     assert store.read_run(tmp_path, "r1")["status"] == "done"
 
 

@@ -61,18 +61,50 @@ def test_truncated_parquet_file(out):
     assert r.stdout.startswith("3 problem(s):")  # and its two layers now lack their directions
 
 
-def test_duplicate_layer(out):
-    _write(out, "a", "stage-000-again", ["h.0.0"])
+def test_recommitted_layer_replaces_the_older_commit(out):
+    """A layer committed again (its exact rows after its Kronecker rows, or a rerun) is read through its latest
+    commit only: one row in `layers`, that commit's directions, and verify is clean."""
+    _write(out, "a", "stage-000-again", ["h.0.0"], k=K)
+    f = out / "directions" / "run_id=a" / "stage-000-again.parquet"
+    assert f.exists()
     rep = verify(out)
-    assert any("run a has 2 rows for layer h.0.0" in p and "delete the extra part" in p for p in rep.problems)
+    assert rep.ok, rep.problems
+    con = store.open(out)
+    rows = con.sql("select part from layers where run_id = 'a' and layer = 'h.0.0'").fetchall()
+    assert rows == [("stage-000-again",)]
+    assert con.sql("select count(*), min(part) from directions where run_id = 'a' and layer = 'h.0.0'").fetchall() \
+        == [(K, "stage-000-again")]
+    assert con.sql("select count(*) from all_layers where run_id = 'a' and layer = 'h.0.0'").fetchall() == [(2,)]
+
+
+def test_duplicate_layer_in_one_commit(out):
+    _write(out, "a", "stage-009", ["h.9.0", "h.9.0"])
+    rep = verify(out)
+    assert any("run a has 2 rows for layer h.9.0 in one commit" in p and "delete the extra part" in p
+               for p in rep.problems), rep.problems
     assert cli(out).exit_code == 1
+
+
+def test_pending_exact_pass_is_a_warning(out):
+    store.write_result(out, "a", "stage-005", {"layers": [{"layer": "h.5.0", "status": "ok", "m": 8, "n": 6,
+                                                           "phase": "kronecker", "exact_pending": True}],
+                                               "directions": {"layer": ["h.5.0"] * K, "k": list(range(1, K + 1))}})
+    rep = verify(out)
+    assert rep.ok and any("1 layers of run a have their Kronecker rows but not yet their exact" in w
+                          for w in rep.warnings), rep.warnings
+    assert "h.5.0" not in store.done_layers(out, "a")
+    store.write_result(out, "a", "stage-006", {"layers": [{"layer": "h.5.0", "status": "ok", "m": 8, "n": 6,
+                                                           "phase": "exact"}],
+                                               "directions": {"layer": ["h.5.0"] * K, "k": list(range(1, K + 1))}})
+    assert "h.5.0" in store.done_layers(out, "a") and not verify(out).warnings
 
 
 def test_missing_directions_of_an_ok_layer(out):
     _write(out, "a", "stage-002", ["h.2.0"], k=K - 1, runs_row=False)  # 3 directions where top_k = 4 asks for 4
     rep = verify(out)
-    assert rep.problems == [("directions: layer h.2.0 of run a (status ok) has 3 direction rows (k = 1, 2, 3), "
-                             "expected k = 1..4; delete its layers part and rerun the same command")]
+    assert rep.problems == [("directions: layer h.2.0 of run a (status ok) has 3 direction rows (k = 1, 2, 3) in "
+                             "its commit stage-002, expected k = 1..4; delete its layers part and rerun the same "
+                             "command")]
 
 
 def test_orphan_rows_and_interrupted_run_are_warnings(out):

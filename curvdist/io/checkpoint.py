@@ -149,7 +149,7 @@ class CheckpointIndex:
         return self._hf_config
 
 
-def _read_header(file: Path) -> dict:
+def read_header(file: Path) -> dict:
     """The JSON header of a safetensors file (8-byte little-endian length, then that many bytes of JSON), checked
     against the file's size: a truncated download is caught here, from the offsets, without reading a weight."""
     refetch = "download, copy or convert the checkpoint again"
@@ -233,7 +233,7 @@ def open_index(path: str | os.PathLike) -> CheckpointIndex:
         raise FileNotFoundError(f"{path}: no *.safetensors; convert with `curvdist convert SRC DST`")
     tensors: dict[str, TensorInfo] = {}
     for f in files:
-        for name, h in _read_header(path / f).items():
+        for name, h in read_header(path / f).items():
             if shard_of and shard_of.get(name) != f:
                 continue  # not listed for this shard in the index: the index is authoritative
             if name in tensors:

@@ -13,8 +13,14 @@ A file is whole or absent: every write goes to a hidden temporary name (``.tmp-â
 destination directory, is fsync'ed, then ``os.replace``'d.  Readers (the views, ``done_layers``) skip names that
 start with ``.``.  Every table carries a ``schema_version`` column and ``curvdist.schema_version`` file metadata.
 
-Resume contract: a part's ``layers`` file is its commit record.  ``write_result`` writes ``directions`` and
-``spectra`` first and ``layers`` last, so ``done_layers`` only lists layers whose whole result is on disk.
+Commits (schema 2): a run commits each layer twice when it gets exact curvature, once otherwise.  After the
+statistics and projections passes, a stage's Kronecker rows (``phase = kronecker``; ``exact_pending`` true for the
+layers the exact pass will measure); after that stage's exact sweeps, those layers again, complete
+(``phase = exact``).  One commit is one ``part`` name in every table; ``write_result`` writes ``directions`` and
+``spectra`` first and ``layers`` last, so the ``layers`` row is the commit record.  Every reader takes, per layer,
+the latest commit of its highest phase (:func:`current_rows`; the views ``layers``, ``directions``, ``spectra``;
+``all_*`` views keep every commit), so a reader during a run sees whole layers only, and ``done_layers`` (resume)
+lists the layers whose final commit is on disk.
 
 Example::
 
@@ -29,6 +35,7 @@ import json
 import math
 import os
 import re
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -41,7 +48,7 @@ import pyarrow.parquet as pq
 
 from curvdist.vocab import DIRECTION_COLUMNS, LAYER_TYPES
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: rows committed per phase (kronecker, then exact), `part` names each commit
 TABLES = ("runs", "layers", "directions", "spectra")
 MARKER = "_curvdist.json"
 _SAFE = re.compile(r"^[A-Za-z0-9_.+-]+$")
@@ -70,13 +77,14 @@ _SCHEMAS: dict[str, pa.Schema] = {
         + [("n_valid", _i32), ("n_valid_kron", _i32), ("pr_h", _f64), ("pr_grad", _f64),
            ("triangle_error", _f64), ("triangle_rel_error", _f64), ("rank_model", _str),
            ("bic_power_law", _f64), ("bic_exponential", _f64), ("bic_lognormal", _f64), ("status", _str),
-           ("t_factors_s", _f64), ("t_spectral_s", _f64), ("t_exact_s", _f64)])),
+           ("t_factors_s", _f64), ("t_spectral_s", _f64), ("t_exact_s", _f64),
+           ("phase", _str), ("exact_pending", pa.bool_()), ("part", _str)])),
     "directions": pa.schema(_fields(
         [("run_id", _str), ("layer", _str), ("k", _i32)],
-        [(c, _f64) for c in DIRECTION_COLUMNS[2:]])),
+        [(c, _f64) for c in DIRECTION_COLUMNS[2:]] + [("part", _str)])),
     "spectra": pa.schema(_fields(
         [("run_id", _str), ("layer", _str), ("factor", _str), ("k", _i32)],
-        [("eigenvalue", _f64)])),
+        [("eigenvalue", _f64), ("part", _str)])),
 }
 
 
@@ -223,11 +231,49 @@ def write_part(out: str | os.PathLike, table_name: str, run_id: str, part_name: 
     return atomic_write(d / f"{part_name}.parquet", lambda p: pq.write_table(table, p))
 
 
+PHASES = ("kronecker", "exact")
+
+
+def part_name(phase: str, stage: int, group: int) -> str:
+    """The name of one commit: nanoseconds first, so that names sort by commit time (the readers take a layer's
+    latest commit of its highest phase), then what it holds."""
+    if phase not in PHASES:
+        raise ValueError(f"phase {phase!r} is not one of {PHASES}")
+    return f"{time.time_ns():020d}-{phase}-stage{stage:03d}-group{group:03d}"
+
+
 def write_result(out: str | os.PathLike, run_id: str, part_name: str,
                  tables: Mapping[str, pa.Table | list[dict] | Mapping[str, Any]]) -> list[Path]:
-    """Write the parts of one unit of work; ``layers`` goes last, as the commit record for resume."""
+    """Commit one unit of work: its ``directions`` and ``spectra`` parts first, its ``layers`` part last (the
+    commit record), every row stamped with ``part = part_name``.  Readers (:func:`open`, :func:`done_layers`)
+    count a layer's rows only through a ``layers`` row, so they never see half a commit."""
     order = sorted(tables, key=lambda t: (t == "layers", TABLES.index(t) if t in TABLES else -1))
-    return [write_part(out, t, run_id, part_name, tables[t]) for t in order]
+    written = []
+    for name in order:
+        tab = to_table(name, tables[name], run_id=run_id)
+        if tab.num_rows == 0 and name != "layers":
+            continue
+        i = tab.schema.get_field_index("part")
+        tab = tab.set_column(i, tab.schema.field(i), pa.array([part_name] * tab.num_rows, pa.string()))
+        written.append(write_part(out, name, run_id, part_name, tab))
+    return written
+
+
+def current_rows(layer_rows: list[dict]) -> dict[tuple[str, str], dict]:
+    """The rule every reader follows, on ``layers`` rows: per (run_id, layer), the row of the highest phase
+    (exact over kronecker), latest commit first.  Rows of schema 1 (no phase, no part) count as final."""
+    best: dict[tuple[str, str], dict] = {}
+    for r in layer_rows:
+        key = (r["run_id"], r["layer"])
+        rank = (r.get("phase") == "exact", r.get("part") or "")
+        if key not in best or rank > (best[key].get("phase") == "exact", best[key].get("part") or ""):
+            best[key] = r
+    return best
+
+
+def is_final(row: dict) -> bool:
+    """A layer row that nothing will replace: an exact commit, or a Kronecker commit with no exact pass pending."""
+    return row.get("phase") == "exact" or not row.get("exact_pending")
 
 
 def write_run(out: str | os.PathLike, run_id: str, row: Mapping[str, Any]) -> Path:
@@ -250,12 +296,21 @@ def run_exists(out: str | os.PathLike, run_id: str) -> bool:
     return bool(_visible_parquet(partition_dir(out, "runs", run_id)))
 
 
-def done_layers(out: str | os.PathLike, run_id: str) -> set[str]:
-    """Names of the layers whose rows are already written for ``run_id`` (for resume)."""
-    done: set[str] = set()
+def layer_commits(out: str | os.PathLike, run_id: str) -> list[dict]:
+    """Every committed ``layers`` row of ``run_id`` (run_id, layer, phase, exact_pending, part only)."""
+    rows = []
     for f in _visible_parquet(partition_dir(out, "layers", run_id)):
-        done.update(pq.read_table(f, columns=["layer"]).column("layer").to_pylist())
-    return done
+        names = pq.read_schema(f).names
+        cols = [c for c in ("run_id", "layer", "phase", "exact_pending", "part") if c in names]
+        rows += [dict(r, run_id=run_id) for r in pq.read_table(f, columns=cols).to_pylist()]
+    return rows
+
+
+def done_layers(out: str | os.PathLike, run_id: str) -> set[str]:
+    """Names of the layers of ``run_id`` whose final rows are written (for resume): a layer whose Kronecker rows
+    are committed but whose exact pass is pending is not done (a rerun measures it again; the newer commit
+    replaces the older in every reader)."""
+    return {layer for (_, layer), r in current_rows(layer_commits(out, run_id)).items() if is_final(r)}
 
 
 def file_schema_version(path: str | os.PathLike) -> int | str | None:
@@ -288,7 +343,7 @@ def dataset_schema_version(out: str | os.PathLike) -> tuple[int | str | None, Pa
 
 
 # ---------------------------------------------------------------------------------------------------- reading
-_DUCK = {pa.string(): "VARCHAR", pa.int32(): "INTEGER", pa.int64(): "BIGINT", pa.float64(): "DOUBLE",
+_DUCK = {pa.bool_(): "BOOLEAN", pa.string(): "VARCHAR", pa.int32(): "INTEGER", pa.int64(): "BIGINT", pa.float64(): "DOUBLE",
          pa.timestamp("us", tz="UTC"): "TIMESTAMPTZ"}
 
 
@@ -311,14 +366,39 @@ def open(out: str | os.PathLike) -> duckdb.DuckDBPyConnection:
                          f"{', '.join(t + '/' for t in TABLES)}); point at the `out` directory of a run")
     con = duckdb.connect()
     for t in TABLES:
+        name = t if t == "runs" else f"all_{t}"
         if any(_visible_parquet(d) for d in (root / t).glob("run_id=*")):
             glob = str((root / t).resolve() / "*" / "[!.]*.parquet").replace("'", "''")
-            con.execute(f"CREATE VIEW {t} AS SELECT * FROM read_parquet('{glob}', hive_partitioning=true, "
+            con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{glob}', hive_partitioning=true, "
                         f"union_by_name=true, hive_types={{'run_id': 'VARCHAR'}})")
         else:
             cols = ", ".join(f'CAST(NULL AS {_DUCK[f.type]}) AS "{f.name}"' for f in _SCHEMAS[t])
-            con.execute(f"CREATE VIEW {t} AS SELECT {cols} WHERE false")
+            con.execute(f"CREATE VIEW {name} AS SELECT {cols} WHERE false")
+    _current_views(con)
     return con
+
+
+def _current_views(con: duckdb.DuckDBPyConnection) -> None:
+    """``layers``, ``directions``, ``spectra``: each layer's current commit only (:func:`current_rows`); the
+    ``all_*`` views keep every commit.  Datasets of schema 1 (no ``part``) have one commit per layer."""
+    def has_part(view):
+        return "part" in [d[0] for d in con.sql(f"DESCRIBE {view}").fetchall()]
+
+    if not has_part("all_layers"):
+        for t in ("layers", "directions", "spectra"):
+            con.execute(f"CREATE VIEW {t} AS SELECT * FROM all_{t}")
+        return
+    con.execute("CREATE VIEW layers AS SELECT * EXCLUDE (_rank) FROM (SELECT *, row_number() OVER ("
+                "PARTITION BY run_id, layer ORDER BY coalesce(phase = 'exact', false) DESC, part DESC) AS _rank "
+                "FROM all_layers) WHERE _rank = 1")
+    for t, source in (("directions", "layers"),
+                      ("spectra", "(SELECT run_id, layer, max(part) AS part FROM all_layers "
+                                  "WHERE coalesce(phase, 'kronecker') = 'kronecker' GROUP BY run_id, layer)")):
+        if has_part(f"all_{t}"):
+            con.execute(f"CREATE VIEW {t} AS SELECT x.* FROM all_{t} x SEMI JOIN {source} c "
+                        "ON x.run_id = c.run_id AND x.layer = c.layer AND x.part IS NOT DISTINCT FROM c.part")
+        else:
+            con.execute(f"CREATE VIEW {t} AS SELECT * FROM all_{t}")
 
 
 def arrow(rel: duckdb.DuckDBPyRelation) -> pa.Table:

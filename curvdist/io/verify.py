@@ -6,9 +6,10 @@
     report.summary()  # "4 runs, 112 layers, 2240 directions in 37 files"
 
 Problems make the dataset wrong to read; warnings are what an interrupted run leaves behind (rerunning the same
-command completes it).  The ``layers`` part of a unit of work is written last as its commit record
+command completes it).  The ``layers`` part of a commit is written last as its commit record
 (:func:`curvdist.io.store.write_result`), so ``directions``/``spectra`` rows without a ``layers`` row are orphans of a
-crash, not corruption.
+crash, not corruption; a layer committed twice (Kronecker rows, then the same layer with exact curvature) is
+read through its current commit (:func:`curvdist.io.store.current_rows`), which must be whole.
 """
 from __future__ import annotations
 
@@ -93,8 +94,8 @@ def _read_table(root: Path, table: str, r: Report) -> pa.Table:
             if set(t.column("run_id").to_pylist()) - {run_id}:
                 r.problems.append(f"{f}: rows of another run_id than its directory run_id={run_id}")
                 continue
-            keep = [c for c in ("run_id", "layer", "k", "factor", "status", "m", "n", "config_json")
-                    if c in t.column_names]
+            keep = [c for c in ("run_id", "layer", "k", "factor", "status", "m", "n", "config_json", "phase",
+                                "exact_pending", "part") if c in t.column_names]
             t = t.select(keep)
             parts.append(t.append_column("_file", pa.array([str(f)] * t.num_rows, pa.string())))
     if not parts:
@@ -103,14 +104,19 @@ def _read_table(root: Path, table: str, r: Report) -> pa.Table:
 
 
 def _consistency(tables: dict[str, pa.Table], r: Report) -> None:
+    """Per layer, its current commit (:func:`curvdist.io.store.current_rows`: highest phase, latest part) must hold
+    one row and its directions k = 1..K; a Kronecker commit still waiting for its exact pass is a warning (an
+    interrupted run: rerunning completes it)."""
     layers = tables["layers"].to_pylist()
-    files: dict[tuple, list[str]] = defaultdict(list)
+    commits: dict[tuple, list[dict]] = defaultdict(list)
     for row in layers:
-        files[row["run_id"], row["layer"]].append(row["_file"])
-    for (run_id, layer), fs in files.items():
-        if len(fs) > 1:
-            r.problems.append(f"layers: run {run_id} has {len(fs)} rows for layer {layer} (in "
-                              f"{', '.join(sorted(set(fs)))}); delete the extra part file(s)")
+        commits[row["run_id"], row["layer"], row.get("part")].append(row)
+    for (run_id, layer, part), rows in commits.items():
+        if len(rows) > 1:
+            r.problems.append(f"layers: run {run_id} has {len(rows)} rows for layer {layer} in one commit (in "
+                              f"{', '.join(sorted({x['_file'] for x in rows}))}); delete the extra part file(s)")
+    current = store.current_rows(layers)
+    files = {key: [row["_file"]] for key, row in current.items()}
     top_k = {}
     for row in tables["runs"].to_pylist():
         try:
@@ -118,20 +124,26 @@ def _consistency(tables: dict[str, pa.Table], r: Report) -> None:
         except (TypeError, ValueError):
             pass
     ks: dict[tuple, list[int]] = defaultdict(list)
-    for row in tables["directions"].select(["run_id", "layer", "k"]).to_pylist() \
+    for row in tables["directions"].select([c for c in ("run_id", "layer", "k", "part")
+                                            if c in tables["directions"].column_names]).to_pylist() \
             if tables["directions"].num_rows else []:
-        ks[row["run_id"], row["layer"]].append(row["k"])
-    for row in layers:
-        key = (row["run_id"], row["layer"])
-        got = sorted(ks.get(key, []))
-        if row.get("status") != "ok" or len(files[key]) > 1:
+        ks[row["run_id"], row["layer"], row.get("part")].append(row["k"])
+    pending = Counter()
+    for key, row in current.items():
+        if not store.is_final(row):
+            pending[row["run_id"]] += 1
+        got = sorted(ks.get((*key, row.get("part")), []))
+        if row.get("status") != "ok":
             continue
         want = top_k.get(row["run_id"])
         want = min(want, row.get("m") or want, row.get("n") or want) if want else (len(got) or 1)
         if got != list(range(1, want + 1)):
             r.problems.append(f"directions: layer {row['layer']} of run {row['run_id']} (status ok) has "
-                              f"{len(got)} direction rows (k = {_ks(got)}), expected k = 1..{want}; delete its "
-                              f"layers part and rerun the same command")
+                              f"{len(got)} direction rows (k = {_ks(got)}) in its commit {row.get('part')}, "
+                              f"expected k = 1..{want}; delete its layers part and rerun the same command")
+    for run_id, n in sorted(pending.items()):
+        r.warnings.append(f"layers: {n} layers of run {run_id} have their Kronecker rows but not yet their exact "
+                          f"curvature (an interrupted run); rerun the same command to complete")
     for t in ("directions", "spectra"):
         orphans = Counter(row["run_id"] for row in tables[t].select(["run_id", "layer"]).to_pylist()
                           if (row["run_id"], row["layer"]) not in files) if tables[t].num_rows else {}

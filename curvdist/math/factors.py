@@ -55,6 +55,7 @@ from torch import nn
 from curvdist.math import forward, losses
 from curvdist.math import layers as L
 from curvdist.math.moments import DenseSecondMoment, ProjectedSecondMoment
+from curvdist.math.sequence import error_seeds
 from curvdist.vocab import Status
 
 SEED_KINDS = (None, "true", "fisher", "both")
@@ -365,39 +366,30 @@ class StatisticsCollector:
 
 
 def _run(collector: StatisticsCollector, model: nn.Module, data: Iterable, loss: str, fisher: str,
-         mc_samples: int, seed: int, need_true: bool) -> None:
-    """Forward every micro-batch, back-propagate the true seed and the fisher seeds to the hooked layer outputs
+         mc_samples: int, seed: int, pass_kind: str) -> None:
+    """Forward every micro-batch, back-propagate its error seeds (:func:`curvdist.math.sequence.error_seeds`: the
+    seed schedule both routes share; micro-batch keys 0, 1, … in data order) to the hooked layer outputs
     (``torch.autograd.grad``: parameter ``.grad`` is never touched)."""
     losses.check_loss(loss)
     losses.check_fisher(fisher)
     if mc_samples < 1:
         raise ValueError(f"mc_samples={mc_samples} must be ≥ 1")
-    generator = torch.Generator().manual_seed(seed)  # CPU generator: the same labels on every device
-
-    def backprop(logits, s, outs, kind):
-        collector.seed_kind(kind)
-        torch.autograd.grad(logits, outs, s.to(logits.dtype), retain_graph=True, allow_unused=True)
-        collector.seed_kind(None)
-
     n_batches = 0
     with collector, torch.enable_grad():
-        for inputs, targets in data:
-            collector.begin_microbatch(forward.row_mask(inputs))
+        for b, (inputs, targets) in enumerate(data):
+            collector.begin_microbatch(forward.row_mask(inputs), key=b)
             logits = forward.model_logits(model, inputs)
             _, n, _ = losses.loss_terms(logits, targets, loss)
-            outs = collector.outputs()
+            outs = collector.outputs(b)
             if not outs:
                 raise RuntimeError("no selected layer output requires grad: enable grad on the layers' parameters")
-            if fisher == "empirical":
-                backprop(logits, next(losses.error_seeds(logits, targets, loss, "empirical")), outs, "both")
-            else:
-                if need_true:
-                    backprop(logits, next(losses.error_seeds(logits, targets, loss, "empirical")), outs, "true")
-                for s in losses.error_seeds(logits, targets, loss, fisher, generator=generator,
-                                            mc_samples=mc_samples):
-                    backprop(logits, s, outs, "fisher")
+            for kind, s in error_seeds(logits, targets, loss=loss, fisher=fisher, mc_samples=mc_samples, seed=seed,
+                                       pass_kind=pass_kind, microbatch=b):
+                collector.seed_kind(kind)
+                torch.autograd.grad(logits, outs, s.to(logits.dtype), retain_graph=True, allow_unused=True)
+                collector.seed_kind(None)
             del logits, outs
-            collector.end_microbatch(n)
+            collector.end_microbatch(n, key=b)
             n_batches += 1
     if n_batches == 0:
         raise ValueError("data is empty: pass at least one (inputs, targets) micro-batch")
@@ -410,7 +402,7 @@ def collect_statistics(model: nn.Module, data: Iterable, loss: str, *, fisher: s
     """G (true-label seed, for every ``fisher``), C_A and C_δ (``fisher`` seeds) of every layer over ``data``,
     an iterable of ``(inputs, targets)`` micro-batches; normalised as in the module docstring."""
     col = StatisticsCollector(layers, stat_dtype=stat_dtype, factor_budget_bytes=factor_budget_bytes)
-    _run(col, model, data, loss, fisher, mc_samples, seed, need_true=True)
+    _run(col, model, data, loss, fisher, mc_samples, seed, "stats")
     return col.finalize()
 
 
@@ -425,5 +417,5 @@ def collect_projections(model: nn.Module, data: Iterable, loss: str, *, fisher: 
     if set(directions) - set(sel):
         raise ValueError(f"directions given for unknown layers: {sorted(set(directions) - set(sel))}")
     col = StatisticsCollector(sel, stat_dtype=stat_dtype, dense=False, directions=directions)
-    _run(col, model, data, loss, fisher, mc_samples, seed, need_true=False)
+    _run(col, model, data, loss, fisher, mc_samples, seed, "projections")
     return col.projections()

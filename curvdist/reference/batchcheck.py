@@ -3,7 +3,7 @@
 in both, Kronecker quantities for all 30 blocks in both.  Every number is a query on the snapshot."""
 from __future__ import annotations
 
-from .queries import LLAMA_TYPES, THRESHOLD, _terms, f, has_run, q, table
+from .queries import LLAMA_TYPES, THRESHOLD, f, has_run, loss_terms_of, q, table
 
 REF, BIG = "smollm2", "smollm2-b1024"
 BLOCK = 29
@@ -31,7 +31,7 @@ def claim(con) -> dict | None:
     29's MLP layers (exact α) and for all MLP layers' α_Kron; ``changes`` when either verdict differs."""
     if not (has_run(con, REF) and has_run(con, BIG)):
         return None
-    c = {"terms": (_terms(con, REF), _terms(con, BIG))}
+    c = {"terms": (loss_terms_of(con, REF), loss_terms_of(con, BIG))}
     for key, col, block in (("exact", "alpha", BLOCK), ("kron", "alpha_kron", None)):
         vals = [_values(con, r, col, block) for r in (REF, BIG)]
         c[key] = [{"verdict": _verdict(v), "below": sum(x < THRESHOLD for x in v), "n": len(v)} for v in vals]
@@ -57,7 +57,7 @@ def section(con) -> list[str]:
     """The table and sentence for the SmolLM2 section (nothing when ``smollm2-b1024`` is not in the snapshot)."""
     if not (has_run(con, REF) and has_run(con, BIG)):
         return []
-    na, nb = _terms(con, REF), _terms(con, BIG)
+    na, nb = loss_terms_of(con, REF), loss_terms_of(con, BIG)
     seq = {r["run_id"]: r["n"] for r in q(con, "SELECT run_id, count(DISTINCT block) AS n FROM layers "
                                                "WHERE run_id IN ($a, $b) AND alpha_kron IS NOT NULL GROUP BY 1",
                                           {"a": REF, "b": BIG})}

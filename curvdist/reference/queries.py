@@ -35,10 +35,10 @@ THRESHOLD = 1.2       # the paper's prediction for LLaMA-class MLP layers: α < 
 MAIN_DIRS = ("lm", "cnn", "mlp", "smollm2", "minilm")
 
 
-_ORDER = "[" + ", ".join(f"'{t}'" for t in LAYER_TYPES) + "]"
+TYPE_ORDER = "[" + ", ".join(f"'{t}'" for t in LAYER_TYPES) + "]"
 
 
-_LAYER_COLS = ("run_id, layer, layer_type, block, family, m, n, rows, n_terms, fisher, alpha, r2_alpha, alpha_kron, "
+LAYER_COLS = ("run_id, layer, layer_type, block, family, m, n, rows, n_terms, fisher, alpha, r2_alpha, alpha_kron, "
                "r2_alpha_kron, beta, phi, chi_slope, gamma, s, triangle_rel_error, n_valid, n_valid_kron, status, "
                "t_exact_s")
 
@@ -120,7 +120,7 @@ def _cfg(con, run: str) -> dict:
     return json.loads(one(con, "SELECT config_json FROM runs WHERE run_id = $r", {"r": run}) or "{}")
 
 
-def _terms(con, run: str):
+def loss_terms_of(con, run: str):
     return one(con, "SELECT max(n_terms) FROM layers WHERE run_id = $r", {"r": run})
 
 

@@ -20,7 +20,7 @@ from curvdist.io import store
 
 from . import batchcheck
 from .queries import (
-    _LAYER_COLS,
+    LAYER_COLS,
     LLAMA_TYPES,
     LM_TYPES,
     MAIN_DIRS,
@@ -51,11 +51,11 @@ from .sections import (
     _phases,
     _protocol,
     _real,
-    _terms,
     _training,
     _unfitted,
     _width_note,
     _yes,
+    loss_terms_of,
 )
 
 __all__ = ["LM_TYPES", "NEAR_2", "THRESHOLD", "claims", "connect", "export_snapshot", "figures", "has_run",
@@ -72,7 +72,7 @@ def export_snapshot(out: str | Path, snap: str | Path) -> Path:
     con.execute("SET threads = 1")
     dirs = ", ".join(f"'{r}'" for r in MAIN_DIRS)
     queries = {
-        "layers": f"SELECT {_LAYER_COLS} FROM layers ORDER BY run_id, layer",
+        "layers": f"SELECT {LAYER_COLS} FROM layers ORDER BY run_id, layer",
         "directions": f"SELECT d.run_id, d.layer, d.k, d.sigma, d.h, d.h_kron FROM directions d JOIN layers l "
                       f"USING (run_id, layer) WHERE d.run_id IN ({dirs}) AND l.alpha IS NOT NULL "
                       f"ORDER BY d.run_id, d.layer, d.k",
@@ -134,10 +134,10 @@ def render(snap: str | Path) -> str:
         (f"K = {lm_cfg.get('top_k', '—')} gradient singular directions per layer, empirical fisher (the paper's "
         "definition), exact h by "
         "Hessian-vector products for every layer of the models trained here. The CNN and the MLP use "
-        f"{f(_terms(con, 'cnn'))} and {f(_terms(con, 'mlp'))} evaluation samples (the paper's protocol: "
+        f"{f(loss_terms_of(con, 'cnn'))} and {f(loss_terms_of(con, 'mlp'))} evaluation samples (the paper's protocol: "
         "2048). For the LM, the exact measurement uses "
         f"{lm_cfg.get('data', {}).get('sequences', '—')} held-out sequences "
-        f"of {lm_cfg.get('data', {}).get('seq_len', '—')} tokens ({f(_terms(con, 'lm'))} next-token loss "
+        f"of {lm_cfg.get('data', {}).get('seq_len', '—')} tokens ({f(loss_terms_of(con, 'lm'))} next-token loss "
         "terms), not 2048 sequences: the cost of exact curvature grows with the tokens (see the width note above); "
         "the Kronecker part was also run on all the held-out sequences (`lm-kron-b2048`) and the batch-size "
         "check below shows what a smaller batch changes. Runs in the dataset:"),
@@ -225,7 +225,7 @@ def render(snap: str | Path) -> str:
         "`curvdist.reference.models.ContrastiveEncoder` returns the B × B logits. Its layers are classified by "
         "`curvdist.math.families` (query/key/value → attn_q/k/v, attention.output.dense → attn_out, intermediate.dense "
         "→ mlp_up, output.dense → mlp_down). Evaluation batch: "
-         f"{f(_terms(con, 'minilm'))} pairs (loss terms); exact h "
+         f"{f(loss_terms_of(con, 'minilm'))} pairs (loss terms); exact h "
          f"for {_exact(con, 'minilm')}."),
         "",
         _real(con, "minilm", ("attn_q", "attn_k", "attn_v", "attn_out", "mlp_up", "mlp_down")),

@@ -4,17 +4,17 @@ from __future__ import annotations
 import json
 
 from .queries import (
-    _ORDER,
     LLAMA_TYPES,
     LM_TYPES,
     MODEL_OF,
     PAPER,
     THRESHOLD,
+    TYPE_ORDER,
     _by_type,
     _cfg,
-    _terms,
     f,
     has_run,
+    loss_terms_of,
     mean_alpha,
     mlp_answer,
     one,
@@ -105,7 +105,7 @@ def _protocol(con) -> str:
 
 def _batch(con, run: str) -> str:
     d = _cfg(con, run).get("data", {})
-    return f"{d.get('sequences', '—')} sequences × {d.get('seq_len', '—')} tokens ({f(_terms(con, run))} loss terms)"
+    return f"{d.get('sequences', '—')} sequences × {d.get('seq_len', '—')} tokens ({f(loss_terms_of(con, run))} loss terms)"
 
 
 def _exact(con, run: str) -> str:
@@ -160,7 +160,7 @@ def _decomposition(con, runs=("cnn", "mlp", "lm")) -> str:
         for r in q(con, "SELECT layer_type, count(*) AS n, avg(alpha) AS a, avg(alpha_kron) AS ak, avg(beta) AS b, "
                         "avg(phi) AS p, avg(chi_slope) AS c, median(triangle_rel_error) AS tri, avg(gamma) AS g, "
                         "avg(s) AS s FROM layers WHERE run_id = $r GROUP BY layer_type "
-                        f"ORDER BY coalesce(list_position({_ORDER}, layer_type), 99), 1",
+                        f"ORDER BY coalesce(list_position({TYPE_ORDER}, layer_type), 99), 1",
                    {"r": run}):
             if r["a"] is None and r["ak"] is None:
                 continue
@@ -217,7 +217,7 @@ def _pair_check(con, pairs) -> str:
     for a, b, what, types in pairs:
         if not (has_run(con, a) and has_run(con, b)):
             continue
-        na, nb = _terms(con, a), _terms(con, b)
+        na, nb = loss_terms_of(con, a), loss_terms_of(con, b)
         what = f"{what} ({f(na)} → {f(nb)} loss terms)"
         for t in types:
             ma, mb = _by_type(con, a, "alpha", t), _by_type(con, b, "alpha", t)

@@ -17,6 +17,7 @@ import os
 import platform
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -25,8 +26,11 @@ from curvdist import __version__
 from curvdist import config as C
 from curvdist.io import store
 from curvdist.io.checkpoint import CheckpointIndex
+from curvdist.runner import cluster
 from curvdist.runner.plan import StagePlan
-from curvdist.runner.supervise import ClusterError, WorkerPool, check_reachable, drop_orphans, fault_point
+from curvdist.runner.schedule import exact_pass, stream
+from curvdist.runner.spec import FAULT_ENV
+from curvdist.runner.supervise import WorkerPool, drop_orphans, fault_point
 
 console = Console(stderr=True)
 STAT_BYTES = {"float32": 4, "float64": 8}
@@ -40,70 +44,6 @@ def make_plan(cfg: C.RunConfig, index: CheckpointIndex | None = None) -> tuple[C
 
     index = index or CheckpointIndex.open(resolve_checkpoint(cfg.model))
     return index, plan_from_index(index, cfg).stages
-
-
-def _device(cfg: C.RunConfig) -> str:
-    if cfg.device != "auto":
-        return cfg.device
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _start_ray(cfg: C.RunConfig, stages: int, device: str):
-    """Start (or join) Ray and reserve one bundle per stage; never ask for more than the cluster has (Ray would
-    wait silently)."""
-    import ray
-    from ray.util.placement_group import placement_group
-
-    if not ray.is_initialized():
-        if cfg.ray.address:
-            check_reachable(cfg.ray.address)
-            try:
-                ray.init(address=cfg.ray.address, log_to_driver=False)
-            except ConnectionError as e:   # the port answered, but not as a Ray GCS
-                raise ConnectionError(f"cannot reach the Ray cluster at {cfg.ray.address} ({e}); check ray.address "
-                                      "and that `ray start --head` runs there, or set ray.address to null for a "
-                                      "local Ray") from None
-        else:
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            kw = {}
-            if cfg.ray.object_store_gb:
-                kw["object_store_memory"] = int(cfg.ray.object_store_gb * 2**30)
-            # bound to loopback; the dashboard only when asked (it listens on a port)
-            ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=cfg.ray.dashboard,
-                     _node_ip_address="127.0.0.1", log_to_driver=False, **kw)
-    res = ray.cluster_resources()
-    cpus, gpus = res.get("CPU", 0), res.get("GPU", 0)
-    cpu_each = min(cfg.ray.cpus_per_stage, cpus / stages) if not cfg.ray.address else cfg.ray.cpus_per_stage
-    gpu_each = 0.0
-    if device == "cuda":
-        gpu_each = cfg.ray.num_gpus_per_stage if cfg.ray.num_gpus_per_stage is not None else 1.0
-        if gpus < gpu_each * stages:
-            raise ClusterError(f"the Ray cluster has {gpus:g} GPUs but {stages} stages × {gpu_each:g} GPU were asked "
-                               "for; lower `stages` or ray.num_gpus_per_stage, or add GPU nodes")
-    if cpus < cpu_each * stages - 1e-9:
-        raise ClusterError(f"the Ray cluster has {cpus:g} CPUs but {stages} stages × {cpu_each:g} CPU were asked for; "
-                           "lower ray.cpus_per_stage (fractions work)")
-    bundle = {"CPU": cpu_each} | ({"GPU": gpu_each} if gpu_each else {})
-    pg = placement_group([dict(bundle) for _ in range(stages)], strategy=cfg.ray.placement_strategy)
-    ready, _ = ray.wait([pg.ready()], timeout=120)
-    if not ready:
-        raise ClusterError(f"could not place {stages} stage actors with {bundle} each within 120 s "
-                           f"(strategy {cfg.ray.placement_strategy}); check `ray status`")
-    # WorkerPool of one pipeline mostly take turns (a micro-batch or a tangent moves through them in sequence), so on a
-    # local cluster every actor may use all the cores; on a shared cluster an actor keeps to its reservation.
-    threads = max(1, int(cpu_each)) if cfg.ray.address else int(cfg.ray.num_cpus or os.cpu_count())
-    return pg, cpu_each, gpu_each, threads
-
-
-def _spec(cfg: C.RunConfig, ckpt: Path, plan: StagePlan, layers: list[str], device: str, threads: int) -> dict:
-    return {"checkpoint": str(ckpt), "stage": plan.index, "first_block": plan.first_block,
-            "last_block": plan.last_block, "has_embedding": plan.has_embedding, "has_head": plan.has_head,
-            "layers": layers, "dtype": cfg.model.dtype, "stat_dtype": cfg.stat_dtype, "device": device,
-            "loss": cfg.loss, "fisher": cfg.fisher, "mc_samples": cfg.mc_samples, "top_k": cfg.top_k,
-            "seed": cfg.data.seed, "factor_budget_bytes": int(cfg.factor_budget_gb * 2**30), "threads": threads,
-            "attn_implementation": cfg.model.attn_implementation, "exact": cfg.exact, "gn": cfg.gn,
-            "exact_layers": cfg.exact_layers, "fault": os.environ.get("CURVDIST_FAULT")}
 
 
 def _versions() -> dict:
@@ -125,39 +65,11 @@ def _git_commit() -> str | None:
         return None
 
 
-def _hardware(device: str) -> dict:
-    import ray
-    import torch
-    hw = {"platform": platform.platform(), "cpus": os.cpu_count(), "device": device,
-          "cluster": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")}}
-    if device == "cuda":
-        hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return hw
-
-
-def stream(actors: list, batches: list, progress=None, task=None) -> None:
-    """One pass over the batch: forward stage by stage, loss and seeds on the last, backward stage by stage."""
-    import ray
-
-    for b, (inputs, targets) in enumerate(batches):
-        mask = inputs.get("attention_mask")
-        mask = None if mask is None else mask.numpy()
-        x = inputs["input_ids"].numpy()
-        for a in actors[:-1]:
-            x = a.forward.remote(b, x, mask)
-        grads, n_terms = actors[-1].loss_backward.options(num_returns=2).remote(b, x, mask, targets.numpy())
-        for a in reversed(actors[:-1]):
-            grads = a.backward.remote(b, grads)
-        ray.get([a.end_microbatch.remote(b, n_terms) for a in actors])
-        if progress is not None:
-            progress.advance(task)
-
-
 def main(cfg: C.RunConfig) -> str:
     """Run the measurement described by ``cfg``; returns the run id.  Prints the α-by-layer-type table.
 
-    Dead stage actors are replaced and their group replayed (:mod:`curvdist.runner.supervise`); Ctrl-C stops the actors
-    and raises KeyboardInterrupt with every finished layer kept; a rerun into the same ``out`` resumes."""
+    Dead workers are replaced and their group replayed (:mod:`curvdist.runner.supervise`); Ctrl-C stops the
+    workers and raises KeyboardInterrupt with every finished layer kept; a rerun into the same ``out`` resumes."""
     import ray
 
     from curvdist.io import data as D
@@ -165,7 +77,7 @@ def main(cfg: C.RunConfig) -> str:
     from curvdist.preflight import check as preflight
 
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}
+    timings: dict = {}
     run_id = C.resolve_run_id(cfg)
     ckpt, index = preflight(cfg)   # bad input: one clear error before Ray starts, nothing written
     out = Path(cfg.out)
@@ -175,119 +87,142 @@ def main(cfg: C.RunConfig) -> str:
     done = store.done_layers(out, run_id) if store.is_dataset(out) else set()
     todo = {p.index: [n for n in p.layers if n not in done] for p in plans}
     n_todo = sum(len(v) for v in todo.values())
-    console.print(f"[bold]curvdist[/] run {run_id}: {index.family} checkpoint {ckpt}, {len(plans)} stages, "
-                  f"{n_todo} layers to analyse" + (f" ({len(done)} already written)" if done else ""))
     base_run = {"created_at": None, "config_json": json.dumps(C.to_dict(cfg)), "config_hash": C.config_hash(cfg),
                 "versions_json": json.dumps(_versions()), "git_commit": _git_commit()}
     if n_todo == 0:
+        console.print(f"[bold]curvdist[/] run {run_id}: every layer is already written in {out}")
         _finish(cfg, out, run_id, base_run, timings, "complete (resumed: nothing left)", None)
         return run_id
     tok = load_tokenizer(ckpt, trust_remote_code=cfg.model.trust_remote_code)
     vocab = index.hf_config().vocab_size
     batches = D.make_batches(cfg.data, tokenizer=tok, vocab_size=vocab)
-    device = _device(cfg)
-    pg, cpu_each, gpu_each, threads = _start_ray(cfg, len(plans), device)
-    stages = None
+    device = cluster.device_of(cfg)
+    cpus, gpus = cluster.start_ray(cfg)
+    placement = cluster.place(cfg, stages=len(plans), device=device, cpus=cpus, gpus=gpus)
+    console.print(f"[bold]curvdist[/] run {run_id}: {index.family} checkpoint {ckpt}, {placement.stages} stages × "
+                  f"{placement.replicas} replicas, {placement.in_flight} micro-batches in flight, {n_todo} layers "
+                  f"to analyse" + (f" ({len(done)} already written)" if done else ""))
+    timings["layout"] = {"stages": placement.stages, "replicas": placement.replicas,
+                         "in_flight": placement.in_flight, "microbatches": len(batches)}
+    pool = None
     try:
-        stages = _start_stages(cfg, ckpt, plans, todo, device, threads, pg, cpu_each, gpu_each)
+        pool = WorkerPool(cluster.worker_starter(cfg, ckpt, plans, todo, device, placement), placement.workers,
+                          max_restarts=cfg.ray.max_restarts)
         t0 = time.perf_counter()
-        stages.run("loading", lambda actors: ray.get([a.info.remote() for a in actors]))
+        pool.run("loading", lambda actors: ray.get([a.info.remote() for a in actors]))
         timings["load_s"] = time.perf_counter() - t0
         groups = max(len(p.passes) for p in plans)
         for g in range(groups):   # the plan's passes: each group's factors fit the per-worker budget
-            stages.run(f"group {g + 1}/{groups}", lambda actors, g=g: _group(cfg, actors, plans, batches, out,
-                                                                           run_id, g, groups, timings))
-        info = ray.get([a.info.remote() for a in stages.actors])
+            pool.run(f"group {g + 1}/{groups}", lambda actors, g=g: run_group(
+                GroupContext(cfg, plans, placement, batches, out, run_id, g, groups, timings), actors))
+        info = ray.get([a.info.remote() for a in pool.actors])
     except KeyboardInterrupt:
-        _stop(stages, pg)
+        _stop(pool, placement)
         kept = len(store.done_layers(out, run_id)) if store.is_dataset(out) else 0
-        console.print(f"[yellow]interrupted: stage actors stopped; {kept} finished layers kept in {out}; rerun the "
+        console.print(f"[yellow]interrupted: workers stopped; {kept} finished layers kept in {out}; rerun the "
                       "same command to resume[/]", soft_wrap=True)
         raise
     except BaseException:
-        _stop(stages, pg)
+        _stop(pool, placement)
         raise
-    _stop(stages, pg)
+    _stop(pool, placement)
     timings["total_s"] = time.perf_counter() - t_start
-    timings["stage_restarts"] = len(stages.restarts)
-    timings["peak_rss_gb_per_stage"] = [round(i["peak_rss_bytes"] / 2**30, 3) for i in info]
-    _finish(cfg, out, run_id, base_run, timings, "complete", _hardware(device))
+    timings["stage_restarts"] = len(pool.restarts)
+    timings["peak_rss_gb_per_worker"] = [round(i.peak_rss_bytes / 2**30, 3) for i in info]
+    _finish(cfg, out, run_id, base_run, timings, "complete", cluster.hardware(device))
     return run_id
 
 
-def _start_stages(cfg, ckpt, plans, todo, device, threads, pg, cpu_each, gpu_each) -> WorkerPool:
-    import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    from curvdist.runner.worker import Worker
-
-    Actor = ray.remote(Worker)
-
-    def start(i: int):
-        p = plans[i]
-        return Actor.options(num_cpus=cpu_each, num_gpus=gpu_each, scheduling_strategy=PlacementGroupSchedulingStrategy(
-            placement_group=pg, placement_group_bundle_index=p.index)).remote(
-            _spec(cfg, ckpt, p, todo[p.index], device, threads))
-
-    return WorkerPool(start, len(plans), max_restarts=cfg.ray.max_restarts)
+def _stop(pool: WorkerPool | None, placement) -> None:
+    if pool is not None:
+        pool.kill()
+    cluster.release(placement)
 
 
-def _stop(stages: WorkerPool | None, pg) -> None:
-    from ray.util.placement_group import remove_placement_group
+@dataclass(frozen=True)
+class GroupContext:
+    """Everything one group step needs besides the (possibly replaced) workers."""
+    cfg: C.RunConfig
+    plans: list[StagePlan]
+    placement: cluster.Placement
+    batches: list
+    out: Path
+    run_id: str
+    group: int
+    groups: int
+    timings: dict
 
-    if stages is not None:
-        stages.kill()
-    try:
-        remove_placement_group(pg)
-    except Exception:   # Ray already shutting down
-        pass
 
-
-def _group(cfg, actors, plans, batches, out: Path, run_id: str, g: int, groups: int, timings: dict) -> None:
-    """One group of the plan's passes: statistics, projections, exact curvature, then each stage's rows written.
-    Replayable: layers already written (before a failure) are dropped from the group first."""
+def run_group(ctx: GroupContext, actors: list) -> None:
+    """One group of the plan's passes: statistics and projections (pipelined, every replica at once), the
+    Kronecker rows of every layer committed per stage, then exact curvature with each stage's exact rows committed
+    as soon as that stage's sweeps are done.  Replayable: layers already written are dropped from the group first,
+    and the replicas re-form their process groups (a replaced worker joins afresh)."""
     import ray
     from rich.progress import Progress
 
-    from curvdist.runner.schedule import exact_pass
-
-    done = store.done_layers(out, run_id) if store.is_dataset(out) else set()
-    mine = [[n for n in (p.passes[g] if g < len(p.passes) else []) if n not in done] for p in plans]
+    pl = ctx.placement
+    done = store.done_layers(ctx.out, ctx.run_id) if store.is_dataset(ctx.out) else set()
+    mine = [[n for n in (p.passes[ctx.group] if ctx.group < len(p.passes) else []) if n not in done]
+            for p in ctx.plans]
     if not any(mine):
         return
-    ray.get([a.set_layers.remote(names) for a, names in zip(actors, mine)])
+    pipelines = pl.pipelines(actors)
+    ray.get([a.set_layers.remote(mine[j]) for r in pipelines for j, a in enumerate(r)])
+    if pl.replicas > 1:
+        _join_replicas(pipelines)
+    label = f"group {ctx.group + 1}/{ctx.groups}"
     with Progress(console=console, transient=True) as progress:
         for kind in ("stats", "projections"):
-            task = progress.add_task(f"group {g + 1}/{groups}: pass {kind}", total=len(batches))
+            task = progress.add_task(f"{label}: pass {kind}", total=len(ctx.batches))
             t0 = time.perf_counter()
             ray.get([a.begin_pass.remote(kind) for a in actors])
-            stream(actors, batches, progress, task)
-            ray.get([a.end_pass.remote() for a in actors])
-            timings[f"{kind}_s"] = timings.get(f"{kind}_s", 0.0) + time.perf_counter() - t0
-        if cfg.exact:
+            stream(pipelines, ctx.batches, pl.in_flight, progress, task)
+            reports = ray.get([a.end_pass.remote() for a in actors])
+            _record_pass(ctx.timings, kind, ctx.group, time.perf_counter() - t0, reports)
+        _write_rows(ctx, pipelines[0], "kronecker")
+        if ctx.cfg.exact:
             t0 = time.perf_counter()
-            exact_pass(actors, batches, progress=progress)
-            timings["exact_s"] = timings.get("exact_s", 0.0) + time.perf_counter() - t0
-    t0 = time.perf_counter()
-    _gather(actors, out, run_id, g)
-    timings["write_s"] = timings.get("write_s", 0.0) + time.perf_counter() - t0
+            exact_pass(pipelines, len(ctx.batches), progress=progress,
+                       on_stage_done=lambda j: _write_rows(ctx, [pipelines[0][j]], "exact", first=j))
+            ctx.timings["exact_s"] = ctx.timings.get("exact_s", 0.0) + time.perf_counter() - t0
 
 
-def _gather(actors: list, out: Path, run_id: str, group: int) -> None:
-    """Write each stage's rows as soon as they arrive (a crash keeps every part already written)."""
+def _join_replicas(pipelines: list[list]) -> None:
+    """Every stage's replicas form (or re-form) their process group: rank 0 names the address, all join at once."""
     import ray
 
-    pending = {a.rows.remote(): i for i, a in enumerate(actors)}
+    addrs = ray.get([pipelines[0][j].replica_address.remote() for j in range(len(pipelines[0]))])
+    ray.get([a.join_replicas.remote(*addrs[j]) for r in pipelines for j, a in enumerate(r)])
+
+
+def _record_pass(timings: dict, kind: str, group: int, wall: float, reports: list) -> None:
+    """Per pass: wall time, each worker's busy time (inside its forward/backward calls) and the busy fraction
+    Σ busy / (wall × workers)."""
+    busy = [round(r.busy_s, 4) for r in reports]
+    timings[f"{kind}_s"] = timings.get(f"{kind}_s", 0.0) + wall
+    timings.setdefault("passes", []).append({
+        "group": group, "kind": kind, "wall_s": round(wall, 4), "busy_s": busy,
+        "workers": [f"s{r.stage}r{r.replica}" for r in reports],
+        "busy_fraction": round(sum(r.busy_s for r in reports) / (wall * len(reports)), 4) if wall > 0 else None})
+
+
+def _write_rows(ctx: GroupContext, workers: list, phase: str, first: int = 0) -> None:
+    """Commit the rows of ``phase`` ("kronecker": every layer, statistics and projections final; "exact": the
+    layers that got exact h) from replica 0's ``workers`` (stages first, first+1, …), each stage's as soon as
+    they arrive.  ``layers`` is written last: it is the commit record (:mod:`curvdist.io.store`)."""
+    import ray
+
+    pending = {a.rows.remote(phase): first + i for i, a in enumerate(workers)}
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
-        i = pending.pop(ready[0])
-        layers, directions, spectra = ray.get(ready[0])
-        if layers:
-            store.write_result(out, run_id, f"stage-{i:03d}-group-{group:03d}-{int(time.time() * 1000)}",
-                               {"layers": store.to_table("layers", layers, run_id),
-                                "directions": store.to_table("directions", directions, run_id),
-                                "spectra": store.to_table("spectra", spectra, run_id)})
-            fault_point({"fault": os.environ.get("CURVDIST_FAULT"), "stage": "driver"}, "written")
+        j = pending.pop(ready[0])
+        rows = ray.get(ready[0])
+        if rows.layers:
+            part = store.part_name(phase, j, ctx.group)
+            store.write_result(ctx.out, ctx.run_id, part, {"layers": rows.layers, "directions": rows.directions,
+                                                           "spectra": rows.spectra})
+            fault_point(os.environ.get(FAULT_ENV), "driver", f"written-{phase}")
 
 
 def _finish(cfg, out: Path, run_id: str, base_run: dict, timings: dict, status: str, hardware: dict | None) -> None:

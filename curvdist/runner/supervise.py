@@ -115,18 +115,18 @@ def drop_orphans(out: str | Path, run_id: str) -> list[Path]:
     return removed
 
 
-def fault_point(spec: dict, point: str) -> None:
+def fault_point(fault: str | None, stage: int | str, point: str) -> None:
     """Fault injection for the kill tests (``tests/test_faults.py``), inert unless the driver was started with
-    ``CURVDIST_FAULT=<stage>:<point>:<dir>``.  The first incarnation of that stage, on reaching ``point``
-    (``load``, ``stats``, ``spectral``; the driver itself is stage ``driver``, point ``written``), writes its pid
-    to ``<dir>/<point>-stage<stage>.pid`` and waits to be killed from outside (a real SIGKILL of this process);
-    the replacement actor finds the marker and goes on."""
-    fault = spec.get("fault")
+    ``CURVDIST_FAULT=<stage>:<point>:<dir>`` (``fault`` is that value, carried by the worker's spec).  The first
+    incarnation of that stage, on reaching ``point`` (``load``, ``stats``, ``spectral``; the driver itself is stage
+    ``driver``, point ``written``), writes its pid to ``<dir>/<point>-stage<stage>.pid`` and waits to be killed
+    from outside (a real SIGKILL of this process); the replacement actor finds the marker and goes on."""
     if not fault:
         return
-    stage, where, directory = fault.split(":", 2)
-    if stage != str(spec.get("stage")) or where != point:
+    want, where, directory = fault.split(":", 2)
+    if want != str(stage) or where != point:
         return
+    stage = want
     marker = Path(directory) / f"{point}-stage{stage}.pid"
     if marker.exists():
         return

@@ -1,35 +1,41 @@
-"""One pipeline stage: a slice of the checkpoint, its layers' statistics, spectral work and curvature.
+"""The stage worker: a slice of the checkpoint, its layers' statistics, spectral work, rows and exact curvature.
 
-``Worker`` is a plain class (no Ray import) so that the same code runs as a Ray actor
-(``ray.remote(Worker)``, see :mod:`curvdist.runner.driver`) and in-process in tests.  The driver streams every
-micro-batch through the stages:
+``Worker`` is a plain class (no Ray import) so that the same code runs as a Ray actor (``ray.remote(Worker)``, see
+:mod:`curvdist.runner.driver`) and in-process in tests.  It is built from one frozen
+:class:`curvdist.runner.spec.WorkerSpec` and runs the shared measurement sequence
+(:mod:`curvdist.math.sequence`).  The schedule (:mod:`curvdist.runner.schedule`) sends, per micro-batch ``b``:
 
-    forward:   y_0 = stage_0.forward(b, input_ids)  →  y_1 = stage_1.forward(b, y_0)  → …
-    loss:      grads = last.loss_backward(b, y_{S-2}, targets)   {seed id: ∂/∂x of the last stage's input}
-    backward:  grads = stage_j.backward(b, grads)  for j = S-2 … 0
-    close:     stage_j.end_microbatch(b, n_terms)
+    forward:   y = stage_j.forward(b, x)              j = 0 .. S-2   (x: input ids or the previous stage's y)
+    loss:      grads, n_b = last.loss_backward(b, y, targets)         (forward, loss, every seed back to its input)
+    backward:  grads = stage_j.backward(b, grads, n_b)  j = S-2 .. 0  (closes micro-batch b on stage j)
 
-Seeds (the true-label seed for G, the fisher seeds for C_δ) are created on the last stage, in the same order and
-with the same CPU generator as the in-process :func:`curvdist.math.factors.collect_statistics`, so a run with any
-number of stages computes the same numbers.  Tensors travel between stages as numpy arrays (zero-copy in Ray's
-object store); bfloat16 hidden states travel as float32 and are cast back.
+Several micro-batches may be in flight on one stage (the 1F1B schedule runs the forwards of later micro-batches
+before the backward of an earlier one); the statistics collector keeps their rows apart by micro-batch.  Error
+seeds come from :func:`curvdist.math.sequence.measurement_seeds`, a function of the micro-batch index alone, so any
+schedule and any number of replicas give the numbers of the in-process route.  At the end of a pass the R
+replicas of this stage add their sums (:mod:`curvdist.runner.collective`) before anything is normalised.
+Tensors travel between stages as numpy arrays (zero-copy in Ray's object store); bfloat16 hidden states travel as
+float32 and are cast back.
 """
 from __future__ import annotations
 
 import os
 import resource
 import time
-from typing import Any
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from curvdist.io import checkpoint
 from curvdist.io.slice import build_slice
-from curvdist.math import families, forward, losses, measure
+from curvdist.math import families, forward, losses
 from curvdist.math.factors import StatisticsCollector
+from curvdist.math.sequence import assemble_rows, exact_layer_names, measurement_seeds, spectral_steps
+from curvdist.runner.collective import ReplicaGroup, free_port
+from curvdist.runner.spec import WorkerSpec
 from curvdist.runner.supervise import fault_point
-from curvdist.vocab import matches
+from curvdist.runner.tangents import ExactSteps, to_numpy
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,117 +45,147 @@ def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.detach()
-    if t.dtype in (torch.bfloat16, torch.float16):
-        t = t.float()
-    return t.cpu().numpy()
+@dataclass(frozen=True)
+class PassReport:
+    """What a worker says at the end of a pass: its busy time (inside forward/backward calls) and the pass's
+    length on this worker, for the busy fraction busy / (wall × workers) the driver records."""
+    stage: int
+    replica: int
+    kind: str
+    busy_s: float
+    wall_s: float
+    microbatches: int
 
 
-class Worker:
-    """Holds blocks ``first_block..last_block`` of the checkpoint and the statistics of its selected layers.
+@dataclass(frozen=True)
+class WorkerInfo:
+    stage: int
+    replica: int
+    layers: tuple[str, ...]
+    loaded_tensors: tuple[str, ...]
+    device: str
+    pid: int
+    peak_rss_bytes: int
+    peak_device_bytes: int | None
+    timings: dict = field(default_factory=dict)
 
-    ``spec`` keys: checkpoint (dir), stage (index), first_block, last_block, has_embedding, has_head, layers (the
-    names this stage analyses), dtype, stat_dtype, device, loss, fisher, mc_samples, top_k, seed,
-    factor_budget_bytes, threads, attn_implementation, exact, gn.
-    """
 
-    def __init__(self, spec: dict):
+@dataclass(frozen=True)
+class StageRows:
+    """A stage's output rows (replica 0 only; the other replicas return empty lists)."""
+    layers: list[dict]
+    directions: list[dict]
+    spectra: list[dict]
+
+
+class Worker(ExactSteps):
+    """Holds blocks ``spec.first_block .. spec.last_block`` of the checkpoint and the statistics of its layers."""
+
+    def __init__(self, spec: WorkerSpec):
         self.spec = spec
-        if spec.get("threads"):
-            torch.set_num_threads(int(spec["threads"]))
-        self.device = torch.device(spec.get("device", "cpu"))
-        self.dtype = DTYPES[spec.get("dtype", "float32")]
-        self.stat_dtype = DTYPES[spec.get("stat_dtype", "float32")]
+        self.m = spec.measurement
+        torch.set_num_threads(max(1, spec.threads))
+        self.device = torch.device(spec.device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.dtype = DTYPES[spec.dtype]
+        self.stat_dtype = DTYPES[spec.stat_dtype]
         t0 = time.perf_counter()
-        index = checkpoint.CheckpointIndex.open(spec["checkpoint"])
-        fault_point(spec, "load")
-        self.module = build_slice(index, spec["first_block"], spec["last_block"], has_embedding=spec["has_embedding"],
-                                  has_head=spec["has_head"], dtype=self.dtype, device=self.device,
-                                  attn_implementation=spec.get("attn_implementation", "sdpa"))
+        index = checkpoint.CheckpointIndex.open(spec.checkpoint)
+        fault_point(spec.fault, spec.stage, "load")
+        self.module = build_slice(index, spec.first_block, spec.last_block, has_embedding=spec.has_embedding,
+                                  has_head=spec.has_head, dtype=self.dtype, device=self.device,
+                                  attn_implementation=spec.attn_implementation)
         for p in self.module.parameters():
             p.requires_grad_(True)   # so that layer outputs carry a graph; gradients are taken w.r.t. outputs only
         self.family = index.family
         self._all_layers = families.select_layers(self.module, None, self.family)
-        self.set_layers(list(spec.get("layers") or []))
-        self.loaded_tensors = list(getattr(self.module, "loaded_tensors", []))
+        self.loaded_tensors = tuple(getattr(self.module, "loaded_tensors", ()))
         self.timings: dict[str, float] = {"load_s": time.perf_counter() - t0}
+        self.group = ReplicaGroup(1, self.device)
         self.collector: StatisticsCollector | None = None
-        self.spectra: dict[str, measure.LayerSpectra] = {}
-        self.projections: dict = {}
-        self.curvature: dict = {}
-        self._mb: dict[int, dict[str, Any]] = {}
-        self._inputs: dict[int, tuple] = {}          # micro-batch → (stage input, attention mask), from pass 1
-        self._targets: dict[int, Any] = {}           # last stage: micro-batch → targets, from pass 1
-        self._tangent: dict[tuple, dict] = {}        # (micro-batch, layer) → what the tangent backward needs
-        self._h: dict[str, dict[str, torch.Tensor]] = {}
         self._pass = ""
-        self._generator: torch.Generator | None = None
+        self.reset()
+        self.set_layers(list(spec.layers))
 
     def set_layers(self, names: list[str]) -> None:
         """The layers analysed by the next passes (one group of the plan's passes); clears earlier results."""
         missing = [n for n in names if n not in self._all_layers]
         if missing:
-            raise ValueError(f"stage {self.spec.get('stage')}: layers {missing[:4]} are not in blocks "
-                             f"{self.spec['first_block']}..{self.spec['last_block']}")
+            raise ValueError(f"stage {self.spec.stage}: layers {missing[:4]} are not in blocks "
+                             f"{self.spec.first_block}..{self.spec.last_block}")
         self.layers = {n: self._all_layers[n] for n in names}
         self.spectra, self.projections, self.curvature = {}, {}, {}
 
     def reset(self) -> None:
         """Forget everything of the current group (hooks, cached micro-batches, partial results), so that the
-        driver can replay the group from its start after another stage was replaced."""
+        driver can replay the group from its start after another worker was replaced."""
         if self.collector is not None:
             self.collector.detach()
         self.collector = None
-        self._mb, self._inputs, self._targets, self._tangent, self._h = {}, {}, {}, {}, {}
-        self._local = {}
+        self._mb: dict[int, dict] = {}               # micro-batches in flight: their stage input and output
+        self._inputs: dict[int, tuple] = {}          # micro-batch → (stage input, attention mask), from pass 1
+        self._targets: dict[int, np.ndarray] = {}    # last stage: micro-batch → targets, from pass 1
+        self._n_terms: dict[int, int] = {}           # micro-batch → loss terms, from pass 1
         self.spectra, self.projections, self.curvature = {}, {}, {}
         self._pass = ""
+        self.reset_exact()
 
-    # ------------------------------------------------------------------ info
+    # ------------------------------------------------------------------ info and replicas
     def ping(self) -> int:
         return os.getpid()
 
-    def info(self) -> dict:
-        out = {"stage": self.spec.get("stage"), "layers": list(self.layers), "loaded_tensors": self.loaded_tensors,
-               "device": str(self.device), "timings": dict(self.timings), "pid": os.getpid(),
-               "peak_rss_bytes": peak_rss_bytes()}
-        if self.device.type == "cuda":
-            out["peak_cuda_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
-        return out
+    def info(self) -> WorkerInfo:
+        peak_dev = int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None
+        return WorkerInfo(self.spec.stage, self.spec.replica, tuple(self.layers), self.loaded_tensors,
+                          str(self.device), os.getpid(), peak_rss_bytes(), peak_dev, dict(self.timings))
 
-    # ------------------------------------------------------------------ passes over the batch
+    def replica_address(self) -> tuple[str, int]:
+        """Rank 0 of a stage's replicas: where the others meet it (this node's address, a free port)."""
+        return free_port()
+
+    def join_replicas(self, address: str, port: int) -> int:
+        """Join (or re-join, after a replacement) the process group of this stage's replicas."""
+        self.group.leave()
+        self.group = ReplicaGroup.join(rank=self.spec.replica, world=self.spec.replicas, address=address, port=port,
+                                       device=self.device)
+        return self.spec.replica
+
+    # ------------------------------------------------------------------ statistics and projections passes
     def begin_pass(self, kind: str) -> None:
         """``kind`` = "stats" (G, C_A, C_δ) or "projections" (Rayleigh quotients and h^SoP along the directions)."""
-        self._pass = kind
+        self._pass, self._busy, self._count = kind, 0.0, 0
         self._t_pass = time.perf_counter()
-        self._generator = torch.Generator().manual_seed(int(self.spec.get("seed", 0)))
         if kind == "stats":
-            self.collector = StatisticsCollector(
-                self.layers, stat_dtype=self.stat_dtype, factor_budget_bytes=self.spec.get("factor_budget_bytes"))
+            self._inputs, self._targets, self._n_terms = {}, {}, {}
+            self.collector = StatisticsCollector(self.layers, stat_dtype=self.stat_dtype,
+                                                 factor_budget_bytes=self.spec.factor_budget_bytes)
         else:
             dirs = {n: sp.directions for n, sp in self.spectra.items() if sp.directions is not None}
             self.collector = StatisticsCollector({n: self.layers[n] for n in dirs}, stat_dtype=self.stat_dtype,
                                                  dense=False, directions=dirs)
         self.collector.attach()
 
-    def _input(self, x, requires_grad: bool) -> torch.Tensor:
+    def _input(self, x) -> torch.Tensor:
         t = torch.as_tensor(x)
         if t.is_floating_point():
-            t = t.to(self.device, self.dtype).requires_grad_(requires_grad)
-        else:
-            t = t.to(self.device)
-        return t
+            return t.to(self.device, self.dtype).requires_grad_(True)
+        return t.to(self.device)
 
     def forward(self, mb: int, x, attention_mask=None) -> np.ndarray:
-        y = self._forward(mb, x, attention_mask)
-        return to_numpy(y)
+        """Stages 0 .. S-2: this stage's output for micro-batch ``mb`` (kept, with its graph, until backward)."""
+        t0 = time.perf_counter()
+        y = to_numpy(self._forward(mb, x, attention_mask))
+        self._busy += time.perf_counter() - t0
+        return y
 
     def _forward(self, mb: int, x, attention_mask) -> torch.Tensor:
+        if self.spec.sleep_s:   # schedule tests: the stage's compute replaced by a fixed time
+            time.sleep(self.spec.sleep_s)
         if self._pass == "stats":   # the exact pass reuses every stage's inputs: no upstream recomputation
             self._inputs[mb] = (x, attention_mask)
         mask = None if attention_mask is None else torch.as_tensor(attention_mask).to(self.device)
-        xt = self._input(x, requires_grad=True)
+        xt = self._input(x)
         self.collector.begin_microbatch(mask, key=mb)
         with torch.enable_grad(), forward.second_order_attention():
             y = self.module(xt, attention_mask=mask)
@@ -157,200 +193,98 @@ class Worker:
         return y
 
     def _grad(self, mb: int, y: torch.Tensor, grad_y: torch.Tensor, kind: str) -> np.ndarray | None:
-        st = self._mb[mb]
         outs = self.collector.outputs(mb)
-        x = st["x"]
+        x = self._mb[mb]["x"]
         wrt = outs + ([x] if x.is_floating_point() and x.requires_grad else [])
         if not wrt:
             return None
         self.collector.seed_kind(kind)
         grads = torch.autograd.grad(y, wrt, grad_y.to(y.dtype), retain_graph=True, allow_unused=True)
         self.collector.seed_kind(None)
-        gx = grads[-1] if wrt and wrt[-1] is x else None
+        gx = grads[-1] if wrt[-1] is x else None
         return None if gx is None else to_numpy(gx)
 
-    def _kinds(self) -> list[str]:
-        fisher = self.spec.get("fisher", "empirical")
-        if fisher == "empirical":
-            return ["both"]
-        return (["true"] if self._pass == "stats" else []) + ["fisher"]
-
     def loss_backward(self, mb: int, x, attention_mask, targets) -> tuple[dict[str, np.ndarray | None], int]:
-        """Last stage: forward to the logits, the loss terms, and every seed back to this stage's input."""
+        """Last stage: forward to the logits, the loss terms, and every seed back to this stage's input; closes
+        micro-batch ``mb`` here.  Returns {"<i>:<kind>": gradient of the stage input} and N_b."""
+        t0 = time.perf_counter()
         if self._pass == "stats":
             self._targets[mb] = targets
         logits = self._forward(mb, x, attention_mask)
         tgt = torch.as_tensor(targets).to(self.device)
-        loss, fisher = self.spec.get("loss", "cross_entropy"), self.spec.get("fisher", "empirical")
-        _, n_terms, _ = losses.loss_terms(logits, tgt, loss)
-        out: dict[str, np.ndarray | None] = {}
-        i = 0
-        for kind in self._kinds():
-            if kind in ("both", "true"):
-                seeds = [next(losses.error_seeds(logits, tgt, loss, "empirical"))]
-            else:
-                seeds = losses.error_seeds(logits, tgt, loss, fisher, generator=self._generator,
-                                           mc_samples=int(self.spec.get("mc_samples", 1)))
-            for s in seeds:
-                out[f"{i}:{kind}"] = self._grad(mb, logits, s, kind)
-                i += 1
-        return out, n_terms
+        _, n_terms, _ = losses.loss_terms(logits, tgt, self.m.loss)
+        out = {f"{i}:{kind}": self._grad(mb, logits, s, kind)
+               for i, (kind, s) in enumerate(measurement_seeds(logits, tgt, self.m, self._pass, mb))}
+        self._close(mb, int(n_terms))
+        self._busy += time.perf_counter() - t0
+        return out, int(n_terms)
 
-    def backward(self, mb: int, grads: dict[str, np.ndarray | None]) -> dict[str, np.ndarray | None]:
-        """Middle and first stages: back-propagate every seed's gradient of this stage's output."""
+    def backward(self, mb: int, grads: dict[str, np.ndarray | None], n_terms: int) -> dict[str, np.ndarray | None]:
+        """Stages S-2 .. 0: back-propagate every seed's gradient of this stage's output; closes micro-batch ``mb``
+        (its N_b loss terms, counted on the last stage, come with it)."""
+        t0 = time.perf_counter()
         y = self._mb[mb]["y"]
-        out = {}
-        for key, g in grads.items():
-            kind = key.split(":", 1)[1]
-            out[key] = None if g is None else self._grad(mb, y, torch.as_tensor(g).to(self.device), kind)
-        return out
+        out = {key: None if g is None else self._grad(mb, y, torch.as_tensor(g).to(self.device), key.split(":")[1])
+               for key, g in grads.items()}
+        self._close(mb, int(n_terms))
+        self._busy += time.perf_counter() - t0
+        return out if self.spec.stage > 0 else {}
 
-    def end_microbatch(self, mb: int, n_terms: int) -> None:
+    def _close(self, mb: int, n_terms: int) -> None:
         self.collector.end_microbatch(n_terms, key=mb)
         self._mb.pop(mb, None)   # this micro-batch's activations and graph are freed here
-        if self._pass == "stats" and mb == 1:
-            fault_point(self.spec, "stats")
+        self._count += 1
+        if self._pass == "stats":
+            self._n_terms[mb] = n_terms
+            if self._count == 2:
+                fault_point(self.spec.fault, self.spec.stage, "stats")
 
-    def end_pass(self) -> dict:
+    def end_pass(self) -> PassReport:
+        """Combine the replicas' sums, then normalise: the spectral step after statistics, the projections after
+        the projections pass."""
         col, self.collector = self.collector, None
         col.detach()
-        self.timings[f"{self._pass}_s"] = time.perf_counter() - self._t_pass
+        wall = time.perf_counter() - self._t_pass
+        self.timings[f"{self._pass}_s"] = wall
+        col.set_state(self.group.all_reduce_sum(col.state()))
         if self._pass == "stats":
             t0 = time.perf_counter()
             stats = col.finalize()
             del col
-            fault_point(self.spec, "spectral")
-            self.spectra = {n: measure.spectral_step(st, int(self.spec.get("top_k", 20)),
-                                                     seed=int(self.spec.get("seed", 0))) for n, st in stats.items()}
+            fault_point(self.spec.fault, self.spec.stage, "spectral")
+            self.spectra = spectral_steps(stats, self.m)
             self.timings["spectral_s"] = time.perf_counter() - t0
         else:
             self.projections = col.projections()
-        return {"stage": self.spec.get("stage"), "timings": dict(self.timings)}
+        return PassReport(self.spec.stage, self.spec.replica, self._pass, self._busy, wall, self._count)
 
     # ------------------------------------------------------------------ results
     def live_layers(self) -> list[str]:
-        """Layers that get exact curvature: at least one direction, and selected by ``exact_layers``."""
-        pats = self.spec.get("exact_layers")
-        return [n for n, sp in self.spectra.items()
-                if sp.k > 0 and matches(n, pats)]
+        """Layers that get exact curvature (:func:`curvdist.math.sequence.exact_layer_names`)."""
+        return exact_layer_names(self.spectra, self.m)
 
-    def directions(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        return {n: (to_numpy(sp.U), to_numpy(sp.V)) for n, sp in self.spectra.items() if sp.k > 0}
+    def rows(self, phase: str) -> StageRows:
+        """This stage's rows (replica 0; the others return none).  ``phase="kronecker"`` (after the projections
+        pass): every layer, h and h^GN null, ``exact_pending`` true for the layers the exact pass will measure;
+        ``phase="exact"``: those layers again, complete (they replace the Kronecker rows in the readers' views)."""
+        if not self.spec.reports_rows:
+            return StageRows([], [], [])
+        live = set(self.live_layers())
+        if phase == "kronecker":
+            spectra, curvature = self.spectra, {}
+        elif phase == "exact":
+            spectra = {n: sp for n, sp in self.spectra.items() if n in self.curvature}
+            curvature = self.curvature
+        else:
+            raise ValueError(f"phase {phase!r} is not kronecker or exact")
+        layers, directions, spectra_rows = assemble_rows(
+            spectra, self.m, classify=lambda n: families.classify(n, self.family, self.module),
+            projections=self.projections, curvature=curvature,
+            extra=lambda n: self._row_extra(n) | {"phase": phase,
+                                                  "exact_pending": phase == "kronecker" and n in live})
+        return StageRows(layers, directions, spectra_rows if phase == "kronecker" else [])
 
-    def rows(self) -> tuple[list[dict], list[dict], list[dict]]:
-        layer_rows, dir_rows, spec_rows = [], [], []
-        for name, sp in self.spectra.items():
-            layer_type, block = families.classify(name, self.family, self.module)
-            row, d, s = measure.layer_rows(
-                sp, layer_type=layer_type, block=block, fisher=self.spec.get("fisher", "empirical"),
-                projections=self.projections.get(name), curvature=self.curvature.get(name),
-                extra={"family": self.family, "stage": self.spec.get("stage"), "device": str(self.device),
-                       "t_factors_s": self.timings.get("stats_s"), "t_spectral_s": self.timings.get("spectral_s"),
-                       "t_exact_s": self.timings.get("exact_s")})
-            layer_rows.append(row)
-            dir_rows += d
-            spec_rows += s
-        return layer_rows, dir_rows, spec_rows
-
-    # ------------------------------------------------------------------ exact curvature across stages
-    # Forward-over-reverse, stage by stage (curvdist.math.curvature.stage_forward_tangent / stage_backward_tangent):
-    # the stage that owns layer l seeds the parameter tangents ṗ_k = u_k v_kᵀ; ẏ travels to the last stage, which
-    # forms (z̄, z̄̇) at the loss and h^GN; (ȳ, ȳ̇) travel back; the owner reads h_k = ⟨ṗ_k, p̄̇_k⟩.
-    def _fn(self, mask):
-        from torch.func import functional_call
-        return lambda params, x: functional_call(self.module, params, (x,), {"attention_mask": mask})
-
-    def _primal(self, mb: int):
-        x, mask = self._inputs[mb]
-        mask = None if mask is None else torch.as_tensor(mask).to(self.device)
-        xt = torch.as_tensor(x).to(self.device)
-        if xt.is_floating_point():
-            xt = xt.to(self.dtype)
-        return xt, mask
-
-    def _params(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.module.named_parameters()}
-
-    def _param_tangent(self, layer: str | None) -> dict[str, torch.Tensor]:
-        from curvdist.math.curvature import layer_param_tangent
-        if layer is None:
-            return {}
-        U, V = self.spectra[layer].U, self.spectra[layer].V
-        mod = self.layers[layer]
-        return {f"{layer}.weight": layer_param_tangent(mod, U.to(self.dtype), V.to(self.dtype))}
-
-    def tangent_forward(self, mb: int, xdot=None, layer: str | None = None) -> np.ndarray:
-        """ẏ (K, *y.shape) of this stage for tangent ẋ of its input and/or the directions of its own ``layer``."""
-        from curvdist.math.curvature import stage_forward_tangent
-        x, mask = self._primal(mb)
-        xd = None if xdot is None else torch.as_tensor(xdot).to(self.device, self.dtype)
-        pt = self._param_tangent(layer)
-        _, ydot = stage_forward_tangent(self._fn(mask), self._params(), x, xd, pt)
-        self._tangent[(mb, layer)] = {"xdot": xd, "pt": pt}
-        return to_numpy(ydot)
-
-    def tangent_loss(self, mb: int, targets, xdot=None, layer: str | None = None) -> dict:
-        """Last stage: forward tangents to the logits, (z̄, z̄̇) at the loss, h^GN, then the tangent backward."""
-        from curvdist.math.curvature import loss_tangent, stage_forward_tangent
-        x, mask = self._primal(mb)
-        xd = None if xdot is None else torch.as_tensor(xdot).to(self.device, self.dtype)
-        pt = self._param_tangent(layer)
-        fn, params = self._fn(mask), self._params()
-        z, zdot = stage_forward_tangent(fn, params, x, xd, pt)
-        tgt = torch.as_tensor(targets).to(self.device)
-        loss = self.spec.get("loss", "cross_entropy")
-        h_gn = losses.hessian_quadratic(z, tgt, loss, zdot) if self.spec.get("gn", True) else None
-        zbar, zbar_dot, n_b = loss_tangent(z.detach(), tgt, loss, zdot)
-        self._tangent[(mb, layer)] = {"xdot": xd, "pt": pt}
-        msg = {"n_terms": n_b, "h_gn": None if h_gn is None else to_numpy(h_gn)}
-        return self._tangent_backward(mb, layer, zbar, zbar_dot, msg)
-
-    def tangent_backward(self, mb: int, msg: dict, layer: str | None = None) -> dict:
-        ybar = torch.as_tensor(msg["xbar"]).to(self.device, self.dtype)
-        ybar_dot = torch.as_tensor(msg["xbar_dot"]).to(self.device, self.dtype)
-        return self._tangent_backward(mb, layer, ybar, ybar_dot, msg)
-
-    def _tangent_backward(self, mb, layer, ybar, ybar_dot, msg) -> dict:
-        from curvdist.math.curvature import stage_backward_tangent, tangent_quadratic
-        x, mask = self._primal(mb)
-        saved = self._tangent.pop((mb, layer))
-        xbar, xbar_dot, pbar_dot = stage_backward_tangent(self._fn(mask), self._params(), x, saved["xdot"],
-                                                          saved["pt"], ybar, ybar_dot)
-        out = {"n_terms": msg["n_terms"], "h_gn": msg["h_gn"]}
-        if layer is not None:   # this stage owns the layer: accumulate N_b·h_b (and N_b·h^GN_b)
-            acc = self._h.setdefault(layer, {"n": 0, "h": 0.0, "h_gn": 0.0})
-            n_b = int(msg["n_terms"])
-            acc["n"] += n_b
-            acc["h"] = acc["h"] + n_b * tangent_quadratic(saved["pt"], pbar_dot).double().cpu()
-            if msg["h_gn"] is not None:
-                acc["h_gn"] = acc["h_gn"] + n_b * torch.as_tensor(msg["h_gn"]).double()
-            return out
-        out["xbar"] = None if xbar is None else to_numpy(xbar)
-        out["xbar_dot"] = None if xbar_dot is None else to_numpy(xbar_dot)
-        return out
-
-    def exact_local(self, layers: list[str]) -> dict:
-        """Last stage: its own layers' downstream network is all here, so the fast in-process route applies (one
-        forward per micro-batch, one create_graph backward, a double backward per layer from the layer outputs;
-        :func:`curvdist.math.curvature.exact_curvature`) on the cached stage inputs."""
-        from curvdist.math.curvature import exact_curvature
-        t0 = time.perf_counter()
-        data = []
-        for mb in sorted(self._inputs):
-            x, mask = self._primal(mb)
-            inputs = {"x": x} if mask is None else {"x": x, "attention_mask": mask}
-            data.append((inputs, torch.as_tensor(self._targets[mb]).to(self.device)))
-        dirs = {n: (self.spectra[n].U, self.spectra[n].V) for n in layers}
-        self._local = exact_curvature(self.module, data, self.spec.get("loss", "cross_entropy"), dirs,
-                                      layers={n: self.layers[n] for n in layers}, gn=self.spec.get("gn", True))
-        self.timings["exact_local_s"] = time.perf_counter() - t0
-        return {"stage": self.spec.get("stage"), "layers": len(layers)}
-
-    def end_exact(self) -> dict:
-        from curvdist.math.curvature import Curvature
-        gn = self.spec.get("gn", True)
-        self.curvature = {n: Curvature(h=a["h"] / a["n"], h_gn=(a["h_gn"] / a["n"]) if gn else None)
-                          for n, a in self._h.items()}
-        self.curvature.update(getattr(self, "_local", {}))
-        self._h, self._local = {}, {}
-        return {"stage": self.spec.get("stage")}
+    def _row_extra(self, name: str) -> dict:
+        return {"family": self.family, "stage": self.spec.stage, "device": str(self.device),
+                "t_factors_s": self.timings.get("stats_s"), "t_spectral_s": self.timings.get("spectral_s"),
+                "t_exact_s": self.timings.get("exact_s")}

@@ -1,0 +1,155 @@
+"""Ray for a run: start or join the cluster, decide the layout (stages × replicas) and reserve its workers.
+
+    cpus, gpus = start_ray(cfg)
+    placement = place(cfg, stages=len(plans), device="cuda", cpus=cpus, gpus=gpus)   # one bundle per worker
+    start = worker_starter(cfg, ckpt, plans, todo, device, placement)               # start(i) → actor i
+
+Worker ``i`` is stage ``i mod S`` of replica ``i div S``; it sits in bundle ``i`` of one placement group.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+
+from curvdist import config as C
+from curvdist.runner.plan import StagePlan
+from curvdist.runner.spec import WorkerSpec
+from curvdist.runner.supervise import ClusterError, check_reachable
+
+
+def device_of(cfg: C.RunConfig) -> str:
+    if cfg.device != "auto":
+        return cfg.device
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def start_ray(cfg: C.RunConfig) -> tuple[float, float]:
+    """Start (or join) Ray; returns the cluster's CPU and GPU counts."""
+    import ray
+
+    if not ray.is_initialized():
+        if cfg.ray.address:
+            check_reachable(cfg.ray.address)
+            try:
+                ray.init(address=cfg.ray.address, log_to_driver=False)
+            except ConnectionError as e:   # the port answered, but not as a Ray GCS
+                raise ConnectionError(f"cannot reach the Ray cluster at {cfg.ray.address} ({e}); check ray.address "
+                                      "and that `ray start --head` runs there, or set ray.address to null for a "
+                                      "local Ray") from None
+        else:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            kw = {}
+            if cfg.ray.object_store_gb:
+                kw["object_store_memory"] = int(cfg.ray.object_store_gb * 2**30)
+            # bound to loopback; the dashboard only when asked (it listens on a port)
+            ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=cfg.ray.dashboard,
+                     _node_ip_address="127.0.0.1", log_to_driver=False, **kw)
+    res = ray.cluster_resources()
+    return res.get("CPU", 0.0), res.get("GPU", 0.0)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """``stages`` × ``replicas`` workers with ``cpus`` CPUs and ``gpus`` GPUs each, ``threads`` torch threads each,
+    ``in_flight`` micro-batches per pipeline, in the placement group ``group``."""
+    stages: int
+    replicas: int
+    in_flight: int
+    cpus: float
+    gpus: float
+    threads: int
+    group: object
+
+    @property
+    def workers(self) -> int:
+        return self.stages * self.replicas
+
+    def pipelines(self, actors: list) -> list[list]:
+        """``actors`` (worker order) as ``[replica][stage]``."""
+        return [actors[r * self.stages:(r + 1) * self.stages] for r in range(self.replicas)]
+
+
+def replicas_for(cfg: C.RunConfig, stages: int, gpus: float, gpu_each: float) -> int:
+    """``replicas`` when set; else as many copies of the pipeline as the GPUs allow after the stages (1 on CPU)."""
+    if cfg.replicas is not None:
+        return cfg.replicas
+    if gpu_each > 0:
+        return max(1, int(gpus // (gpu_each * stages) + 1e-9))
+    return 1
+
+
+def place(cfg: C.RunConfig, *, stages: int, device: str, cpus: float, gpus: float) -> Placement:
+    """Reserve one bundle per worker; never ask for more than the cluster has (Ray would wait silently)."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    gpu_each = 0.0
+    if device == "cuda":
+        gpu_each = cfg.ray.num_gpus_per_stage if cfg.ray.num_gpus_per_stage is not None else 1.0
+    replicas = replicas_for(cfg, stages, gpus, gpu_each)
+    workers = stages * replicas
+    if gpu_each and gpus < gpu_each * workers - 1e-9:
+        raise ClusterError(f"the Ray cluster has {gpus:g} GPUs but {stages} stages × {replicas} replicas × "
+                           f"{gpu_each:g} GPU were asked for; lower `stages`, `replicas` or ray.num_gpus_per_stage, "
+                           "or add GPU nodes")
+    cpu_each = min(cfg.ray.cpus_per_stage, cpus / workers) if not cfg.ray.address else cfg.ray.cpus_per_stage
+    if cpus < cpu_each * workers - 1e-9:
+        raise ClusterError(f"the Ray cluster has {cpus:g} CPUs but {stages} stages × {replicas} replicas × "
+                           f"{cpu_each:g} CPU were asked for; lower ray.cpus_per_stage (fractions work) or `replicas`")
+    bundle = {"CPU": cpu_each} | ({"GPU": gpu_each} if gpu_each else {})
+    pg = placement_group([dict(bundle) for _ in range(workers)], strategy=cfg.ray.placement_strategy)
+    ready, _ = ray.wait([pg.ready()], timeout=120)
+    if not ready:
+        raise ClusterError(f"could not place {workers} workers with {bundle} each within 120 s "
+                           f"(strategy {cfg.ray.placement_strategy}); check `ray status`")
+    # Pipelined stages and replicas compute at the same time, so each actor gets its share of the cores (more
+    # torch threads than cores make every small kernel spin and wait); on a shared cluster, its reservation.
+    threads = max(1, int(cpu_each)) if cfg.ray.address else max(1, int((cfg.ray.num_cpus or os.cpu_count())
+                                                                       // workers))
+    return Placement(stages, replicas, cfg.in_flight or stages, cpu_each, gpu_each, threads, pg)
+
+
+def worker_starter(cfg: C.RunConfig, ckpt, plans: list[StagePlan], todo: dict[int, list[str]], device: str,
+                   placement: Placement):
+    """``start(i)``: a new worker actor for slot ``i`` (stage i mod S of replica i div S) in its own bundle; the
+    supervisor calls it again to replace a dead worker in the same slot."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from curvdist.runner.worker import Worker
+
+    Actor = ray.remote(Worker)
+    S = placement.stages
+
+    def start(i: int):
+        plan = plans[i % S]
+        spec = WorkerSpec.build(cfg, ckpt, plan, stages=S, replica=i // S, replicas=placement.replicas,
+                                layers=todo[plan.index], device=device, threads=placement.threads)
+        strategy = PlacementGroupSchedulingStrategy(placement_group=placement.group, placement_group_bundle_index=i)
+        return Actor.options(num_cpus=placement.cpus, num_gpus=placement.gpus,
+                             scheduling_strategy=strategy).remote(spec)
+
+    return start
+
+
+def release(placement: Placement | None) -> None:
+    from ray.util.placement_group import remove_placement_group
+
+    if placement is None:
+        return
+    try:
+        remove_placement_group(placement.group)
+    except Exception:   # noqa: BLE001 - Ray already shutting down
+        pass
+
+
+def hardware(device: str) -> dict:
+    import ray
+    import torch
+    hw = {"platform": platform.platform(), "cpus": os.cpu_count(), "device": device,
+          "cluster": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")}}
+    if device == "cuda":
+        hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return hw
