@@ -302,13 +302,13 @@ def test_budget_never_allocates_the_factor():
     full = collect_statistics(net, data, "cross_entropy", layers=mods, stat_dtype=DT)["2"]
     assert st.C_A is None and st.factor_bytes == 392
     assert st.status == ("factor_too_large: C_A is 8×8 float64 = 512 B > budget 400 B; "
-                         "raise factor_budget or use sketch mode")
+                         "raise factor_budget_gb")
     assert_close(st.G, full.G)
     assert_close(st.C_delta, full.C_delta)
     big = StatisticsCollector({"h": nn.Linear(8, 49152, device="meta")}, factor_budget_bytes=4 * 10 ** 9)
     assert big.layers["h"].cov_delta is None and big.layers["h"].cov_A is not None
     assert big.layers["h"].status == [("factor_too_large: C_delta is 49152×49152 float32 = 9.66 GB > budget 4.00 GB; "
-                                       "raise factor_budget or use sketch mode")]
+                                       "raise factor_budget_gb")]
 
 
 def test_pipeline_stage_usage():

@@ -101,6 +101,7 @@ def _spec(cfg: C.RunConfig, ckpt: Path, plan: StagePlan, layers: list[str], devi
             "last_block": plan.last_block, "has_embedding": plan.has_embedding, "has_head": plan.has_head,
             "layers": layers, "dtype": cfg.model.dtype, "stat_dtype": cfg.stat_dtype, "device": device,
             "loss": cfg.loss, "fisher": cfg.fisher, "mc_samples": cfg.mc_samples, "top_k": cfg.top_k,
+            "gradient_labels": cfg.gradient_labels,
             "seed": cfg.data.seed, "factor_budget_bytes": int(cfg.factor_budget_gb * 2**30), "threads": threads,
             "attn_implementation": cfg.model.attn_implementation, "exact": cfg.exact, "gn": cfg.gn,
             "exact_layers": cfg.exact_layers, "fault": os.environ.get("CURVDIST_FAULT")}

@@ -26,7 +26,7 @@ import torch
 
 from curvdist.io import checkpoint
 from curvdist.io.slice import build_slice
-from curvdist.math import families, forward, losses, measure
+from curvdist.math import families, forward, losses, measure, noise
 from curvdist.math.factors import StatisticsCollector
 from curvdist.runner.supervise import fault_point
 from curvdist.vocab import matches
@@ -177,11 +177,14 @@ class Worker:
 
     def loss_backward(self, mb: int, x, attention_mask, targets) -> tuple[dict[str, np.ndarray | None], int]:
         """Last stage: forward to the logits, the loss terms, and every seed back to this stage's input."""
-        if self._pass == "stats":
-            self._targets[mb] = targets
         logits = self._forward(mb, x, attention_mask)
         tgt = torch.as_tensor(targets).to(self.device)
         loss, fisher = self.spec.get("loss", "cross_entropy"), self.spec.get("fisher", "empirical")
+        if self.spec.get("gradient_labels", "true") == "sampled":   # drawn once (pass 1), reused by later passes
+            tgt = self._targets[mb] if self._pass != "stats" else losses.sampled_targets(
+                logits, tgt, loss, losses.label_generator(int(self.spec.get("seed", 0)), mb))
+        if self._pass == "stats":
+            self._targets[mb] = tgt if self.spec.get("gradient_labels", "true") == "sampled" else targets
         _, n_terms, _ = losses.loss_terms(logits, tgt, loss)
         out: dict[str, np.ndarray | None] = {}
         i = 0
@@ -297,7 +300,8 @@ class Worker:
         pt = self._param_tangent(layer)
         fn, params = self._fn(mask), self._params()
         z, zdot = stage_forward_tangent(fn, params, x, xd, pt)
-        tgt = torch.as_tensor(targets).to(self.device)
+        tgt = torch.as_tensor(self._targets[mb] if self.spec.get("gradient_labels", "true") == "sampled"
+                              else targets).to(self.device)
         loss = self.spec.get("loss", "cross_entropy")
         h_gn = losses.hessian_quadratic(z, tgt, loss, zdot) if self.spec.get("gn", True) else None
         zbar, zbar_dot, n_b = loss_tangent(z.detach(), tgt, loss, zdot)
@@ -318,10 +322,13 @@ class Worker:
                                                           saved["pt"], ybar, ybar_dot)
         out = {"n_terms": msg["n_terms"], "h_gn": msg["h_gn"]}
         if layer is not None:   # this stage owns the layer: accumulate N_b·h_b (and N_b·h^GN_b)
-            acc = self._h.setdefault(layer, {"n": 0, "h": 0.0, "h_gn": 0.0})
-            n_b = int(msg["n_terms"])
+            acc = self._h.setdefault(layer, {"n": 0, "h": 0.0, "h_gn": 0.0, "h_half": 0.0, "n_half": [0, 0]})
+            n_b, half = int(msg["n_terms"]), noise.half_of(mb)
+            hq = n_b * tangent_quadratic(saved["pt"], pbar_dot).double().cpu()
             acc["n"] += n_b
-            acc["h"] = acc["h"] + n_b * tangent_quadratic(saved["pt"], pbar_dot).double().cpu()
+            acc["h"] = acc["h"] + hq
+            acc["h_half"] = acc["h_half"] + torch.stack([hq * (half == 0), hq * (half == 1)])
+            acc["n_half"][half] += n_b
             if msg["h_gn"] is not None:
                 acc["h_gn"] = acc["h_gn"] + n_b * torch.as_tensor(msg["h_gn"]).double()
             return out
@@ -335,21 +342,23 @@ class Worker:
         :func:`curvdist.math.curvature.exact_curvature`) on the cached stage inputs."""
         from curvdist.math.curvature import exact_curvature
         t0 = time.perf_counter()
-        data = []
-        for mb in sorted(self._inputs):
+        data, keys = [], sorted(self._inputs)
+        for mb in keys:
             x, mask = self._primal(mb)
             inputs = {"x": x} if mask is None else {"x": x, "attention_mask": mask}
             data.append((inputs, torch.as_tensor(self._targets[mb]).to(self.device)))
         dirs = {n: (self.spectra[n].U, self.spectra[n].V) for n in layers}
         self._local = exact_curvature(self.module, data, self.spec.get("loss", "cross_entropy"), dirs,
-                                      layers={n: self.layers[n] for n in layers}, gn=self.spec.get("gn", True))
+                                      layers={n: self.layers[n] for n in layers}, gn=self.spec.get("gn", True),
+                                      keys=keys)
         self.timings["exact_local_s"] = time.perf_counter() - t0
         return {"stage": self.spec.get("stage"), "layers": len(layers)}
 
     def end_exact(self) -> dict:
         from curvdist.math.curvature import Curvature
         gn = self.spec.get("gn", True)
-        self.curvature = {n: Curvature(h=a["h"] / a["n"], h_gn=(a["h_gn"] / a["n"]) if gn else None)
+        self.curvature = {n: Curvature(h=a["h"] / a["n"], h_gn=(a["h_gn"] / a["n"]) if gn else None,
+                                       h_half=noise.half_means(a["h_half"], a["n_half"]))
                           for n, a in self._h.items()}
         self.curvature.update(getattr(self, "_local", {}))
         self._h, self._local = {}, {}
