@@ -150,7 +150,7 @@ def sampled_targets(logits: torch.Tensor, targets: torch.Tensor, loss: str,
                     generator: torch.Generator) -> torch.Tensor:
     """Targets of ``targets``' shape drawn from the model's predictive distribution at ``logits`` (module
     docstring); ignored CE positions stay -100.  Drawn on the CPU with ``generator`` (the same on every device)."""
-    z, y, mask = _flat(logits.detach(), targets, loss)
+    z, _, mask = _flat(logits.detach(), targets, loss)
     if loss == "cross_entropy":
         ys = torch.multinomial(_probs(z).double().cpu(), 1, generator=generator).squeeze(1).to(z.device)
         out = torch.where(mask, ys, torch.full_like(ys, IGNORE_INDEX))
