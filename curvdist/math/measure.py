@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from curvdist.math import fit, noise, spectral
-from curvdist.vocab import NO_DIRECTION_STATUSES, VOIDING, Status, status_code
+from curvdist.vocab import NO_DIRECTION_STATUSES, NOISE_COLUMNS, VOIDING, Status, status_code
 
 
 @dataclass
@@ -126,6 +126,7 @@ def layer_rows(sp: LayerSpectra, *, layer_type: str, block: int | None, fisher: 
     base = {"layer": sp.name, "layer_type": layer_type, "block": block, "m": sp.m, "n": sp.n, "rows": sp.rows,
             "n_terms": sp.n_terms, "fisher": fisher}
     base.update(extra or {})
+    base.update(dict.fromkeys(NOISE_COLUMNS))
     directions, spectra_rows = [], []
     summary = None
     if sp.k > 0:
