@@ -31,6 +31,10 @@ def test_unit_sq_norms_equal_the_per_unit_gradients(T, m, n):
     torch.testing.assert_close(noise.unit_sq_norms(d, a, units, 4, max_elements=1), want)   # one unit per chunk
     perm = torch.randperm(len(units), generator=g)                                           # rows interleaved
     torch.testing.assert_close(noise.unit_sq_norms(d[perm], a[perm], units[perm], 5), torch.cat([want, want[:1] * 0]))
+    equal = torch.arange(3).repeat_interleave(T)                                             # equal blocks: views
+    d, a = torch.randn(3 * T, m, generator=g, dtype=DT), torch.randn(3 * T, n, generator=g, dtype=DT)
+    torch.testing.assert_close(noise.unit_sq_norms(d, a, equal),
+                               torch.stack([(d[equal == u].T @ a[equal == u]).square().sum() for u in range(3)]))
 
 
 def test_estimators_unbiased_on_gaussian_unit_gradients():

@@ -89,12 +89,15 @@ def unit_sq_norms(d: torch.Tensor, a: torch.Tensor, units: torch.Tensor, n_units
         d, a, units = d[order], a[order], units[order]
     counts = torch.bincount(units, minlength=n_units)
     T = int(counts.max())
-    start = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(units.shape[0], device=d.device) - start[units]
-    D = d.new_zeros(n_units, T, m)
-    A = a.new_zeros(n_units, T, n)
-    D[units, pos] = d
-    A[units, pos] = a
+    if bool((counts == T).all()):          # equal blocks (no padding): views, no copy
+        D, A = d.reshape(n_units, T, m), a.reshape(n_units, T, n)
+    else:
+        start = torch.cumsum(counts, 0) - counts
+        pos = torch.arange(units.shape[0], device=d.device) - start[units]
+        D = d.new_zeros(n_units, T, m)
+        A = a.new_zeros(n_units, T, n)
+        D[units, pos] = d
+        A[units, pos] = a
     gram = T * (m + n) <= m * n
     per_unit = T * T if gram else m * n
     step = max(1, max_elements // max(per_unit, 1))
