@@ -64,7 +64,7 @@ def test_estimators_unbiased_on_gaussian_unit_gradients():
     assert noise.gradient_noise(1.0, 1.0, 1, 3) == noise.GradientNoise(1)        # one unit: nothing to say
 
 
-def gaussian_sequences(seed, U=32, T=4, n=3, C=5, s=0.7):
+def gaussian_sequences(seed, U=32, T=4, n=3, C=5, s=4.0):
     """A linear layer with MSE on sequences: fixed inputs a_t (T, n), targets y_ut = y0_t + s ε_ut, ε ~ N(0, I_C).
     Per sequence g_u = (2/C) Σ_t (W a_t − y_ut) a_tᵀ; with x_u = (U/N) g_u = g_u / T (N = U T terms):
     μ = (2/(C T)) Σ_t (W a_t − y0_t) a_tᵀ, tr Σ = (2s/(C T))² C Σ_t ‖a_t‖²."""
