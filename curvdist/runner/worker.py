@@ -180,11 +180,12 @@ class Worker:
         logits = self._forward(mb, x, attention_mask)
         tgt = torch.as_tensor(targets).to(self.device)
         loss, fisher = self.spec.get("loss", "cross_entropy"), self.spec.get("fisher", "empirical")
-        if self.spec.get("gradient_labels", "true") == "sampled":   # drawn once (pass 1), reused by later passes
+        sampled = self.spec.get("gradient_labels", "true") == "sampled"
+        if sampled:   # the null run's labels: drawn from the model in pass 1, reused by the later passes
             tgt = self._targets[mb] if self._pass != "stats" else losses.sampled_targets(
                 logits, tgt, loss, losses.label_generator(int(self.spec.get("seed", 0)), mb))
         if self._pass == "stats":
-            self._targets[mb] = tgt if self.spec.get("gradient_labels", "true") == "sampled" else targets
+            self._targets[mb] = tgt if sampled else targets
         _, n_terms, _ = losses.loss_terms(logits, tgt, loss)
         out: dict[str, np.ndarray | None] = {}
         i = 0
