@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from curvdist.math import families, forward, losses, measure, spectral
-from curvdist.math.factors import collect_statistics
+from curvdist.math.collect import collect_statistics
 
 
 def gpt2(seed=0):

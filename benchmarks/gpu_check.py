@@ -103,8 +103,8 @@ def cost_check(model, data, name, exact_layer, dtype):
     model = model.to(DEV).to(dtype)
     t_fb = timed(fwd_bwd(model, data))
     from curvdist.math import families
+    from curvdist.math.collect import collect_statistics
     from curvdist.math.curvature import exact_curvature
-    from curvdist.math.factors import collect_statistics
     from curvdist.math.measure import spectral_step
     layers = families.select_layers(model, None, families.detect_family(model))
 

@@ -7,6 +7,7 @@
 Three passes over the evaluation batch: (1) statistics G, C_A, C_δ; (2) projected statistics along the
 directions (h^SoP, and Rayleigh quotients for layers whose dense factors were over budget); (3) exact h and h^GN
 by batched Hessian- and Jacobian-vector products.  The Ray runner does the same work split across stages.
+Micro-batches are keyed 0, 1, 2, … in data order (their key decides their half, :mod:`curvdist.math.noise`).
 """
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ import torch
 from torch import nn
 
 from curvdist.math import families, forward
+from curvdist.math.collect import collect_projections, collect_statistics
 from curvdist.math.curvature import exact_curvature
-from curvdist.math.factors import collect_projections, collect_statistics
+from curvdist.math.losses import label_generator, sampled_targets
 from curvdist.math.sequence import Measurement, assemble_rows, exact_layer_names, spectral_steps
 from curvdist.vocab import DIRECTION_COLUMNS, SPECTRA_COLUMNS
 
@@ -51,7 +53,8 @@ def _table(rows: list[dict], columns: list[str] | None = None) -> pa.Table:
 def analyze(model: nn.Module, data: Iterable, loss: str = "cross_entropy", *, top_k: int = 20,
             fisher: str = "empirical", exact: bool = True, gn: bool = True, layers=None, exact_layers=None,
             dtype: torch.dtype | None = None, stat_dtype: torch.dtype | None = None,
-            factor_budget_bytes: int | None = None, mc_samples: int = 1, seed: int = 0) -> Result:
+            factor_budget_bytes: int | None = None, mc_samples: int = 1, seed: int = 0,
+            gradient_labels: str = "true") -> Result:
     """Measure every selected layer of ``model`` on the evaluation batch ``data``.
 
     Args:
@@ -66,9 +69,13 @@ def analyze(model: nn.Module, data: Iterable, loss: str = "cross_entropy", *, to
         dtype: cast the model and floating inputs to this dtype first (float64 for validation).
         stat_dtype: accumulation dtype of G, C_A, C_δ (default float64 when the model is float64, else float32).
         factor_budget_bytes: dense factors larger than this are never allocated (layer status says so).
+        gradient_labels: ``"true"`` (the data's targets) or ``"sampled"``: every target replaced by one draw from the
+            model's predictive distribution (:func:`curvdist.math.losses.sampled_targets`, seeded by ``seed`` and the
+            micro-batch), so that E G = 0 — the null measurement to compare a run with.
     """
     m = Measurement(loss=loss, fisher=fisher, mc_samples=mc_samples, top_k=top_k, seed=seed, exact=exact, gn=gn,
-                    exact_layers=tuple(exact_layers) if exact_layers is not None else None)
+                    exact_layers=tuple(exact_layers) if exact_layers is not None else None,
+                    gradient_labels=gradient_labels)
     if dtype is not None:
         model = model.to(dtype)
     param = next(model.parameters())
@@ -85,6 +92,10 @@ def analyze(model: nn.Module, data: Iterable, loss: str = "cross_entropy", *, to
     model.eval()
     try:
         with forward.second_order_attention():
+            if gradient_labels == "sampled":
+                with torch.no_grad():
+                    batches = [(x, sampled_targets(forward.model_logits(model, x), y, loss, label_generator(seed, b)))
+                               for b, (x, y) in enumerate(batches)]
             t0 = time.perf_counter()
             stats = collect_statistics(model, batches, loss, fisher=fisher, layers=selected, stat_dtype=stat_dtype,
                                        factor_budget_bytes=factor_budget_bytes, mc_samples=mc_samples, seed=seed)

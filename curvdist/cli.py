@@ -159,24 +159,39 @@ def plan(config: Config, overrides: Overrides = None,
 
 @app.command()
 def summary(dataset: Out, run_id: RunId = None, debug: Debug = False):
-    """α, α_Kron, β, φ by layer type (mean ± std / median over layers)."""
-    from curvdist.io import store
+    """α, α_Kron, β, φ by layer type (mean ± std / median over layers), with the median grad_snr and stable
+    directions beside them (! marks a layer type whose gradient is mostly sampling noise), and α − α_null where
+    the dataset holds the run's null run (the same config with gradient_labels=sampled)."""
+    from curvdist.io import summary as S
     with boundary(debug):
         con = _open(dataset)
-        tab = store.summary(con, run_id)
+        tab = S.summary(con, run_id)
         if tab.num_rows == 0:
             raise ValueError(_no_layers(con, dataset, run_id))
+    rows = tab.to_pylist()
+    nulls = any(r["null_run_id"] for r in rows)
     t = Table(header_style="bold")
     for h in ("run_id", "layer_type"):
         t.add_column(h)
     t.add_column("n", justify="right")
-    for q in store.SUMMARY_QUANTITIES:
+    for q in S.SUMMARY_QUANTITIES:
         t.add_column(f"{q} mean ± std / median", justify="right")
-    for r in tab.to_pylist():
-        t.add_row(escape(str(r["run_id"])), str(r["layer_type"]), str(r["n_layers"]),
-                  *[f"{_num(r[q + '_mean'])} ± {_num(r[q + '_std'])} / {_num(r[q + '_median'])}"
-                    for q in store.SUMMARY_QUANTITIES])
+    t.add_column("grad_snr median", justify="right")
+    t.add_column("stable dirs median", justify="right")
+    if nulls:
+        t.add_column("α − α_null (null run)", justify="right")
+    for r in rows:
+        cells = [f"{_num(r[q + '_mean'])} ± {_num(r[q + '_std'])} / {_num(r[q + '_median'])}"
+                 for q in S.SUMMARY_QUANTITIES]
+        cells += [_num(r["grad_snr_median"]) + (" !" if r["low_snr"] else ""),
+                  "—" if r["stable_directions_median"] is None else f"{r['stable_directions_median']:g}"]
+        if nulls:
+            cells.append("—" if r["null_run_id"] is None else
+                         f"{_num(r['alpha_minus_null'])} ({escape(str(r['null_run_id']))})")
+        t.add_row(escape(str(r["run_id"])), str(r["layer_type"]), str(r["n_layers"]), *cells)
     console().print(t)
+    if any(r["low_snr"] for r in rows):
+        console().print(escape(S.SNR_NOTE))
 
 
 @app.command()

@@ -29,6 +29,7 @@ DATA_SOURCES = ("pydoc", "text", "jsonl", "parquet", "npy", "synthetic")
 FILE_SOURCES = ("text", "jsonl", "parquet", "npy")
 LOSSES = ("cross_entropy", "mse")
 FISHERS = ("empirical", "mc", "type2")
+GRADIENT_LABELS = ("true", "sampled")
 DEVICES = ("auto", "cpu", "cuda")
 STAT_DTYPES = ("float32", "float64")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -241,6 +242,10 @@ class RunConfig(_Config):
                                   "paper's), mc (sampled labels, the true Fisher), type2 (exact Hessian square "
                                   "root)", FISHERS)
     mc_samples: int = _f(1, "sampled labels per loss term when fisher=mc")
+    gradient_labels: str = _f("true", "labels behind the gradient G, its directions and h: true (the data's) or "
+                                      "sampled (drawn from the model's own predictive distribution, so that E G = 0: "
+                                      "the null measurement of a pure-noise gradient, stored as its own run and shown "
+                                      "beside the true run by `curvdist summary`)", GRADIENT_LABELS)
     exact: bool = _f(True, "measure the exact directional curvature h_k by Hessian-vector products")
     gn: bool = _f(True, "also measure the Gauss-Newton curvature h^GN_k")
     layers: list[str] | None = _f(  # noqa: RUF009
@@ -256,6 +261,11 @@ class RunConfig(_Config):
     run_id: str | None = _f(None, "run name (null: <model>-<config hash>); reusing it resumes the run")
     ray: RayConfig = _sub(RayConfig, "Ray cluster and actor resources")  # noqa: RUF009
     plots: bool = _f(True, "write PNG figures to OUT/plots/<run_id> at the end of the run")
+
+    def __post_init__(self) -> None:
+        if self.gradient_labels is True:   # YAML reads `gradient_labels: true` as a boolean
+            self.gradient_labels = "true"
+        super().__post_init__()
 
     def _validate(self) -> None:
         self._positive("stages", "top_k", "mc_samples", "factor_budget_gb", "replicas", "in_flight")
@@ -377,16 +387,36 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *
     return from_dict(RunConfig, d)
 
 
-def config_hash(cfg: RunConfig) -> str:
-    """Stable hash (16 hex digits) of what the run measures; ignores HASH_EXCLUDE (out, run_id, execution)."""
-    d = to_dict(cfg)
-    for key in HASH_EXCLUDE:
+def _measured(d: dict, drop: Sequence[str] = ()) -> dict:
+    """A copy of a config dict without HASH_EXCLUDE and ``drop``; gradient_labels only when not "true" (so that the
+    hashes of runs written before the key existed stay valid)."""
+    d = json.loads(json.dumps(d))
+    if d.get("gradient_labels") in ("true", True):
+        d.pop("gradient_labels")
+    for key in (*HASH_EXCLUDE, *drop):
         *parents, last = key.split(".")
         sub = d
         for p in parents:
             sub = sub.get(p) or {}
         sub.pop(last, None)
+    return d
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """Stable hash (16 hex digits) of what the run measures; ignores HASH_EXCLUDE (out, run_id, execution)."""
+    d = _measured(to_dict(cfg))
     return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def null_pairs(configs: dict[str, dict]) -> dict[str, str]:
+    """run_id → the run_id of its null run: among ``configs`` ({run_id: config dict, as stored in config_json}), a
+    run with gradient_labels=sampled that measures the same thing otherwise (same config but for HASH_EXCLUDE)."""
+    def key(d):
+        return json.dumps(_measured(d, ("gradient_labels",)), sort_keys=True)
+
+    nulls = {key(d): r for r, d in sorted(configs.items()) if d.get("gradient_labels") == "sampled"}
+    return {r: nulls[key(d)] for r, d in sorted(configs.items())
+            if d.get("gradient_labels", "true") in ("true", True) and key(d) in nulls}
 
 
 def resolve_run_id(cfg: RunConfig) -> str:

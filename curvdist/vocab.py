@@ -37,7 +37,15 @@ STAGE_MODELS_TEXT = ("Llama-like decoders (model_type llama, mistral, qwen2, qwe
 # ------------------------------------------------------------------------------------------------ columns
 # one row per (layer, k) of the ``directions`` table, in order (the store's schema adds run_id, schema_version)
 DIRECTION_COLUMNS = ("layer", "k", "sigma", "h", "h_gn", "h_kron", "h_sop", "rayleigh_delta", "rayleigh_A",
-                     "lambda_delta", "lambda_A", "rho_delta", "rho_A", "phi", "Lambda", "chi")
+                     "lambda_delta", "lambda_A", "rho_delta", "rho_A", "phi", "Lambda", "chi", "stability",
+                     "kron_floor_ratio")
+# the layer's gradient signal and noise (curvdist.math.noise), columns of the ``layers`` table
+NOISE_COLUMNS = ("n_units", "grad_mean_sq", "grad_trace_cov", "grad_snr", "noise_scale", "stable_directions",
+                 "alpha_half_a", "alpha_half_b")
+# A layer type whose median grad_snr is below this is flagged by summaries: there E‖G‖² is at most twice its noise
+# part tr Σ / U, i.e. at least half of ‖G‖²_F is expected sampling noise (grad_snr ≈ 1: pure noise).  grad_snr sees
+# all m·n entries; stable_directions says whether the leading directions, which α is fitted on, are reproduced.
+GRAD_SNR_FLOOR = 2.0
 # one row per (layer, factor, k) of the ``spectra`` table
 SPECTRA_COLUMNS = ("layer", "factor", "k", "eigenvalue")
 
@@ -48,7 +56,7 @@ class Status(str, enum.Enum):
     code by :func:`status_code`, never by string prefixes."""
 
     OK = "ok"
-    TOP_K_EXCEEDS_RANK = "top_k_exceeds_rank"      # K > min(m, n): fewer directions than asked
+    TOP_K_EXCEEDS_RANK = "top_k_exceeds_rank"      # written by versions that voided layers with min(m, n) < K
     NON_FINITE_GRADIENT = "non_finite_gradient"    # G has NaN/Inf: nothing is fitted
     ZERO_GRADIENT = "zero_gradient"                # G == 0: the layer does not reach the loss on this batch
     NO_ERROR_ROWS = "no_error_rows"                # the layer's output never received a gradient
@@ -64,7 +72,8 @@ class Status(str, enum.Enum):
         return self.value if self is Status.OK else f"{self.value}: {reason}"
 
 
-# statuses that void every exponent of the layer (a factor over budget only voids β and φ)
+# statuses that void every exponent of the layer (a factor over budget only voids β and φ); a layer with
+# min(m, n) < K is fitted on its min(m, n) directions (n_valid says how many)
 VOIDING = frozenset({Status.TOP_K_EXCEEDS_RANK, Status.NON_FINITE_GRADIENT, Status.ZERO_GRADIENT})
 # statuses after which a layer has no directions at all
 NO_DIRECTION_STATUSES = frozenset({Status.NON_FINITE_GRADIENT, Status.ZERO_GRADIENT})

@@ -41,12 +41,19 @@ def test_tables_and_identity_mlp():
             assert math.isclose(row["h"], row["h_gn"], rel_tol=1e-9)
 
 
-def test_top_k_exceeds_rank_gives_status_and_nulls():
+def test_top_k_above_rank_fits_the_available_directions():
+    """min(m, n) < K: the layer is fitted on its min(m, n) directions (as the seed paper fitted its 10-class
+    heads), n_valid says how many, and the numbers equal those of top_k = min(m, n)."""
     res = curvdist.analyze(mlp(), mlp_data(), top_k=8)   # the head is 5 × 24
     head = res.layer("4")
-    assert head["status"].startswith("top_k_exceeds_rank")
-    assert head["alpha"] is None and head["alpha_kron"] is None
+    assert head["status"] == "ok" and head["n_valid"] == 4   # a CE head's G has rank C − 1: σ_5 = 0
+    assert head["alpha"] is not None and head["alpha_kron"] is not None
     assert len([r for r in res.directions.to_pylist() if r["layer"] == "4"]) == 5
+    five = curvdist.analyze(mlp(), mlp_data(), top_k=5).layer("4")
+    for key in ("alpha", "alpha_kron", "beta", "phi", "gamma", "n_valid", "grad_snr"):
+        assert head[key] == pytest.approx(five[key], rel=1e-9), key
+    tiny = curvdist.analyze(nn.Sequential(nn.Linear(10, 2)).double(), mlp_data(C=2), top_k=8).layer("0")
+    assert tiny["n_valid"] == 1 and tiny["alpha"] is None and tiny["status"].startswith("too_few_valid")
 
 
 def test_zero_and_non_finite_gradients():

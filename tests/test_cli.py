@@ -182,6 +182,15 @@ def test_summary(dataset):
     r = invoke("summary", dataset, "--run-id", "b")
     assert r.exit_code == 0 and "│ a " not in r.stdout
     fails(invoke("summary", dataset, "--run-id", "zz"), "'zz'", "runs with layers: a, b")
+    assert "grad_snr median" in r.stdout and "stable dirs median" in r.stdout and "α_null" not in r.stdout
+
+
+def test_summary_beside_the_null_run(dataset):
+    """Run b re-declared as the null run of a (same config, gradient_labels=sampled): α − α_null per layer type."""
+    store.write_run(dataset, "b", {"config_json": {"top_k": 6, "gradient_labels": "sampled"}, "status": "done"})
+    r = invoke("summary", dataset, "--run-id", "a")
+    assert r.exit_code == 0, r.output
+    assert "α − α_null" in r.stdout and "0.000 (b)" in r.stdout
 
 
 def test_query_formats(dataset):

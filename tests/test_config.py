@@ -127,3 +127,39 @@ def test_every_config_file_parses(path):
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
     assert resolve_run_id(cfg)
+
+
+def test_gradient_labels_key_hash_and_null_pairs(tmp_path):
+    """gradient_labels: true | sampled (YAML's boolean true accepted); the default leaves every config hash as it
+    was before the key existed; sampled is its own run; null_pairs finds a run's null run."""
+    import hashlib
+    import json
+
+    from curvdist.config import HASH_EXCLUDE, null_pairs
+
+    p = tmp_path / "c.yaml"
+    p.write_text("gradient_labels: true\n")
+    assert load_config(p).gradient_labels == "true"
+    p.write_text("gradient_labels: sampled\n")
+    assert load_config(p).gradient_labels == "sampled"
+    assert load_config(None, ["gradient_labels=true"]).gradient_labels == "true"
+    with pytest.raises(ConfigError, match=r"'gradient_labels'.*true, sampled"):
+        load_config(None, ["gradient_labels=noise"])
+    cfg = load_config(None, ["data.sequences=16"])
+    old = to_dict(cfg)
+    old.pop("gradient_labels")
+    for key in HASH_EXCLUDE:
+        *parents, last = key.split(".")
+        sub = old
+        for q in parents:
+            sub = sub.get(q) or {}
+        sub.pop(last, None)
+    assert config_hash(cfg) == hashlib.sha256(json.dumps(old, sort_keys=True, separators=(",", ":")).encode()
+                                              ).hexdigest()[:16]
+    null = load_config(None, ["data.sequences=16", "gradient_labels=sampled", "stages=3", "out=elsewhere"])
+    assert config_hash(null) != config_hash(cfg) and resolve_run_id(null) != resolve_run_id(cfg)
+    other = load_config(None, ["data.sequences=32"])
+    legacy = to_dict(other)
+    legacy.pop("gradient_labels")                       # a run written before the key existed
+    pairs = null_pairs({"t": to_dict(cfg), "n": to_dict(null), "o": legacy})
+    assert pairs == {"t": "n"}

@@ -1,6 +1,7 @@
 """Exact directional curvature (curvdist.math.curvature) against dense truth, curvlinops, and stage chaining (float64)."""
 from __future__ import annotations
 
+import oracle
 import pytest
 import torch
 from torch import nn
@@ -44,9 +45,9 @@ def check_dense(model, data, loss, layers, K=3, gn=True):
     res = exact_curvature(model, data, loss, dirs, layers=layers, gn=gn)
     for name, mod in layers.items():
         U, V = dirs[name]
-        close(res[name].h, dense.quadratic(dense.layer_hessian(model, data, loss, mod), U, V))
+        close(res[name].h, dense.quadratic(dense.layer_hessian(model, data, oracle.LOSSES[loss], mod), U, V))
         if gn:
-            close(res[name].h_gn, dense.quadratic(dense.layer_ggn(model, data, loss, mod), U, V))
+            close(res[name].h_gn, dense.quadratic(dense.layer_ggn(model, data, oracle.LOSSES[loss], mod), U, V))
     return res, dirs
 
 
@@ -174,10 +175,11 @@ def test_tied_lm_head():
     dirs = random_dirs({"lm_head": model.lm_head}, 2)
     U, V = dirs["lm_head"]
     own = exact_curvature(model, data, "cross_entropy", dirs, layers={"lm_head": model.lm_head})["lm_head"]
-    close(own.h, dense.quadratic(dense.layer_hessian(untied, data, "cross_entropy", untied.lm_head), U, V))
+    close(own.h, dense.quadratic(dense.layer_hessian(untied, data, oracle.cross_entropy, untied.lm_head), U, V))
     shared = exact_curvature(model, data, "cross_entropy", dirs, layers={"lm_head": model.lm_head}, method="param")
-    close(shared["lm_head"].h, dense.quadratic(dense.layer_hessian(model, data, "cross_entropy", model.lm_head), U, V))
-    close(shared["lm_head"].h_gn, dense.quadratic(dense.layer_ggn(model, data, "cross_entropy", model.lm_head), U, V))
+    ce = oracle.cross_entropy
+    close(shared["lm_head"].h, dense.quadratic(dense.layer_hessian(model, data, ce, model.lm_head), U, V))
+    close(shared["lm_head"].h_gn, dense.quadratic(dense.layer_ggn(model, data, ce, model.lm_head), U, V))
 
 
 def test_cnn_matches_dense():
@@ -345,7 +347,7 @@ def test_stage_chaining_equals_in_process(j, path):
     close(h, ref.h)
     close(hgn, ref.h_gn)
     if j == 1 and path == "q":  # and both agree with the dense Hessian of the composed model
-        close(h, dense.quadratic(dense.layer_hessian(model, data, "cross_entropy", mod), *dirs[path]))
+        close(h, dense.quadratic(dense.layer_hessian(model, data, oracle.cross_entropy, mod), *dirs[path]))
 
 
 def test_stage_chaining_silu_under_callers_no_grad():

@@ -1,6 +1,7 @@
 """Dense truth (curvdist.math.dense) against closed forms, in float64."""
 from __future__ import annotations
 
+import oracle
 import pytest
 import torch
 from torch import nn
@@ -46,8 +47,8 @@ def test_linear_mse_closed_form_over_microbatches():
     data = linear_data("mse")
     X = torch.cat([x for x, _ in data])
     want = torch.kron(torch.eye(3, dtype=DT), 2.0 / (X.shape[0] * 3) * X.T @ X)
-    close(dense.layer_hessian(model, data, "mse", model), want)
-    close(dense.layer_ggn(model, data, "mse", model), want)
+    close(dense.layer_hessian(model, data, oracle.mse, model), want)
+    close(dense.layer_ggn(model, data, oracle.mse, model), want)
 
 
 def test_linear_softmax_closed_form():
@@ -65,8 +66,8 @@ def test_linear_softmax_closed_form():
                 want += torch.kron(torch.diag(p[t]) - torch.outer(p[t], p[t]), torch.outer(x[t], x[t]))
                 N += 1
     want /= N
-    close(dense.layer_hessian(model, data, "cross_entropy", model), want)
-    close(dense.layer_ggn(model, data, "cross_entropy", model), want)
+    close(dense.layer_hessian(model, data, oracle.cross_entropy, model), want)
+    close(dense.layer_ggn(model, data, oracle.cross_entropy, model), want)
 
 
 def test_conv2d_closed_form_via_im2col():
@@ -80,20 +81,20 @@ def test_conv2d_closed_form_via_im2col():
     y = torch.randn(2, C, generator=g, dtype=DT)
     A = L.input_rows(conv, x)  # (R, n)
     want = torch.kron(torch.eye(3, dtype=DT), 2.0 / (2 * C) * A.T @ A)
-    close(dense.layer_hessian(model, [(x, y)], "mse", conv), want)
+    close(dense.layer_hessian(model, [(x, y)], oracle.mse, conv), want)
 
 
 def test_hessian_symmetric_and_ggn_psd_and_microbatch_weighting():
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
     data = linear_data("cross_entropy", sizes=(6, 2), seed=5)
-    H = dense.layer_hessian(model, data, "cross_entropy", model[0])
-    G = dense.layer_ggn(model, data, "cross_entropy", model[0])
+    H = dense.layer_hessian(model, data, oracle.cross_entropy, model[0])
+    G = dense.layer_ggn(model, data, oracle.cross_entropy, model[0])
     close(H, H.T, 1e-13)
     close(G, G.T, 1e-13)
     assert torch.linalg.eigvalsh(G).min() > -1e-12 * torch.linalg.eigvalsh(G).max()
     assert (H - G).abs().max() > 1e-6  # an inner layer's Hessian is not its GGN
-    parts = [dense.layer_hessian(model, [d], "cross_entropy", model[0]) for d in data]
+    parts = [dense.layer_hessian(model, [d], oracle.cross_entropy, model[0]) for d in data]
     close(H, (6 * parts[0] + 2 * parts[1]) / 8)
 
 
@@ -111,8 +112,9 @@ def test_conv1d_layout_matches_linear():
     m_c = nn.Sequential(c1, nn.Tanh(), nn.Linear(5, 3)).to(DT)
     m_l = nn.Sequential(lin, nn.Tanh(), m_c[2])
     data = linear_data("cross_entropy", sizes=(7,), seed=7)
-    close(dense.layer_hessian(m_c, data, "cross_entropy", c1), dense.layer_hessian(m_l, data, "cross_entropy", lin))
-    close(dense.layer_ggn(m_c, data, "cross_entropy", c1), dense.layer_ggn(m_l, data, "cross_entropy", lin))
+    ce = oracle.cross_entropy
+    close(dense.layer_hessian(m_c, data, ce, c1), dense.layer_hessian(m_l, data, ce, lin))
+    close(dense.layer_ggn(m_c, data, ce, c1), dense.layer_ggn(m_l, data, ce, lin))
 
 
 def test_matches_curvlinops_dense_matrices():
@@ -124,4 +126,35 @@ def test_matches_curvlinops_dense_matrices():
     for op, ours in ((curvlinops.HessianLinearOperator, dense.layer_hessian),
                      (curvlinops.GGNLinearOperator, dense.layer_ggn)):
         A = op(model, nn.CrossEntropyLoss(), [w], data, check_deterministic=False)
-        close(ours(model, data, "cross_entropy", model[0]), A @ torch.eye(w.numel(), dtype=DT))
+        close(ours(model, data, oracle.cross_entropy, model[0]), A @ torch.eye(w.numel(), dtype=DT))
+
+
+def test_oracle_is_the_loss_of_torch_and_of_curvdist():
+    """The hand-written oracle (tests/oracle.py) equals torch.nn.functional's losses, and curvdist.math.losses equals
+    the oracle: sequences with -100 targets, (B, C) logits, MSE over rows; the dense truth with the oracle equals the
+    one with curvdist's own loss."""
+    import torch.nn.functional as F
+
+    from curvdist.math import losses
+
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(3, 5, 7, generator=g, dtype=DT)
+    y = torch.randint(0, 7, (3, 5), generator=g)
+    y[0, 1], y[2, 4], y[1, 0] = -100, -100, -100
+    mean, n = oracle.cross_entropy(z, y)
+    assert n == 12
+    close(mean, F.cross_entropy(z.reshape(-1, 7), y.reshape(-1), ignore_index=-100))
+    ours, n_ours, _ = losses.loss_terms(z, y, "cross_entropy")
+    close(ours, mean)
+    assert n_ours == n
+    t = torch.randn(3, 5, 7, generator=g, dtype=DT)
+    mean, n = oracle.mse(z, t)
+    close(mean, F.mse_loss(z, t))
+    assert n == 15 and losses.loss_terms(z, t, "mse")[1] == 15
+    close(losses.loss_terms(z, t, "mse")[0], mean)
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    data = linear_data("cross_entropy", sizes=(5, 3), seed=13)
+    data[1][1][0] = -100
+    close(dense.layer_hessian(model, data, oracle.cross_entropy, model[0]),
+          dense.layer_hessian(model, data, "cross_entropy", model[0]))

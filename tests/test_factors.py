@@ -9,6 +9,8 @@ Conventions checked exactly (see the curvdist.math.factors docstring):
 - targets -100: curvlinops' empirical matches with ``num_per_example_loss_terms`` = valid terms per sequence;
   its mc / type-2 still draw / expand at ignored positions and divide by all positions, so we compare against a
   model whose ignored logits are detached and rescale by (B·T)/N_valid.
+Only the tests against curvlinops need it (and the GPT-2 ones transformers): the others run without them.
+Per-unit gradient norms, the split halves and the combination of collectors' states are checked against autograd.
 """
 import copy
 
@@ -16,15 +18,11 @@ import pytest
 import torch
 from torch import nn
 
-from curvdist.math import factors, losses
 from curvdist.math import layers as L
-from curvdist.math.factors import StatisticsCollector, collect_projections, collect_statistics
+from curvdist.math import losses
+from curvdist.math.collect import collect_projections, collect_statistics, run_collector
+from curvdist.math.factors import StatisticsCollector
 from curvdist.math.sequence import microbatch_generator
-
-curvlinops = pytest.importorskip("curvlinops")
-transformers = pytest.importorskip("transformers")
-from curvlinops import KFACLinearOperator
-from transformers.pytorch_utils import Conv1D
 
 DT = torch.float64
 SEED = 1234
@@ -38,6 +36,7 @@ def kfac_factors(model_func, loss_func, mods, data, fisher, mc_samples=1, **kw):
     so that pipelines and replicas draw the same labels in any order); curvlinops draws from one generator over the
     whole batch.  So curvlinops runs once per micro-batch with that micro-batch's seed, and its per-micro-batch
     factors are combined with the micro-batch sizes as weights (every sample has the same rows and loss terms)."""
+    KFACLinearOperator = pytest.importorskip("curvlinops").KFACLinearOperator
     names = {id(m): n for n, m in model_func.named_modules()}
     params = [m.weight for m in mods.values()]
 
@@ -90,6 +89,7 @@ def cnn():
 
 
 def gpt2():
+    pytest.importorskip("transformers")
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
@@ -105,6 +105,8 @@ def gpt2_layers(model):
 
 def with_linear(model):
     """A copy with every GPT-2 Conv1D swapped for the equivalent nn.Linear (weight transposed)."""
+    from transformers.pytorch_utils import Conv1D
+
     model = copy.deepcopy(model)
     for name, mod in list(model.named_modules()):
         if isinstance(mod, Conv1D):
@@ -312,7 +314,7 @@ def test_budget_never_allocates_the_factor():
     data = mlp_data("cross_entropy")
     col = StatisticsCollector(mods, stat_dtype=DT, factor_budget_bytes=400)
     assert col.layers["2"].cov_A is None and col.layers["2"].cov_delta is not None
-    factors._run(col, net, data, "cross_entropy", "empirical", 1, 0, "stats")
+    run_collector(col, net, data, "cross_entropy", "empirical", 1, 0, "stats")
     assert col.layers["2"].cov_A is None
     st = col.finalize()["2"]
     full = collect_statistics(net, data, "cross_entropy", layers=mods, stat_dtype=DT)["2"]
@@ -476,3 +478,139 @@ def test_errors():
     with pytest.raises(ValueError, match="unknown layers"):
         collect_projections(net, mlp_data("cross_entropy"), "cross_entropy", layers=mlp_layers(net),
                             directions={"nope": (torch.zeros(1, 2), torch.zeros(1, 2))})
+
+
+# -- per-unit gradient norms, split halves, combining collectors ---------------------------------------------------
+def feed(col, model, items, loss="cross_entropy", fisher="type2", call=None):
+    """Run ``col`` over ``items`` = [(key, x, y)] with the true seed (G) and the fisher seeds (C_δ), keyed."""
+    call = call or (lambda x: model(x))
+    with col:
+        for key, x, y in items:
+            col.begin_microbatch(forward_mask(x), key=key)
+            z = call(x)
+            _, n, _ = losses.loss_terms(z, y, loss)
+            seeds = [("true", next(losses.error_seeds(z, y, loss, "empirical")))]
+            seeds += [("fisher", s) for s in losses.error_seeds(z, y, loss, fisher)]
+            for kind, s in seeds:
+                col.seed_kind(kind)
+                torch.autograd.grad(z, col.outputs(key), s, retain_graph=True)
+                col.seed_kind(None)
+            col.end_microbatch(n, key=key)
+    return col
+
+
+def forward_mask(x):
+    return x.get("attention_mask") if isinstance(x, dict) else None
+
+
+class Reused(nn.Module):
+    """One Linear applied twice per forward (weight reuse): its per-unit norms need the cross terms of the calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = nn.Linear(6, 6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(torch.tanh(self.lin(x)))))
+
+
+def unit_cases(case):
+    """(model, data, layers, call, unit gradients fn) for the per-unit checks."""
+    g = torch.Generator().manual_seed(21)
+    if case == "mlp":
+        net = mlp()
+        return net, mlp_data("cross_entropy", sizes=(5, 3, 4)), mlp_layers(net), (lambda x: net(x))
+    if case == "cnn":  # many positions per image, small m·n: the explicit per-unit form
+        net = cnn()
+        data = [(torch.randn(b, 2, 6, 6, generator=g, dtype=DT), torch.randint(0, 5, (b,), generator=g))
+                for b in (3, 2, 2)]
+        return net, data, {"0": net[0], "2": net[2], "5": net[5]}, (lambda x: net(x))
+    if case == "reuse":
+        torch.manual_seed(3)
+        net = Reused().to(DT)
+        return net, mlp_data("cross_entropy", sizes=(4, 3)), {"lin": net.lin, "head": net.head}, (lambda x: net(x))
+    net = gpt2()  # sequences: ragged valid targets and a padded micro-batch
+    data = seq_data(sizes=(3, 2, 2), ignored=1, uneven=True)
+    ids, y = data[1]
+    data[1] = ({"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6])},
+               torch.where(torch.tensor([[1, 1, 1, 0, 0, 0], [1] * 6]).bool(), y, torch.full_like(y, -100)))
+    data = [(x if isinstance(x, dict) else {"input_ids": x}, t) for x, t in data]
+    return net, data, gpt2_layers(net), (lambda x: net(**x).logits)
+
+
+def unit_gradients(net, data, mods, call):
+    """Per unit (item of the leading axis of each micro-batch), the gradient of its summed loss by autograd, in
+    the weight's layout, flattened."""
+    out = {name: [] for name in mods}
+    weights = [m.weight for m in mods.values()]
+    for x, y in data:
+        for b in range(y.shape[0]):
+            xb = {k: v[b:b + 1] for k, v in x.items()} if isinstance(x, dict) else x[b:b + 1]
+            mean, n, _ = losses.loss_terms(call(xb), y[b:b + 1], "cross_entropy")
+            for name, gw in zip(mods, torch.autograd.grad(mean * n, weights)):
+                out[name].append(gw.detach().reshape(-1))
+    return out
+
+
+@pytest.mark.parametrize("case", ["mlp", "cnn", "reuse", "gpt2"])
+def test_gradient_noise_from_per_unit_gradients(case):
+    """grad_mean_sq, grad_trace_cov, grad_snr and noise_scale equal the McCandlish estimators computed from the
+    per-unit gradients g_u of autograd (x_u = (U/N) g_u): per-unit norms from row Grams (or per-unit products) are
+    exact, for sequences with padding and -100 targets, convolutions, and a layer called twice per forward."""
+    net, data, mods, call = unit_cases(case)
+    stats = collect_statistics(net, data, "cross_entropy", layers=mods, stat_dtype=DT)
+    per_unit = unit_gradients(net, data, mods, call)
+    for name in mods:
+        g = torch.stack(per_unit[name])               # (U, m·n)
+        U, N = g.shape[0], stats[name].n_terms
+        x = (U / N) * g
+        G = x.mean(0)
+        assert_close(G, L.matrix_to_weight(mods[name], stats[name].G).reshape(-1))
+        S = (x * x).sum(1).mean()
+        tr, mean_sq = U / (U - 1) * (S - G @ G), (U * (G @ G) - S) / (U - 1)
+        gn = stats[name].noise
+        assert gn.n_units == U
+        assert gn.grad_trace_cov == pytest.approx(float(tr), rel=1e-9)
+        assert gn.grad_mean_sq == pytest.approx(float(mean_sq), rel=1e-9, abs=1e-12 * float(S))
+        assert gn.grad_snr == pytest.approx(float(G @ G) * U / float(tr), rel=1e-9)
+        if gn.noise_scale is not None:
+            assert gn.noise_scale == pytest.approx(float(tr / mean_sq), rel=1e-8)
+            assert gn.grad_snr == pytest.approx(1 + U / gn.noise_scale, rel=1e-9)
+
+
+@pytest.mark.parametrize("case", ["mlp", "gpt2"])
+def test_halves_are_the_gradients_of_their_microbatches(case):
+    """G_a (even keys) and G_b (odd keys) equal the mean-loss gradients over those micro-batches alone."""
+    net, data, mods, _ = unit_cases(case)
+    stats = collect_statistics(net, data, "cross_entropy", layers=mods, stat_dtype=DT)
+    a = collect_statistics(net, data[0::2], "cross_entropy", layers=mods, stat_dtype=DT)
+    b = collect_statistics(net, data[1::2], "cross_entropy", layers=mods, stat_dtype=DT)
+    for name in mods:
+        G_a, G_b = stats[name].halves
+        assert_close(G_a, a[name].G)
+        assert_close(G_b, b[name].G)
+    one = collect_statistics(net, data[:1], "cross_entropy", layers=mods, stat_dtype=DT)
+    assert all(st.halves is None for st in one.values())   # half b is empty
+
+
+@pytest.mark.parametrize("case", ["mlp", "reuse", "gpt2"])
+def test_states_of_disjoint_collectors_sum_to_one_collector(case):
+    """Replicas: collectors over disjoint micro-batches (by key), states summed, give the collector of all of them,
+    for every statistic: G, C_A, C_δ, G of half a, Σ‖g_u‖², N, N_a, R and the units."""
+    net, data, mods, call = unit_cases(case)
+    items = [(k, x, y) for k, (x, y) in enumerate(data)]
+    whole = feed(StatisticsCollector(mods, stat_dtype=DT), net, items, call=call)
+    parts = [feed(StatisticsCollector(mods, stat_dtype=DT), net, items[r::2], call=call) for r in (1, 0)]
+    merged = StatisticsCollector(mods, stat_dtype=DT)
+    merged.set_state([x + y for x, y in zip(*(p.state() for p in parts))])
+    assert len(merged.state()) == len(whole.state())
+    for x, y in zip(merged.state(), whole.state()):
+        assert_close(x, y)
+    want, got = whole.finalize(), merged.finalize()
+    for name in mods:
+        for f in ("G", "C_A", "C_delta"):
+            assert_close(getattr(got[name], f), getattr(want[name], f))
+        for x, y in zip(got[name].halves, want[name].halves):
+            assert_close(x, y)
+        for key, v in want[name].noise.as_dict().items():   # noise_scale is None where ‖μ‖²^ ≤ 0
+            assert got[name].noise.as_dict()[key] == (v if v is None else pytest.approx(v, rel=1e-12)), key

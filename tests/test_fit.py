@@ -9,7 +9,7 @@ import torch
 
 from curvdist.math.fit import LayerSummary, fit_exponents, ols, rank_model_bics, summarize_layer
 
-LAYER_FIELDS = ["alpha", "r2_alpha", "alpha_kron", "r2_alpha_kron", "beta", "phi", "chi_slope", "gamma", "r2_gamma",
+LAYER_FIELDS = ["alpha", "r2_alpha", "alpha_se", "alpha_kron", "r2_alpha_kron", "beta", "phi", "chi_slope", "gamma", "r2_gamma",
                 "s", "r2_s", "n_valid", "n_valid_kron", "pr_h", "pr_grad", "triangle_error", "triangle_rel_error",
                 "rank_model", "bic_power_law", "bic_exponential", "bic_lognormal", "status"]
 
@@ -166,8 +166,8 @@ def test_summary_without_exact_curvature():
 
 def test_status_override_voids_numbers():
     sigma, h = power_law()
-    s = summarize_layer(sigma, h, h_kron=sigma ** 2, status="top_k_exceeds_rank: top_k=20 > min(m, n)=8")
-    assert s == LayerSummary(status="top_k_exceeds_rank: top_k=20 > min(m, n)=8")
+    s = summarize_layer(sigma, h, h_kron=sigma ** 2, status="zero_gradient: G is identically zero")
+    assert s == LayerSummary(status="zero_gradient: G is identically zero")
     assert summarize_layer([], status="no_directions").status == "no_directions"
     assert summarize_layer(sigma, h, status="ok").alpha is not None
     assert all(isinstance(v, (int, str)) or v is None or type(v) is float
@@ -200,3 +200,20 @@ def test_bic_formula_and_coefficients():
                                                                     for m in ("power_law", "exponential", "lognormal")}}
     e = rank_model_bics(np.exp(-0.3 * np.arange(1, 9)))   # exact exponential: RSS = 0 up to rounding
     assert e["best"] == "exponential" and abs(e["exponential"]["b"] - 0.3) < 1e-12
+
+
+def test_alpha_se_is_the_ols_standard_error():
+    """alpha_se against scipy's linregress (slope stderr), on the valid set only; exact data: 0."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    sigma, h = power_law(alpha=1.4)
+    rng = np.random.default_rng(3)
+    h = h * np.exp(rng.normal(0, 0.2, h.size))
+    h[4] = -1.0                                   # not valid: dropped from the fit and from the error
+    e = fit_exponents(sigma, h)
+    keep = h > 0
+    ref = scipy_stats.linregress(np.log(sigma[keep]), np.log(h[keep]))
+    assert e.alpha == pytest.approx(ref.slope, rel=1e-12) and e.alpha_se == pytest.approx(ref.stderr, rel=1e-10)
+    assert summarize_layer(sigma, h).alpha_se == e.alpha_se
+    sigma, h = power_law(alpha=1.4)
+    assert fit_exponents(sigma, h).alpha_se == pytest.approx(0.0, abs=1e-12)
+    assert fit_exponents(sigma[:2], h[:2]).alpha_se is None

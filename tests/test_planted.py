@@ -17,7 +17,9 @@ import curvdist
 M, N, S, K = 24, 32, 96, 12
 
 
-def planted(g: float, seed: int = 0, micro_batches: int = 3):
+def planted(g: float, seed: int = 0, micro_batches: int = 3, exact_blocks: int = 0):
+    """The planted layer and its data: one exact design of S rows cut into ``micro_batches``, or, with
+    ``exact_blocks`` > 0, that many micro-batches each an exact design of its own (S rows each)."""
     gen = torch.Generator().manual_seed(seed)
     dt = torch.float64
     P, _ = torch.linalg.qr(torch.randn(N, N, generator=gen, dtype=dt))
@@ -33,6 +35,10 @@ def planted(g: float, seed: int = 0, micro_batches: int = 3):
         layer.weight.copy_(W_star + E)
     Y = A @ W_star.T
     data = [(a, y) for a, y in zip(A.chunk(micro_batches), Y.chunk(micro_batches))]
+    if exact_blocks:
+        blocks = [math.sqrt(S) * torch.linalg.qr(torch.randn(S, N, generator=gen, dtype=dt))[0]
+                  @ torch.diag(lam.sqrt()) @ P.T for _ in range(exact_blocks)]
+        data = [(a, a @ W_star.T) for a in blocks]
     return nn.Sequential(layer), data, lam, s
 
 
@@ -79,3 +85,23 @@ def test_planted_mc_kron_close_to_exact():
     assert (ratio - 1).abs().max() < 0.25
     row = res.layers.to_pylist()[0]
     assert abs(row["alpha_kron"] - (row["beta"] + row["phi"])) < 1e-9
+
+
+
+def test_planted_is_stable_and_on_the_kronecker_floor():
+    """Noise-free planted layer (every micro-batch an exact design, so every half has the planted gradient): stability
+    1 for every direction, alpha_half_a = alpha_half_b = α = 1/(1+g); empirical errors sit exactly on the
+    Cauchy–Schwarz floor h^Kron = (N/R)σ² (δ_i and a_i project on the same P-coordinate: ratio 1); null for type2."""
+    g = 0.5
+    model, data, lam, s = planted(g, exact_blocks=4)
+    res = curvdist.analyze(model, data, loss="mse", top_k=K, fisher="empirical", dtype=torch.float64)
+    row = res.layers.to_pylist()[0]
+    d = res.directions.to_pydict()
+    torch.testing.assert_close(torch.tensor(d["sigma"], dtype=torch.float64), (2 / M) * s[:K] * lam[:K], rtol=1e-9,
+                               atol=0)
+    assert abs(row["alpha"] - 1 / (1 + g)) < 1e-6
+    assert max(abs(x - 1) for x in d["stability"]) < 1e-6 and row["stable_directions"] == K
+    assert abs(row["alpha_half_a"] - row["alpha"]) < 1e-6 and abs(row["alpha_half_b"] - row["alpha"]) < 1e-6
+    assert max(abs(x - 1) for x in d["kron_floor_ratio"]) < 1e-9
+    t2 = curvdist.analyze(model, data, loss="mse", top_k=K, fisher="type2", dtype=torch.float64)
+    assert all(x is None for x in t2.directions.column("kron_floor_ratio").to_pylist())

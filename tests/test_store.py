@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curvdist.io import store
+from curvdist.io import store, summary
 
 
 def _one(con, sql):
@@ -134,13 +134,49 @@ def test_summary_by_layer_type(tmp_path):
     store.write_part(tmp_path, "layers", "r1", "p", rows)
     store.write_part(tmp_path, "layers", "r2", "p", _layers("r2", n=2))
     con = store.open(tmp_path)
-    s = {r["layer_type"]: r for r in store.summary(con, "r1").to_pylist()}
+    s = {r["layer_type"]: r for r in summary.summary(con, "r1").to_pylist()}
     assert list(s) == ["attn_q", "mlp_up"]  # canonical layer-type order
     assert s["mlp_up"]["n_layers"] == 3 and s["mlp_up"]["alpha_n"] == 2
     assert s["mlp_up"]["alpha_mean"] == pytest.approx(3.0) and s["mlp_up"]["alpha_median"] == pytest.approx(3.0)
     assert s["attn_q"]["beta_mean"] == 2.0 and s["attn_q"]["phi_std"] == 0.0
-    assert {r["run_id"] for r in store.summary(con).to_pylist()} == {"r1", "r2"}
-    assert "mlp_up" in store.format_summary(store.summary(con, "r1"))
+    assert {r["run_id"] for r in summary.summary(con).to_pylist()} == {"r1", "r2"}
+    assert "mlp_up" in summary.format_summary(summary.summary(con, "r1"))
+
+
+def test_summary_grad_snr_flag_and_null_run(tmp_path):
+    """grad_snr and stable directions beside α; a layer type with median grad_snr below the floor is flagged; a run
+    whose null run (same config, gradient_labels=sampled) is in the dataset gets α − α_null per layer type."""
+    from curvdist.config import load_config, to_dict
+
+    def rows(run_id, alphas, snrs):
+        return [{"run_id": run_id, "layer": f"l{i}", "layer_type": t, "alpha": a, "grad_snr": g,
+                 "stable_directions": 3 if g > 2 else 0}
+                for i, (t, a, g) in enumerate(zip(["attn_q", "attn_q", "mlp_up"], alphas, snrs))]
+
+    store.write_part(tmp_path, "layers", "t", "p", rows("t", [1.0, 1.2, 0.9], [1.1, 1.3, 40.0]))
+    store.write_part(tmp_path, "layers", "n", "p", rows("n", [2.1, 2.3, 2.4], [1.0, 0.9, 1.1]))
+    store.write_part(tmp_path, "layers", "x", "p", rows("x", [1.0, 1.0, 1.0], [5.0, 5.0, 5.0]))
+    store.write_run(tmp_path, "t", {"config_json": to_dict(load_config(None, ["top_k=5"]))})
+    store.write_run(tmp_path, "n", {"config_json": to_dict(load_config(None, ["top_k=5", "gradient_labels=sampled"]))})
+    store.write_run(tmp_path, "x", {"config_json": to_dict(load_config(None, ["top_k=6"]))})
+    con = store.open(tmp_path)
+    assert summary.null_runs(con) == {"t": "n"}
+    s = {(r["run_id"], r["layer_type"]): r for r in summary.summary(con).to_pylist()}
+    q, up = s[("t", "attn_q")], s[("t", "mlp_up")]
+    assert q["grad_snr_median"] == pytest.approx(1.2) and q["low_snr"] and not up["low_snr"]
+    assert q["stable_directions_median"] == 0 and up["stable_directions_median"] == 3
+    assert q["null_run_id"] == "n" and q["alpha_minus_null"] == pytest.approx(-1.1)
+    assert up["alpha_null_mean"] == pytest.approx(2.4) and up["alpha_minus_null"] == pytest.approx(-1.5)
+    assert s[("x", "attn_q")]["null_run_id"] is None and s[("n", "attn_q")]["null_run_id"] is None
+    text = summary.format_summary(summary.summary(con, "t"))
+    assert "grad_snr" in text and "alpha-alpha_null" in text and "1.200 !" in text and summary.SNR_NOTE in text
+    assert "!" not in summary.format_summary(summary.summary(con, "x"))
+    old = tmp_path / "old" / "layers" / "run_id=r1"   # a dataset written before these columns existed
+    old.mkdir(parents=True)
+    pq.write_table(pa.table({"layer": ["a"], "layer_type": ["mlp_up"], "alpha": [1.0], "alpha_kron": [2.0],
+                             "beta": [2.0], "phi": [0.0]}), old / "p.parquet")
+    s = summary.summary(store.open(tmp_path / "old")).to_pylist()
+    assert s[0]["grad_snr_median"] is None and s[0]["low_snr"] is None and s[0]["null_run_id"] is None
 
 
 def test_open_errors(tmp_path):

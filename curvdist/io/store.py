@@ -32,7 +32,6 @@ Example::
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import time
@@ -46,7 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curvdist.vocab import DIRECTION_COLUMNS, LAYER_TYPES
+from curvdist.vocab import DIRECTION_COLUMNS
 
 SCHEMA_VERSION = 2   # 2: rows committed per phase (kronecker, then exact), `part` names each commit
 TABLES = ("runs", "layers", "directions", "spectra")
@@ -61,7 +60,7 @@ def _fields(required: Sequence[tuple[str, pa.DataType]], optional: Sequence[tupl
             + [pa.field("schema_version", _i32, nullable=False)])
 
 
-_FIT = ["alpha", "r2_alpha", "alpha_kron", "r2_alpha_kron", "beta", "phi", "chi_slope", "gamma", "r2_gamma",
+_FIT = ["alpha", "r2_alpha", "alpha_se", "alpha_kron", "r2_alpha_kron", "beta", "phi", "chi_slope", "gamma", "r2_gamma",
         "s", "r2_s"]
 _SCHEMAS: dict[str, pa.Schema] = {
     "runs": pa.schema(_fields(
@@ -78,6 +77,8 @@ _SCHEMAS: dict[str, pa.Schema] = {
            ("triangle_error", _f64), ("triangle_rel_error", _f64), ("rank_model", _str),
            ("bic_power_law", _f64), ("bic_exponential", _f64), ("bic_lognormal", _f64), ("status", _str),
            ("t_factors_s", _f64), ("t_spectral_s", _f64), ("t_exact_s", _f64),
+           ("n_units", _i64), ("grad_mean_sq", _f64), ("grad_trace_cov", _f64), ("grad_snr", _f64),
+           ("noise_scale", _f64), ("stable_directions", _i32), ("alpha_half_a", _f64), ("alpha_half_b", _f64),
            ("phase", _str), ("exact_pending", pa.bool_()), ("part", _str)])),
     "directions": pa.schema(_fields(
         [("run_id", _str), ("layer", _str), ("k", _i32)],
@@ -405,34 +406,3 @@ def arrow(rel: duckdb.DuckDBPyRelation) -> pa.Table:
     """A relation's rows as an Arrow table (DuckDB 2: ``to_arrow_table``; DuckDB 1: ``fetch_arrow_table``)."""
     fn = getattr(rel, "to_arrow_table", None) or rel.fetch_arrow_table
     return fn()
-
-
-SUMMARY_QUANTITIES = ("alpha", "alpha_kron", "beta", "phi")
-
-
-def summary(con: duckdb.DuckDBPyConnection, run_id: str | None = None) -> pa.Table:
-    """α, α_Kron, β, φ by (run_id, layer_type): ``<q>_mean, <q>_median, <q>_std, <q>_n`` (non-null count), plus
-    ``n_layers``.  ``run_id=None`` summarises every run in the dataset."""
-    aggs = ", ".join(f"avg({q}) AS {q}_mean, median({q}) AS {q}_median, stddev_samp({q}) AS {q}_std, "
-                     f"count({q}) AS {q}_n" for q in SUMMARY_QUANTITIES)
-    order = "[" + ", ".join(f"'{t}'" for t in LAYER_TYPES) + "]"
-    where, params = ("WHERE run_id = $run_id", {"run_id": run_id}) if run_id is not None else ("", {})
-    sql = (f"SELECT run_id, layer_type, count(*) AS n_layers, {aggs} FROM layers {where} "
-           f"GROUP BY run_id, layer_type "
-           f"ORDER BY run_id, coalesce(list_position({order}, layer_type), 999), layer_type")
-    return arrow(con.sql(sql, params=params) if params else con.sql(sql))
-
-
-def format_summary(table: pa.Table) -> str:
-    """A plain-text rendering of ``summary`` (mean ± std, median, n per quantity)."""
-    def f(x: Any) -> str:
-        return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
-
-    head = ["run_id", "layer_type", "n"] + [f"{q} (mean±std / median)" for q in SUMMARY_QUANTITIES]
-    lines = []
-    for r in table.to_pylist():
-        cells = [str(r["run_id"]), str(r["layer_type"]), str(r["n_layers"])]
-        cells += [f"{f(r[q + '_mean'])}±{f(r[q + '_std'])} / {f(r[q + '_median'])}" for q in SUMMARY_QUANTITIES]
-        lines.append(cells)
-    widths = [max(len(c) for c in col) for col in zip(head, *lines)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *lines])

@@ -70,16 +70,20 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp, vmap
 
 from curvdist.math import layers as L
+from curvdist.math import noise
 from curvdist.math.forward import model_logits, second_order_attention, to_device
 from curvdist.math.losses import hessian_quadratic, loss_terms
 
 
 @dataclass
 class Curvature:
-    """Per-layer result: ``h`` (K,) exact Hessian quotients, ``h_gn`` (K,) Gauss–Newton quotients (None if not asked)."""
+    """Per-layer result: ``h`` (K,) exact Hessian quotients, ``h_gn`` (K,) Gauss–Newton quotients (None if not asked),
+    ``h_half`` (2, K): h of the micro-batches of each half (:func:`curvdist.math.noise.half_of`), each over its own
+    loss terms (None when a half is empty or h was not asked)."""
 
     h: Tensor | None
     h_gn: Tensor | None
+    h_half: Tensor | None = None
 
 
 def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
@@ -99,7 +103,7 @@ def _check_directions(directions, layers) -> None:
 def exact_curvature(model: nn.Module, data: Iterable, loss: str,
                     directions: Mapping[str, tuple[Tensor, Tensor]], *, layers: Mapping[str, nn.Module],
                     hessian: bool = True, gn: bool = True, chunk_size: int | None = None,
-                    method: str = "auto") -> dict[str, Curvature]:
+                    method: str = "auto", keys: Iterable | None = None) -> dict[str, Curvature]:
     """Exact h_k and h^GN_k of every layer in ``directions`` (name → (U (K, m), V (K, n))), over all micro-batches.
 
     ``data``: iterable of ``(inputs, targets)`` micro-batches (see :mod:`curvdist.math.forward`); floating inputs are
@@ -112,7 +116,8 @@ def exact_curvature(model: nn.Module, data: Iterable, loss: str,
     of one call may depend on W, so s is not linear in W and only the param route is exact.  A weight tied to
     another module (GPT-2's lm_head and wte) is measured in its use by THIS module on the output route, as G and
     the Kronecker factors are; ``method="param"`` gives the Hessian w.r.t. the shared tensor instead (all uses).
-    The model is evaluated in its current mode (``model.eval()`` switches dropout off).
+    The model is evaluated in its current mode (``model.eval()`` switches dropout off).  ``keys``: the micro-batch
+    keys of ``data`` (default 0, 1, 2, … in order), which decide the half of each micro-batch for ``h_half``.
     Returns name → :class:`Curvature` with float64 CPU tensors (K,).
     """
     if not (hessian or gn):
@@ -125,6 +130,9 @@ def exact_curvature(model: nn.Module, data: Iterable, loss: str,
     dirs = {k: (U.to(device=device, dtype=dtype), V.to(device=device, dtype=dtype)) for k, (U, V) in directions.items()}
     acc_h = {k: torch.zeros(U.shape[0], dtype=torch.float64) for k, (U, _) in dirs.items()}
     acc_gn = {k: torch.zeros(U.shape[0], dtype=torch.float64) for k, (U, _) in dirs.items()}
+    acc_half = {k: torch.zeros(2, U.shape[0], dtype=torch.float64) for k, (U, _) in dirs.items()}
+    n_half, half = [0, 0], [0]
+    keys = None if keys is None else list(keys)
     pnames = {k: _weight_names(model, layers[k]) for k in names}
     # A weight tied to another module (GPT-2's lm_head and wte) is measured in its use by THIS module, as G and the
     # Kronecker factors are (and as a pipeline stage, which holds its own copy, must): the output path.
@@ -147,6 +155,7 @@ def exact_curvature(model: nn.Module, data: Iterable, loss: str,
     def add(name, nb, hb, gnb):
         if hb is not None:
             acc_h[name] += nb * hb.detach().double().cpu()
+            acc_half[name][half[0]] += nb * hb.detach().double().cpu()
         if gnb is not None:
             acc_gn[name] += nb * gnb.detach().double().cpu()
 
@@ -157,7 +166,8 @@ def exact_curvature(model: nn.Module, data: Iterable, loss: str,
         for p in params:
             p.requires_grad_(False)
         handles = [layers[k].register_forward_hook(make_hook(k)) for k in names if k not in param_path]
-        for inputs, targets in data:
+        for b, (inputs, targets) in enumerate(data):
+            half[0] = noise.half_of(b if keys is None else keys[b])
             inputs = to_device(inputs, device, dtype)
             targets = to_device(targets, device)
             nb = None
@@ -173,6 +183,7 @@ def exact_curvature(model: nn.Module, data: Iterable, loss: str,
                                           gn, chunk_size)
                 add(k, nb, hb, gnb)
             n_total += nb
+            n_half[half[0]] += nb
     finally:
         active[0] = False
         for h in handles:
@@ -183,8 +194,8 @@ def exact_curvature(model: nn.Module, data: Iterable, loss: str,
             v.clear()
     if n_total == 0:
         raise ValueError("data yielded no micro-batches")
-    return {k: Curvature(acc_h[k] / n_total if hessian else None, acc_gn[k] / n_total if gn else None)
-            for k in names}
+    return {k: Curvature(acc_h[k] / n_total if hessian else None, acc_gn[k] / n_total if gn else None,
+                         noise.half_means(acc_half[k], n_half) if hessian else None) for k in names}
 
 
 def _weight_names(model: nn.Module, module: nn.Module) -> list[str]:

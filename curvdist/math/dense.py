@@ -8,13 +8,17 @@ Pure: tensors in, tensors out (torch.func, meant for float64 and a few hundred w
     G     = (1/N) Σ_b N_b J_bᵀ (∇²_z L_b) J_b              (mn × mn), J_b = ∂ vec(z_b)/∂ vec(W)   (P_b × mn)
     quadratic(M, U, V)_k = vec(u_k v_kᵀ)ᵀ M vec(u_k v_kᵀ)   = Σ_{ijkl} M[(i,j),(k,l)] u_i v_j u_k v_l
 
+``loss`` is a name of :mod:`curvdist.math.losses` or a callable ``(logits, targets) -> (mean loss, number of loss
+terms)``: tests that check code built on :func:`curvdist.math.losses.loss_terms` pass an independent oracle
+(tests/oracle.py) so that the truth does not share the loss with what it checks.
+
 The weight enters through ``torch.func.functional_call`` with the weight tensor rebuilt from W by
 :func:`curvdist.math.layers.matrix_to_weight`, so Linear, Conv2d and GPT-2 Conv1D all work.  Every micro-batch is held
 in memory; the Hessian is built by ``torch.func.hessian`` (forward-over-reverse over all mn basis directions).
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +27,15 @@ from torch.func import functional_call, hessian, jacfwd
 from curvdist.math import layers as L
 from curvdist.math.forward import model_logits, second_order_attention, to_device
 from curvdist.math.losses import loss_terms
+
+LossFn = Callable[[Tensor, Tensor], tuple[Tensor, int]]
+
+
+def _loss(loss: str | LossFn) -> LossFn:
+    """(logits, targets) → (mean loss, terms) for a loss name or an oracle callable."""
+    if callable(loss):
+        return loss
+    return lambda z, y: loss_terms(z, y, loss)[:2]
 
 
 def _weight_name(model: nn.Module, module: nn.Module) -> str:
@@ -49,7 +62,7 @@ def _logits_fn(model: nn.Module, module: nn.Module, inputs):
 
 def _n_terms(model, data, loss) -> list[int]:
     with torch.no_grad(), second_order_attention():
-        return [loss_terms(model_logits(model, x), y, loss)[1] for x, y in data]
+        return [int(_loss(loss)(model_logits(model, x), y)[1]) for x, y in data]
 
 
 def _setup(model, data, loss, module):
@@ -59,7 +72,7 @@ def _setup(model, data, loss, module):
     return batches, counts, sum(counts), L.weight_matrix(module).detach().clone()
 
 
-def layer_hessian(model: nn.Module, data: Iterable, loss: str, module: nn.Module) -> Tensor:
+def layer_hessian(model: nn.Module, data: Iterable, loss: str | LossFn, module: nn.Module) -> Tensor:
     """Exact ∇²_W L (mn × mn) of the mean loss over all micro-batches, W the layer's (m, n) matrix."""
     batches, counts, N, W0 = _setup(model, data, loss, module)
     m, n = W0.shape
@@ -67,7 +80,7 @@ def layer_hessian(model: nn.Module, data: Iterable, loss: str, module: nn.Module
     def total(W: Tensor) -> Tensor:
         out = 0.0
         for (x, y), nb in zip(batches, counts):
-            out = out + nb * loss_terms(_logits_fn(model, module, x)(W), y, loss)[0]
+            out = out + nb * _loss(loss)(_logits_fn(model, module, x)(W), y)[0]
         return out / N
 
     with second_order_attention():
@@ -75,7 +88,7 @@ def layer_hessian(model: nn.Module, data: Iterable, loss: str, module: nn.Module
     return H.reshape(m * n, m * n).detach()
 
 
-def layer_ggn(model: nn.Module, data: Iterable, loss: str, module: nn.Module) -> Tensor:
+def layer_ggn(model: nn.Module, data: Iterable, loss: str | LossFn, module: nn.Module) -> Tensor:
     """Exact Gauss–Newton matrix Jᵀ (∇²_z L) J (mn × mn) of the mean loss, restricted to the layer's W."""
     batches, counts, N, W0 = _setup(model, data, loss, module)
     m, n = W0.shape
@@ -85,7 +98,7 @@ def layer_ggn(model: nn.Module, data: Iterable, loss: str, module: nn.Module) ->
             f = _logits_fn(model, module, x)
             z0 = f(W0).detach()
             J = jacfwd(f)(W0).reshape(z0.numel(), m * n)  # (P, mn)
-            Hz = hessian(lambda z, y=y: loss_terms(z, y, loss)[0])(z0).reshape(z0.numel(), z0.numel())  # (P, P)
+            Hz = hessian(lambda z, y=y: _loss(loss)(z, y)[0])(z0).reshape(z0.numel(), z0.numel())  # (P, P)
             G += (nb / N) * (J.T @ Hz @ J)
     return G.detach()
 

@@ -24,7 +24,7 @@ Projected statistics for fixed directions U (K, m), V (K, n) need no dense facto
     h_sop_k          = (1/N) Σ_i Σ_seeds (u_kᵀδ_i)² (v_kᵀa_i)²
 
 The :class:`StatisticsCollector` only sees layer inputs (forward hook) and layer output gradients (tensor hook), so
-it works for an in-process model (:func:`collect_statistics`, :func:`collect_projections`) and for a pipeline stage
+it works for an in-process model (:mod:`curvdist.math.collect`) and for a pipeline stage
 that runs part of the model and receives its output gradient from elsewhere::
 
     col = StatisticsCollector(layers, stat_dtype=torch.float32)
@@ -39,12 +39,16 @@ that runs part of the model and receives its output gradient from elsewhere::
             col.end_microbatch(n_terms)          # N_b of this micro-batch (the stage must be told it)
     stats = col.finalize()
 
+With the dense statistics the collector also keeps, for :mod:`curvdist.math.noise`, the sum of G over the micro-batches
+of half a (``G_a``; half b is G minus it) and Σ_u ‖g_u‖² over the units u (sequences, images, samples: the items of
+a layer input's leading axis), from which the layer's gradient signal-to-noise and split-half stability follow.
+
 Accumulators share a tiny protocol (``update(rows)``, ``value(norm)``, ``nbytes``) so a streaming sketch (Nyström)
 can replace :class:`DenseSecondMoment` for layers whose factors exceed the budget.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -52,10 +56,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from curvdist.math import forward, losses
 from curvdist.math import layers as L
+from curvdist.math import noise
 from curvdist.math.moments import DenseSecondMoment, ProjectedSecondMoment
-from curvdist.math.sequence import error_seeds
 from curvdist.vocab import Status
 
 SEED_KINDS = (None, "true", "fisher", "both")
@@ -74,6 +77,8 @@ class LayerStatistics:
     n_terms: int                       # N, loss terms of the whole batch
     status: str = "ok"
     factor_bytes: int = 0              # bytes of the dense factors actually allocated (C_A and C_δ; G excluded)
+    halves: tuple[torch.Tensor, torch.Tensor] | None = None   # (G_a, G_b), each (m, n); None if a half is empty
+    noise: noise.GradientNoise | None = None                    # grad_snr, noise_scale, … from the units
 
 
 @dataclass
@@ -99,7 +104,8 @@ class _Layer:
         self.name, self.module = name, module
         self.m, self.n = L.shape(module)
         self.rows, self.status, self.seen_error = 0, [], False
-        self.G = None
+        self.G = self.G_a = self.unit_sq = None   # Σ g, Σ g over half a, Σ_u ‖g_u‖² (module docstring)
+        self.units = 0
         self.cov_A = self.cov_delta = None
         if dense:
             for attr, label, d in (("cov_A", "C_A", self.n), ("cov_delta", "C_delta", self.m)):
@@ -124,7 +130,7 @@ class _Layer:
         K = self.proj_A.P.shape[0] if self.proj_A is not None else 0
         out: dict[str, tuple[int, ...]] = {}
         if self.dense:
-            out["G"] = (self.m, self.n)
+            out.update({"G": (self.m, self.n), "G_a": (self.m, self.n), "unit_sq": (1,)})
         if self.cov_A is not None:
             out["cov_A.sum"] = (self.n, self.n)
         if self.cov_delta is not None:
@@ -143,14 +149,15 @@ class _Layer:
 
 
 class _Open:
-    """What one micro-batch in flight has recorded: its row mask, the hooked layer outputs, and per layer one
-    record (input rows, projected input rows, kept-row mask) per module call."""
+    """What one micro-batch in flight has recorded: its row mask, the hooked layer outputs, per layer one record
+    (input rows, projected input rows, kept-row mask, unit of each row) per module call, and the true-seed rows of
+    layers called more than once (their per-unit norms need every call's rows)."""
 
     def __init__(self, mask: torch.Tensor | None, names):
         self.mask = mask
         self.outputs: list[tuple[torch.Tensor, int, torch.Tensor]] = []
-        self.calls: dict[str, list[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]] = {
-            n: [] for n in names}
+        self.calls: dict[str, list[tuple[torch.Tensor | None, ...]]] = {n: [] for n in names}
+        self.true_rows: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
 
 
 class StatisticsCollector:
@@ -178,6 +185,7 @@ class StatisticsCollector:
         self.layers = {name: _Layer(name, mod, dense, stat_dtype, factor_budget_bytes, (directions or {}).get(name))
                        for name, mod in layers.items()}
         self.n_terms = 0
+        self.n_terms_a = 0                    # loss terms of the micro-batches of half a (noise.half_of)
         self._handles: list = []
         self._open: dict[Any, _Open] = {}     # micro-batches in flight: key → their recorded rows
         self._forward_key: Any = None         # the micro-batch whose forward the hooks record now
@@ -237,7 +245,12 @@ class StatisticsCollector:
     def end_microbatch(self, n_terms: int, key: Any = 0) -> None:
         """Close micro-batch ``key``: add its loss terms to N and drop its recorded rows and outputs."""
         self.n_terms += int(n_terms)
-        self._open.pop(key, None)
+        if noise.half_of(key) == 0:
+            self.n_terms_a += int(n_terms)
+        rec = self._open.pop(key, None)
+        for name, rows in (rec.true_rows.items() if rec is not None else ()):
+            d, a, u = (torch.cat(x) for x in zip(*rows))
+            self._add_units(self.layers[name], d, a, u)
         if self._forward_key == key:
             self._forward_key = None
         self._kind = None
@@ -249,9 +262,9 @@ class StatisticsCollector:
 
     # combining collectors (replicas over disjoint micro-batches) ---------------------------------------------------
     def state(self) -> list[torch.Tensor]:
-        """Every running sum as one flat list in a fixed order, then a float64 tensor of the counts (N, and per
-        layer R and whether errors were seen).  Summing the states of collectors that saw disjoint micro-batches
-        (an all-reduce) and loading the sum with :meth:`set_state` gives the collector of all of them, because
+        """Every running sum as one flat list in a fixed order, then a float64 tensor of the counts (N, N of half a,
+        and per layer R, whether errors were seen, and the number of units).  Summing the states of collectors that
+        saw disjoint micro-batches (an all-reduce) and loading the sum with :meth:`set_state` gives the collector of all of them, because
         every statistic is a sum over rows, normalised only in :meth:`finalize` / :meth:`projections`.  Sums not
         yet allocated are zeros, so collectors of the same layers give lists of equal shapes."""
         out = []
@@ -259,8 +272,8 @@ class StatisticsCollector:
             for path, shape in st.sums().items():
                 v = st.get(path)
                 out.append(v if v is not None else torch.zeros(shape, dtype=self.dtype))
-        counts = [float(self.n_terms)] + [x for st in self.layers.values()
-                                          for x in (float(st.rows), float(st.seen_error))]
+        counts = [float(self.n_terms), float(self.n_terms_a)] + [
+            x for st in self.layers.values() for x in (float(st.rows), float(st.seen_error), float(st.units))]
         out.append(torch.tensor(counts, dtype=torch.float64))
         return out
 
@@ -268,13 +281,14 @@ class StatisticsCollector:
         """Load a (reduced) :meth:`state` of a collector of the same layers."""
         values = list(values)
         counts = values.pop().double().cpu().tolist()
-        self.n_terms = int(round(counts[0]))
+        self.n_terms, self.n_terms_a = int(round(counts[0])), int(round(counts[1]))
         it = iter(values)
         for j, st in enumerate(self.layers.values()):
             for path in st.sums():
                 st.put(path, next(it))
-            st.rows = int(round(counts[1 + 2 * j]))
-            st.seen_error = counts[2 + 2 * j] > 0
+            st.rows = int(round(counts[2 + 3 * j]))
+            st.seen_error = counts[3 + 3 * j] > 0
+            st.units = int(round(counts[4 + 3 * j]))
 
     def _keep(self, module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
         if mask is None or isinstance(module, nn.Conv2d) or tuple(x.shape[:-1]) != tuple(mask.shape):
@@ -289,8 +303,12 @@ class StatisticsCollector:
         x = inputs[0].detach()
         a = L.input_rows(module, x).to(self.dtype)
         keep = self._keep(module, x, rec.mask)
+        units = noise.row_units(x, a.shape[0]) if st.dense else None
+        if units is not None and units.numel() and not rec.calls[st.name]:
+            st.units += int(units[-1]) + 1
         if keep is not None:
             a = a[keep]
+            units = None if units is None else units[keep]
         st.rows += a.shape[0]
         if st.cov_A is not None:
             st.cov_A.update(a)
@@ -299,7 +317,7 @@ class StatisticsCollector:
             cA = st.proj_A.project(a)
             st.proj_A.update_projected(cA)
         calls = rec.calls[st.name]
-        calls.append((a if st.dense else None, cA, keep))
+        calls.append((a if st.dense else None, cA, keep, units))
         if isinstance(output, torch.Tensor) and output.requires_grad:
             output.register_hook(partial(self._on_grad, st, key, len(calls) - 1))
             rec.outputs.append((output, output._version, module.weight))
@@ -309,7 +327,7 @@ class StatisticsCollector:
         rec = self._open.get(key)
         if kind is None or rec is None or call >= len(rec.calls[st.name]):
             return
-        a, cA, keep = rec.calls[st.name][call]
+        a, cA, keep, units = rec.calls[st.name][call]
         d = L.output_rows(st.module, g.detach()).to(self.dtype)
         if self._scale != 1.0:
             d = d * self._scale
@@ -319,6 +337,12 @@ class StatisticsCollector:
         if kind in ("true", "both") and a is not None:
             gd = d.T @ a
             st.G = gd if st.G is None else st.G.add_(gd)
+            if noise.half_of(key) == 0:
+                st.G_a = gd.clone() if st.G_a is None else st.G_a.add_(gd)
+            if len(rec.calls[st.name]) == 1:
+                self._add_units(st, d, a, units)
+            else:   # cross terms between calls: the norms wait for every call's rows (end_microbatch)
+                rec.true_rows.setdefault(st.name, []).append((d, a, units))
         if kind in ("fisher", "both"):
             if st.cov_delta is not None:
                 st.cov_delta.update(d)
@@ -327,6 +351,11 @@ class StatisticsCollector:
                 st.proj_delta.update_projected(cd)
                 s = (cd * cd * cA * cA).sum(0)
                 st.sop = s if st.sop is None else st.sop + s
+
+    @staticmethod
+    def _add_units(st: _Layer, d: torch.Tensor, a: torch.Tensor, units: torch.Tensor) -> None:
+        s = noise.unit_sq_norms(d, a, units).sum().reshape(1)
+        st.unit_sq = s if st.unit_sq is None else st.unit_sq.add_(s)
 
     # results -----------------------------------------------------------------------------------------------------
     def _check(self) -> None:
@@ -348,7 +377,11 @@ class StatisticsCollector:
             C_A = st.cov_A.value(R) if st.cov_A is not None else None
             C_d = st.cov_delta.value(N) if st.cov_delta is not None else None
             nbytes = sum(acc.nbytes for acc in (st.cov_A, st.cov_delta) if acc is not None)
-            out[name] = LayerStatistics(name, st.m, st.n, G, C_A, C_d, R, N, "; ".join(status) or "ok", nbytes)
+            halves = noise.halves(st.G, st.G_a, N, self.n_terms_a) if st.G is not None else None
+            unit_sq = float(st.unit_sq.sum()) if st.unit_sq is not None else 0.0
+            gn = noise.gradient_noise(float(G.double().square().sum()), unit_sq, st.units, N)
+            out[name] = LayerStatistics(name, st.m, st.n, G, C_A, C_d, R, N, "; ".join(status) or "ok", nbytes,
+                                        halves, gn)
         return out
 
     def projections(self) -> dict[str, Projections]:
@@ -363,59 +396,3 @@ class StatisticsCollector:
             out[name] = Projections(st.proj_delta.value(self.n_terms), st.proj_A.value(st.rows),
                                     sop / self.n_terms)
         return out
-
-
-def _run(collector: StatisticsCollector, model: nn.Module, data: Iterable, loss: str, fisher: str,
-         mc_samples: int, seed: int, pass_kind: str) -> None:
-    """Forward every micro-batch, back-propagate its error seeds (:func:`curvdist.math.sequence.error_seeds`: the
-    seed schedule both routes share; micro-batch keys 0, 1, … in data order) to the hooked layer outputs
-    (``torch.autograd.grad``: parameter ``.grad`` is never touched)."""
-    losses.check_loss(loss)
-    losses.check_fisher(fisher)
-    if mc_samples < 1:
-        raise ValueError(f"mc_samples={mc_samples} must be ≥ 1")
-    n_batches = 0
-    with collector, torch.enable_grad():
-        for b, (inputs, targets) in enumerate(data):
-            collector.begin_microbatch(forward.row_mask(inputs), key=b)
-            logits = forward.model_logits(model, inputs)
-            _, n, _ = losses.loss_terms(logits, targets, loss)
-            outs = collector.outputs(b)
-            if not outs:
-                raise RuntimeError("no selected layer output requires grad: enable grad on the layers' parameters")
-            for kind, s in error_seeds(logits, targets, loss=loss, fisher=fisher, mc_samples=mc_samples, seed=seed,
-                                       pass_kind=pass_kind, microbatch=b):
-                collector.seed_kind(kind)
-                torch.autograd.grad(logits, outs, s.to(logits.dtype), retain_graph=True, allow_unused=True)
-                collector.seed_kind(None)
-            del logits, outs
-            collector.end_microbatch(n, key=b)
-            n_batches += 1
-    if n_batches == 0:
-        raise ValueError("data is empty: pass at least one (inputs, targets) micro-batch")
-
-
-def collect_statistics(model: nn.Module, data: Iterable, loss: str, *, fisher: str = "empirical",
-                       layers: Mapping[str, nn.Module], stat_dtype: torch.dtype = torch.float32,
-                       factor_budget_bytes: int | None = None, mc_samples: int = 1,
-                       seed: int = 0) -> dict[str, LayerStatistics]:
-    """G (true-label seed, for every ``fisher``), C_A and C_δ (``fisher`` seeds) of every layer over ``data``,
-    an iterable of ``(inputs, targets)`` micro-batches; normalised as in the module docstring."""
-    col = StatisticsCollector(layers, stat_dtype=stat_dtype, factor_budget_bytes=factor_budget_bytes)
-    _run(col, model, data, loss, fisher, mc_samples, seed, "stats")
-    return col.finalize()
-
-
-def collect_projections(model: nn.Module, data: Iterable, loss: str, *, fisher: str = "empirical",
-                        layers: Mapping[str, nn.Module],
-                        directions: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-                        stat_dtype: torch.dtype = torch.float32, mc_samples: int = 1,
-                        seed: int = 0) -> dict[str, Projections]:
-    """rayleigh_delta, rayleigh_A and h_sop along ``directions`` ({name: (U (K, m), V (K, n))}) without dense factors.
-    Uses the same ``seed`` stream as :func:`collect_statistics`, so ``rayleigh_delta`` equals diag(U C_δ Uᵀ)."""
-    sel = {name: mod for name, mod in layers.items() if name in directions}
-    if set(directions) - set(sel):
-        raise ValueError(f"directions given for unknown layers: {sorted(set(directions) - set(sel))}")
-    col = StatisticsCollector(sel, stat_dtype=stat_dtype, dense=False, directions=directions)
-    _run(col, model, data, loss, fisher, mc_samples, seed, "projections")
-    return col.projections()

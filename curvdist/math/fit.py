@@ -76,6 +76,22 @@ def ols(x, y) -> tuple[float, float, float]:
     return b, a, (1.0 - rss / sst) if sst > 0 else math.nan
 
 
+def slope_se(x, y) -> float:
+    """OLS standard error of the slope: √(RSS/(n−2) / Σ(x−x̄)²); NaN with fewer than 3 points or constant x.
+
+    It assumes independent, equal-variance residuals; the K directions of one layer are neither, so read it as a
+    measure of scatter about the line, with ``alpha_half_a``/``alpha_half_b`` as the check against the batch."""
+    x, y = _vec(x), _vec(y)
+    if x.size < 3:
+        return math.nan
+    b, a, _ = ols(x, y)
+    sxx = float(((x - x.mean()) ** 2).sum())
+    if not math.isfinite(b) or sxx == 0.0:
+        return math.nan
+    rss = float(((y - a - b * x) ** 2).sum())
+    return math.sqrt(rss / (x.size - 2) / sxx)
+
+
 def _slope(x, y) -> tuple[float | None, float | None]:
     b, _, r2 = ols(x, y)
     return _num(b), _num(r2)
@@ -91,7 +107,7 @@ def _pr(w: np.ndarray) -> float | None:
 class Exponents:
     """Exponents of one layer from σ and h (see the module docstring for the index set of each).
 
-    α = slope of log h_k on log σ_k over V_α (R²: r2_alpha); γ = −slope of log σ_k on log k over V_σ;
+    α = slope of log h_k on log σ_k over V_α (R²: r2_alpha, OLS standard error: alpha_se); γ = −slope of log σ_k on log k over V_σ;
     s = −slope of log h_(r) on log r, h_(1) ≥ h_(2) ≥ … the positive h sorted descending;
     PR_h = (Σh)²/Σh² over the positive h; PR_grad = (Σσ²)²/Σσ⁴ over the finite σ.
     α and s are null when n_valid < 3 (γ, which does not depend on h, is kept when |V_σ| ≥ 3); status is "ok"
@@ -108,6 +124,7 @@ class Exponents:
     pr_h: float | None
     pr_grad: float | None
     status: str
+    alpha_se: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -159,8 +176,9 @@ def fit_exponents(sigma, h=None) -> Exponents:
     ms, r2_s = _slope(np.log(np.arange(1, hp.size + 1, dtype=np.float64)), np.log(hp))
     if alpha is None:
         status = Status.DEGENERATE_SIGMA.with_reason(f"the {n_valid} valid singular values are all equal")
+    se = _num(slope_se(np.log(sigma[va]), np.log(h[va]))) if alpha is not None else None
     return Exponents(alpha, r2_alpha, gamma, r2_gamma, None if ms is None else -ms, r2_s, n_valid, pr_h, pr_grad,
-                     status)
+                     status, alpha_se=se)
 
 
 def rank_model_bics(sigma) -> dict:
@@ -206,7 +224,7 @@ def rank_model_bics(sigma) -> dict:
 class LayerSummary:
     """All exponents of one layer, one row of the ``layers`` table (fields as in SPEC §1).
 
-    alpha, r2_alpha, n_valid: over V_α (equals :func:`fit_exponents`, the seed paper's α);
+    alpha, r2_alpha, alpha_se, n_valid: over V_α (equals :func:`fit_exponents`, the seed paper's α);
     alpha_kron, r2_alpha_kron (slope of log h^Kron on log σ), beta (log Λ on log σ), phi (log Φ on log σ),
     chi_slope (log(h/h^Kron) on log σ), n_valid_kron: all over the common set V_c, so α_Kron = β + φ and
     α = α_Kron + χ-slope hold to rounding whenever the terms are reported;
@@ -216,6 +234,7 @@ class LayerSummary:
 
     alpha: float | None = None
     r2_alpha: float | None = None
+    alpha_se: float | None = None
     alpha_kron: float | None = None
     r2_alpha_kron: float | None = None
     beta: float | None = None
@@ -246,7 +265,7 @@ def summarize_layer(sigma, h=None, h_kron=None, Lambda=None, Phi=None, *, status
 
     ``h=None`` (exact curvature off): α, χ-slope, s and the triangle fields are null.  ``h_kron=None``: α_Kron, β,
     φ and χ-slope are null; ``Lambda``/``Phi`` None (or all NaN): β / φ null, the rest still fitted.
-    ``status``: a reason decided by the caller (e.g. "top_k_exceeds_rank: …"); anything but None or "ok" voids
+    ``status``: a reason decided by the caller (e.g. "zero_gradient: …"); anything but None or "ok" voids
     every number and becomes the status.  Otherwise the status is the first problem found, or "ok".
     """
     sigma = _vec(sigma)
@@ -260,7 +279,7 @@ def summarize_layer(sigma, h=None, h_kron=None, Lambda=None, Phi=None, *, status
     if _gradient_status(sigma) != "ok":
         return LayerSummary(n_valid=e.n_valid, status=e.status)
     status = e.status
-    out = {f: getattr(e, f) for f in ("alpha", "r2_alpha", "gamma", "r2_gamma", "s", "r2_s", "n_valid", "pr_h",
+    out = {f: getattr(e, f) for f in ("alpha", "r2_alpha", "alpha_se", "gamma", "r2_gamma", "s", "r2_s", "n_valid", "pr_h",
                                       "pr_grad")}
     if hk is not None:
         vc = _pos(sigma) & _pos(hk)

@@ -18,9 +18,15 @@ gradients of the *summed* loss Σ_t ℓ_t (not the mean), so δ_i = N ∂L/∂s_
   scaled by 1/√S so that the seeds' outer products average to E[g gᵀ] = ∇²ℓ (the true Fisher).
 - ``type2``: the columns of an exact square root of ∇²_z ℓ_t (CE: q_c = √p_c (e_c − p_t), Σ_c q_c q_cᵀ = diag p − p pᵀ;
   MSE: √(2/C) e_c): one seed per class.
+
+Gradient labels (``gradient_labels="sampled"``, the null measurement): :func:`sampled_targets` replaces the targets
+of a micro-batch by one draw from the model's predictive distribution (CE: y_t ~ Cat(p_t), ignored positions stay
+-100; MSE: y_t ~ N(z_t, (C/2) I)), from the generator :func:`label_generator` of (seed, micro-batch key), so every
+route draws the same labels.  Then E G = 0: the gradient is pure sampling noise.
 """
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 
 import torch
@@ -120,6 +126,37 @@ def error_seeds(logits: torch.Tensor, targets: torch.Tensor, loss: str, fisher: 
                 seed = torch.zeros_like(z)
                 seed[:, c] = (2.0 / C) ** 0.5
                 yield seed.reshape(shape)
+
+
+GRADIENT_LABELS = ("true", "sampled")
+
+
+def check_gradient_labels(gradient_labels: str) -> None:
+    if gradient_labels not in GRADIENT_LABELS:
+        raise ValueError(f"gradient_labels={gradient_labels!r} is not supported; choose one of "
+                         f"{', '.join(GRADIENT_LABELS)}")
+
+
+def label_generator(seed: int, key) -> torch.Generator:
+    """The CPU generator of the sampled labels of micro-batch ``key``: a function of (seed, key) only."""
+    try:
+        k = int(key)            # Python, numpy and 0-d tensor integers alike
+    except (TypeError, ValueError):
+        k = zlib.crc32(repr(key).encode())
+    return torch.Generator().manual_seed((int(seed) * 0x9E3779B1 + (k + 1) * 0x632BE5AB + 0x5DEECE66D) % 2 ** 63)
+
+
+def sampled_targets(logits: torch.Tensor, targets: torch.Tensor, loss: str,
+                    generator: torch.Generator) -> torch.Tensor:
+    """Targets of ``targets``' shape drawn from the model's predictive distribution at ``logits`` (module
+    docstring); ignored CE positions stay -100.  Drawn on the CPU with ``generator`` (the same on every device)."""
+    z, _, mask = _flat(logits.detach(), targets, loss)
+    if loss == "cross_entropy":
+        ys = torch.multinomial(_probs(z).double().cpu(), 1, generator=generator).squeeze(1).to(z.device)
+        out = torch.where(mask, ys, torch.full_like(ys, IGNORE_INDEX))
+        return out.reshape(targets.shape).to(targets.dtype)
+    eps = torch.randn(z.shape, generator=generator, dtype=torch.float64).to(device=z.device, dtype=z.dtype)
+    return (z + (z.shape[-1] / 2.0) ** 0.5 * eps).reshape(targets.shape).to(logits.dtype)
 
 
 def n_seeds(logits: torch.Tensor, fisher: str, mc_samples: int = 1) -> int:

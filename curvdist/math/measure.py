@@ -3,10 +3,18 @@
 Shared by the in-process :func:`curvdist.analyze` and by the pipeline stage actors, so that both paths compute
 every number with the same code.  A layer goes through three steps:
 
-1. :func:`spectral_step` — top-K singular triplets of G, top-K eigenpairs of C_A and C_δ (when the dense
-   factors exist), and the directions D_k = u_k v_kᵀ handed to the projected and exact passes;
+1. :func:`spectral_step` — top-K singular triplets of G (K = min(top_k, m, n)), top-K eigenpairs of C_A and C_δ
+   (when the dense factors exist), the split-half stability and half σ (:mod:`curvdist.math.noise`), and the
+   directions D_k = u_k v_kᵀ handed to the projected and exact passes;
 2. the projected pass (h^SoP, Rayleigh quotients from rows) and the exact pass (h, h^GN), run by the caller;
-3. :func:`layer_rows` — ρ, Φ, Λ, χ per direction and the exponent fits of the layer.
+3. :func:`layer_rows` — ρ, Φ, Λ, χ, stability and the Kronecker floor ratio per direction; the exponent fits,
+   α of each half and the gradient signal-to-noise of the layer.
+
+Kronecker floor (empirical errors).  σ_k = (1/N) Σ_i (u_kᵀδ_i)(v_kᵀa_i) over the R rows, so Cauchy–Schwarz gives
+N²σ_k² ≤ Σ_i (u_kᵀδ_i)² · Σ_i (v_kᵀa_i)² = N u_kᵀC_δu_k · R v_kᵀC_Av_k, i.e. h^Kron_k ≥ (N/R)·σ_k²: the empirical
+Kronecker curvature can never fall below a σ² law.  ``kron_floor_ratio`` = h^Kron_k / ((N/R)σ_k²) ≥ 1 says how far
+above it a direction sits; an α_Kron read off directions with ratios near 1 is the bound's slope 2, not a finding.
+(mc and type2 errors are not those of G, so no such bound holds there: the column is null.)
 """
 from __future__ import annotations
 
@@ -15,8 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from curvdist.math import fit, spectral
-from curvdist.vocab import NO_DIRECTION_STATUSES, VOIDING, Status, status_code
+from curvdist.math import fit, noise, spectral
+from curvdist.vocab import NO_DIRECTION_STATUSES, NOISE_COLUMNS, VOIDING, Status, status_code
 
 
 @dataclass
@@ -36,6 +44,9 @@ class LayerSpectra:
     lambda_delta: torch.Tensor | None = None
     rayleigh_A: torch.Tensor | None = None   # from the dense factors; the projected pass fills them otherwise
     rayleigh_delta: torch.Tensor | None = None
+    stability: torch.Tensor | None = None    # (k,) split-half stability; None when a half is empty
+    sigma_half: torch.Tensor | None = None   # (2, k) u_kᵀ G_a v_k and u_kᵀ G_b v_k
+    noise: noise.GradientNoise | None = None
     status: str = "ok"
     factor_status: str = "ok"
     timings: dict = field(default_factory=dict)
@@ -61,11 +72,9 @@ def spectral_step(stats, top_k: int, *, seed: int = 0) -> LayerSpectra:
 
     m, n = stats.m, stats.n
     k = min(top_k, m, n)
-    out = LayerSpectra(stats.name, m, n, stats.rows, stats.n_terms, k, factor_status=stats.status)
+    out = LayerSpectra(stats.name, m, n, stats.rows, stats.n_terms, k, factor_status=stats.status,
+                       noise=getattr(stats, "noise", None))
     status = gradient_status(stats.G)
-    if top_k > min(m, n):
-        status = Status.TOP_K_EXCEEDS_RANK.with_reason(
-            f"top_k={top_k} > min(m, n)={min(m, n)}; lower top_k to fit exponents") if status == "ok" else status
     if status_code(status) in NO_DIRECTION_STATUSES:
         out.k, out.status = 0, status
         return out
@@ -73,6 +82,10 @@ def spectral_step(stats, top_k: int, *, seed: int = 0) -> LayerSpectra:
     t0 = time.perf_counter()
     sigma, U, V = spectral.top_singular(stats.G, k, seed=seed)
     out.sigma, out.U, out.V = sigma, U.T.contiguous(), V.T.contiguous()
+    halves = getattr(stats, "halves", None)
+    if halves is not None:
+        out.stability = noise.split_half_stability(*halves, k, seed=seed)
+        out.sigma_half = torch.stack([noise.half_sigma(G_h, out.U, out.V) for G_h in halves])
     out.timings["svd_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if stats.C_A is not None:
@@ -107,12 +120,13 @@ def layer_rows(sp: LayerSpectra, *, layer_type: str, block: int | None, fisher: 
                projections=None, curvature=None, extra: dict | None = None):
     """Output rows of one layer: ``(layer_row: dict, direction_rows: list[dict], spectra_rows: list[dict])``.
 
-    ``projections`` (from :func:`curvdist.math.factors.collect_projections`) supply h^SoP and, for layers whose dense
+    ``projections`` (from :func:`curvdist.math.collect.collect_projections`) supply h^SoP and, for layers whose dense
     factors were over budget, the Rayleigh quotients; ``curvature`` supplies exact h and h^GN.
     """
     base = {"layer": sp.name, "layer_type": layer_type, "block": block, "m": sp.m, "n": sp.n, "rows": sp.rows,
             "n_terms": sp.n_terms, "fisher": fisher}
     base.update(extra or {})
+    base.update(dict.fromkeys(NOISE_COLUMNS))
     directions, spectra_rows = [], []
     summary = None
     if sp.k > 0:
@@ -129,8 +143,11 @@ def layer_rows(sp: LayerSpectra, *, layer_type: str, block: int | None, fisher: 
             sigma, ray_d if ray_d is not None else nan, ray_a if ray_a is not None else nan,
             lambda_delta=_np(sp.lambda_delta), lambda_A=_np(sp.lambda_A), h=h, h_sop=_np(h_sop)).items()}
         cols["h_gn"] = _np(h_gn)
+        cols["stability"] = _np(sp.stability)
+        if fisher == "empirical" and sp.rows > 0:   # the Cauchy–Schwarz floor (module docstring)
+            cols["kron_floor_ratio"] = cols["h_kron"] / ((sp.n_terms / sp.rows) * sigma ** 2)
         names = ["sigma", "h", "h_gn", "h_kron", "h_sop", "rayleigh_delta", "rayleigh_A", "lambda_delta",
-                 "lambda_A", "rho_delta", "rho_A", "phi", "Lambda", "chi"]
+                 "lambda_A", "rho_delta", "rho_A", "phi", "Lambda", "chi", "stability", "kron_floor_ratio"]
         for i in range(sp.k):
             row = {"layer": sp.name, "k": i + 1}
             for c in names:
@@ -141,12 +158,18 @@ def layer_rows(sp: LayerSpectra, *, layer_type: str, block: int | None, fisher: 
             sigma.numpy(), h=None if h is None else h.numpy(), h_kron=cols["h_kron"].numpy(),
             Lambda=cols["Lambda"].numpy(), Phi=cols["phi"].numpy(),
             status=sp.status if _hard(sp.status) else None)
+        h_half = getattr(curvature, "h_half", None)
+        if sp.sigma_half is not None and h_half is not None and not _hard(sp.status):
+            for i, col in enumerate(("alpha_half_a", "alpha_half_b")):   # α of each half, full-batch directions
+                base[col] = fit.fit_exponents(_np(sp.sigma_half[i]).numpy(), _np(h_half[i]).numpy()).alpha
+        base["stable_directions"] = noise.stable_directions(cols["stability"])
         for factor, lam in (("A", sp.lambda_A), ("delta", sp.lambda_delta)):
             if lam is not None:
                 spectra_rows += [{"layer": sp.name, "factor": factor, "k": i + 1, "eigenvalue": float(x)}
                                  for i, x in enumerate(_np(lam).tolist())]
     if summary is None:
         summary = fit.summarize_layer([], status=sp.status if sp.status != "ok" else "no_directions")
+    base.update(sp.noise.as_dict() if sp.noise is not None else {})
     row = dict(base)
     row.update({key: (_nullable(v) if isinstance(v, float) else v) for key, v in summary.as_dict().items()})
     if sp.status != "ok" and row.get("status", "ok") == "ok":

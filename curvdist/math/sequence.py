@@ -2,7 +2,7 @@
 stage workers).  Pure: torch in, tensors and rows out; no Ray, no IO.
 
     m = Measurement(loss="cross_entropy", fisher="mc", mc_samples=1, top_k=20, seed=0, exact=True, gn=True,
-                    exact_layers=None)
+                    exact_layers=None, gradient_labels="true")
     for kind, s in measurement_seeds(logits, targets, m, "stats", 3): ...   # back-propagate s as `kind`
     spectra = spectral_steps(stats, m)                                          # {layer: measure.LayerSpectra}
     names = exact_layer_names(spectra, m)                                       # layers that get exact h
@@ -47,10 +47,12 @@ class Measurement:
     exact: bool                              # measure exact h (HVPs)
     gn: bool                                 # and h^GN (JVPs)
     exact_layers: tuple[str, ...] | None     # globs of the layers that get exact h; None: every analysed layer
+    gradient_labels: str                     # "true", or "sampled" from the model (the null measurement)
 
     def __post_init__(self) -> None:
         losses.check_loss(self.loss)
         losses.check_fisher(self.fisher)
+        losses.check_gradient_labels(self.gradient_labels)
         if self.top_k < 1:
             raise ValueError(f"top_k={self.top_k} must be ≥ 1")
         if self.mc_samples < 1:

@@ -24,7 +24,7 @@ from rich.console import Console
 
 from curvdist import __version__
 from curvdist import config as C
-from curvdist.io import store
+from curvdist.io import store, summary
 from curvdist.io.checkpoint import CheckpointIndex
 from curvdist.runner import cluster
 from curvdist.runner.plan import StagePlan
@@ -231,7 +231,7 @@ def _finish(cfg, out: Path, run_id: str, base_run: dict, timings: dict, status: 
                hardware_json=json.dumps(hardware or {}), status=status)
     store.write_run(out, run_id, row)
     con = store.open(out)
-    console.print(store.format_summary(store.summary(con, run_id)), highlight=False)
+    console.print(summary.format_summary(summary.summary(con, run_id)), highlight=False)
     con.close()
     if cfg.plots:
         from curvdist.plots import make_plots

@@ -25,7 +25,8 @@ def measurement(cfg: RunConfig) -> Measurement:
     """The run's :class:`Measurement` (what is measured, not where)."""
     return Measurement(loss=cfg.loss, fisher=cfg.fisher, mc_samples=cfg.mc_samples, top_k=cfg.top_k,
                        seed=cfg.data.seed, exact=cfg.exact, gn=cfg.gn,
-                       exact_layers=tuple(cfg.exact_layers) if cfg.exact_layers is not None else None)
+                       exact_layers=tuple(cfg.exact_layers) if cfg.exact_layers is not None else None,
+                       gradient_labels=cfg.gradient_labels)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from curvdist.math import losses
+from curvdist.math import losses, noise
 from curvdist.math.curvature import (
     Curvature,
     exact_curvature,
@@ -42,7 +42,7 @@ class ExactSteps:
 
     def reset_exact(self) -> None:
         self._tangent: dict[tuple, dict] = {}        # (micro-batch, layer) → what the tangent backward needs
-        self._h: dict[str, dict] = {}                # layer → {"n", "h", "h_gn"}: sums N_b·h_b over micro-batches
+        self._h: dict[str, dict] = {}                # layer → sums N_b·h_b (whole and per half) over micro-batches
         self._local: dict[str, Curvature] = {}
         self._n_local = 0
 
@@ -105,10 +105,13 @@ class ExactSteps:
                                                           saved["pt"], ybar, ybar_dot)
         out = {"n_terms": msg["n_terms"], "h_gn": msg["h_gn"]}
         if layer is not None:   # this stage owns the layer: accumulate N_b·h_b (and N_b·h^GN_b)
-            acc = self._h.setdefault(layer, {"n": 0, "h": 0.0, "h_gn": 0.0})
-            n_b = int(msg["n_terms"])
+            acc = self._h.setdefault(layer, {"n": 0, "h": 0.0, "h_gn": 0.0, "h_half": 0.0, "n_half": [0, 0]})
+            n_b, half = int(msg["n_terms"]), noise.half_of(mb)
+            hq = n_b * tangent_quadratic(saved["pt"], pbar_dot).double().cpu()
             acc["n"] += n_b
-            acc["h"] = acc["h"] + n_b * tangent_quadratic(saved["pt"], pbar_dot).double().cpu()
+            acc["h"] = acc["h"] + hq
+            acc["h_half"] = acc["h_half"] + torch.stack([hq * (half == 0), hq * (half == 1)])
+            acc["n_half"][half] += n_b
             if msg["h_gn"] is not None:
                 acc["h_gn"] = acc["h_gn"] + n_b * torch.as_tensor(msg["h_gn"]).double()
             return out
@@ -131,36 +134,45 @@ class ExactSteps:
                 data.append((inputs, torch.as_tensor(self._targets[mb]).to(self.device)))
             dirs = {n: (self.spectra[n].U, self.spectra[n].V) for n in layers}
             self._local = exact_curvature(self.module, data, self.m.loss, dirs,
-                                          layers={n: self.layers[n] for n in layers}, gn=self.m.gn)
+                                          layers={n: self.layers[n] for n in layers}, gn=self.m.gn, keys=mbs)
         self.timings["exact_local_s"] = time.perf_counter() - t0
         return len(mbs)
 
     def end_exact(self) -> list[str]:
         """Combine the replicas' sums and set ``self.curvature``; every replica calls it with the same layers
-        (those :meth:`live_layers` names), so the all-reduce lines up.  Returns the layers measured."""
+        (those :meth:`live_layers` names), so the all-reduce lines up.  Per layer the sums are N·h, N·h^GN, the
+        per-half N_a·h_a, N_b·h_b (2, K), and N, N_a, N_b.  Returns the layers measured."""
         names = self.live_layers()
+        n_half_local = [sum(n for b, n in self._n_terms.items() if noise.half_of(b) == i) for i in (0, 1)]
         parts = []
         for n in names:
             K = self.spectra[n].k
+            zeros = torch.zeros(K, dtype=torch.float64)
             if n in self._local:   # the in-process route returns means over this replica's micro-batches
                 c = self._local[n]
-                nn_ = float(self._n_local)
-                h = c.h.double() * nn_
-                h_gn = c.h_gn.double() * nn_ if c.h_gn is not None else torch.zeros(K, dtype=torch.float64)
+                counts = [float(self._n_local)] + [float(x) for x in n_half_local]
+                h = c.h.double() * counts[0]
+                h_gn = c.h_gn.double() * counts[0] if c.h_gn is not None else zeros
+                h_half = torch.stack([c.h_half[i].double() * counts[1 + i] if c.h_half is not None and counts[1 + i]
+                                      else zeros for i in (0, 1)])
+                if c.h_half is None:   # one half empty here: its sum is all of h
+                    h_half = torch.stack([h if counts[1 + i] else zeros for i in (0, 1)])
             elif n in self._h:
                 a = self._h[n]
-                nn_ = float(a["n"])
+                counts = [float(a["n"])] + [float(x) for x in a["n_half"]]
                 h = torch.as_tensor(a["h"], dtype=torch.float64).expand(K).clone()
                 h_gn = torch.as_tensor(a["h_gn"], dtype=torch.float64).expand(K).clone()
+                h_half = torch.as_tensor(a["h_half"], dtype=torch.float64).expand(2, K).clone()
             else:   # this replica measured no micro-batch of this layer
-                nn_, h, h_gn = 0.0, torch.zeros(K, dtype=torch.float64), torch.zeros(K, dtype=torch.float64)
-            parts += [torch.tensor([nn_], dtype=torch.float64), h, h_gn]
+                counts, h, h_gn, h_half = [0.0, 0.0, 0.0], zeros, zeros, torch.zeros(2, K, dtype=torch.float64)
+            parts += [torch.tensor(counts, dtype=torch.float64), h, h_gn, h_half]
         parts = self.group.all_reduce_sum(parts)
         self.curvature = {}
         for i, n in enumerate(names):
-            total, h, h_gn = parts[3 * i:3 * i + 3]
-            N = float(total.item())
+            counts, h, h_gn, h_half = parts[4 * i:4 * i + 4]
+            N, N_a, N_b = (float(x) for x in counts.tolist())
             if N > 0:
-                self.curvature[n] = Curvature(h=h / N, h_gn=(h_gn / N) if self.m.gn else None)
+                self.curvature[n] = Curvature(h=h / N, h_gn=(h_gn / N) if self.m.gn else None,
+                                              h_half=noise.half_means(h_half, [N_a, N_b]))
         self._h, self._local, self._n_local = {}, {}, 0
         return list(self.curvature)

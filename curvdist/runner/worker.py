@@ -208,10 +208,13 @@ class Worker(ExactSteps):
         """Last stage: forward to the logits, the loss terms, and every seed back to this stage's input; closes
         micro-batch ``mb`` here.  Returns {"<i>:<kind>": gradient of the stage input} and N_b."""
         t0 = time.perf_counter()
-        if self._pass == "stats":
-            self._targets[mb] = targets
         logits = self._forward(mb, x, attention_mask)
         tgt = torch.as_tensor(targets).to(self.device)
+        if self.m.gradient_labels == "sampled":   # the null run: labels drawn from the model in pass 1, then reused
+            tgt = self._targets[mb] if self._pass != "stats" else losses.sampled_targets(
+                logits, tgt, self.m.loss, losses.label_generator(self.m.seed, mb))
+        if self._pass == "stats":
+            self._targets[mb] = tgt
         _, n_terms, _ = losses.loss_terms(logits, tgt, self.m.loss)
         out = {f"{i}:{kind}": self._grad(mb, logits, s, kind)
                for i, (kind, s) in enumerate(measurement_seeds(logits, tgt, self.m, self._pass, mb))}
