@@ -109,8 +109,9 @@ class CostPlan:
     throughput: Throughput | None
 
     def total_flops(self) -> float:
-        """Every replica's FLOPs."""
-        return sum(p.flops for p in self.passes) * self.layout.replicas
+        """Every replica's FLOPs; the spectral step counted once per stage (after the all-reduce every replica holds
+        the same sums, so one of them, or each for a share of the layers, solves them)."""
+        return sum(p.flops * (1 if p.name == "spectral" else self.layout.replicas) for p in self.passes)
 
     def total_s(self, schedule: str) -> float | None:
         if self.throughput is None:

@@ -290,7 +290,7 @@ def memory_plan(plan, layout: Layout, workload: Workload, device: str) -> Memory
 
 # ------------------------------------------------------------------------------------------------------- check
 def _gb(b: float) -> str:
-    return f"{b / 1e9:.1f} GB"
+    return f"{b / 1e9:.1f} GB" if b >= 1e9 else f"{b / 1e9:.3g} GB"
 
 
 def check_memory(mem: MemoryPlan, device_bytes: int, fraction: float = 0.9, *, shared_host: bool = False,
