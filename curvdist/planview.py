@@ -106,7 +106,10 @@ def _cost(c: Console, est) -> None:
     cost, rate = est.cost, est.cost.throughput
     t = Table(title="cost per pass (estimate; one replica)", header_style="bold", title_justify="left",
               show_footer=True, footer_style="bold")
-    total = lambda s: duration(cost.total_s(s))  # noqa: E731
+
+    def total(schedule: str) -> str:
+        return duration(cost.total_s(schedule))
+
     cols = [("pass", "total"), ("PFLOP", _flops(sum(p.flops for p in cost.passes))),
             ("busiest stage PFLOP", ""), ("between stages GB", gb(sum(p.sent for p in cost.passes))),
             ("all-reduce GB", gb(sum(sum(w.reduced for w in p.stages) for p in cost.passes))),

@@ -29,7 +29,7 @@ def _pass(est, name):
 
 
 def test_statistics_pass_is_six_flops_per_parameter_and_token_plus_the_factors():
-    plan, est = _est()
+    _, est = _est()
     tokens = 64 * 512
     matrices = 32 * (4 * H * H + 3 * H * F) + V * H              # every analysed weight (the embedding does no FLOPs)
     stats = _pass(est, "statistics")
@@ -53,7 +53,7 @@ def test_exact_pass_scales_with_directions_and_dominates():
 
 
 def test_replicas_split_the_micro_batches_and_all_reduce_the_factors():
-    plan1, one = _est("stages=2", "hardware.gpus=2", "hardware.gpu=H200-141")
+    _, one = _est("stages=2", "hardware.gpus=2", "hardware.gpu=H200-141")
     plan4, four = _est("stages=2", "hardware.gpus=8", "hardware.gpu=H200-141")
     assert (one.layout.replicas, four.layout.replicas) == (1, 4)
     s1, s4 = _pass(one, "statistics"), _pass(four, "statistics")

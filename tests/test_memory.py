@@ -47,9 +47,9 @@ def test_resolve_layout():
 
 
 def test_layout_of_the_config():
-    cfg, _, est = _est(LLAMA7B, "hardware.gpus=32", "stages=4")
+    _, _, est = _est(LLAMA7B, "hardware.gpus=32", "stages=4")
     assert est.layout == Layout(4, 8, 4, 1.0)
-    cfg, _, est = _est(LLAMA7B, "hardware.gpus=32", "stages=4", "replicas=2", "in_flight=6")
+    _, _, est = _est(LLAMA7B, "hardware.gpus=32", "stages=4", "replicas=2", "in_flight=6")
     assert est.layout == Layout(4, 2, 6, 1.0)
     assert _est(LLAMA7B, "device=cpu", "hardware.gpus=8")[2].layout.replicas == 1
 
@@ -74,7 +74,7 @@ def test_weights_equal_the_checkpoint(tmp_path_factory):
     stored = 0
     for f in path.glob("*.safetensors"):
         with safe_open(f, "pt") as st:
-            stored += sum(st.get_tensor(k).nbytes for k in st.keys())
+            stored += sum(st.get_tensor(k).nbytes for k in st.keys())  # noqa: SIM118 (safe_open has no __iter__)
     _, _, est = _est(None, f"model.path={path}", "stages=3", "device=cpu")
     assert sum(s.weights for s in est.memory.stages) == stored
 
@@ -106,12 +106,20 @@ def test_activations_scale_with_micro_batch_in_flight_and_seq_len():
 def test_saved_activations_match_autograd(family, dtype):
     """block_saved's per-token formula against what autograd keeps, counted with saved-tensor hooks: the bytes of a
     two-block model minus those of a one-block model (eval mode, sdpa through the MATH kernel)."""
-    from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM,
-                              LlamaConfig, LlamaForCausalLM)
+    from transformers import (
+        BertConfig,
+        BertModel,
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     h, f, a, V, B, T = 64, 176, 4, 100, 2, 48
-    common = dict(vocab_size=V, hidden_size=h, intermediate_size=f, num_attention_heads=a,
-                  max_position_embeddings=128)
+    common = {"vocab_size": V, "hidden_size": h, "intermediate_size": f, "num_attention_heads": a,
+              "max_position_embeddings": 128}
     make = {"llama": lambda L: LlamaForCausalLM(LlamaConfig(num_hidden_layers=L, num_key_value_heads=2, **common)),
             "gpt2": lambda L: GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=h, n_inner=f, n_layer=L, n_head=a,
                                                          n_positions=128, bos_token_id=0, eos_token_id=0)),
@@ -160,11 +168,11 @@ def test_stage_memory_against_resident_memory(tmp_path):
     for dtype in ("float32", "bfloat16"):
         out = tmp_path / f"{dtype}.json"
         r = subprocess.run([sys.executable, str(ROOT / "tests" / "probe_memory.py"), str(tmp_path / "model"), dtype,
-                            str(out)], env=env, capture_output=True, text=True, timeout=300)
+                            str(out)], env=env, capture_output=True, text=True, timeout=300, check=False)
         assert r.returncode == 0, r.stderr[-2000:]
         got = {k: model / measured for k, (measured, model) in json.loads(out.read_text()).items()}
         assert 0.9 < got.pop("activations") < 1.1, dtype        # measured 1.00–1.04
-        for k, ratio in got.items():                             # backward 1.2–1.3, exact 1.26, spectral 0.84–1.12
+        for k, ratio in got.items():                             # backward 1.2–1.3, exact 1.26, spectral 0.94–1.06
             assert 0.75 < ratio < 1.5, (dtype, k, ratio)
 
 

@@ -31,6 +31,7 @@ from curvdist.io import checkpoint as ckpt
 from curvdist.math import families
 from curvdist.runner.plan import ITEMSIZE, Arch, LayerCost, StagePlan, plan_stages
 from curvdist.vocab import LAYER_TYPES, glob_example, matches
+
 _ST_CODE = {"float32": "F32", "bfloat16": "BF16", "float64": "F64", "float16": "F16"}
 _FLOAT_CODES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 _TYPE_RANK = {t: i for i, t in enumerate(LAYER_TYPES)}
