@@ -231,8 +231,9 @@ class HardwareConfig(_Config):
     gpu: str | None = _f(None, "GPU model of the stage devices (memory and dense TFLOP/s from a table of vendor "
                                "figures); `curvdist plan` checks memory against it, a run uses it when the driver "
                                "sees no GPU itself (a remote cluster)", tuple(GPUS))
-    gpus: int | None = _f(None, "GPUs of the cluster, for the number of replicas in `curvdist plan` (null: the "
-                                "stages' own, i.e. one replica; a run counts the Ray cluster's)")
+    gpus: int | None = _f(None, "GPUs of the cluster, for the number of replicas when `replicas` is null (null: in "
+                                "`curvdist plan` the stages' own, i.e. one replica; before a run, this machine's "
+                                "GPUs for a local cluster)")
     device_memory_gb: float | None = _f(None, "memory of one stage device in GB (1e9 bytes); overrides hardware.gpu "
                                               "and what the device reports (null: read at run time from the GPU, "
                                               "or this machine's RAM for device=cpu)")

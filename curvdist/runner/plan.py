@@ -145,7 +145,7 @@ def plan_stages(block_bytes: list[int], n_stages: int, *, embed_bytes: int = 0, 
 # ------------------------------------------------------------------------------------------------------ layout
 @dataclass(frozen=True)
 class Layout:
-    """Stages × replicas: ``replicas`` copies of an ``stages``-stage pipeline over disjoint micro-batches, each
+    """Stages × replicas: ``replicas`` copies of a ``stages``-stage pipeline over disjoint micro-batches, each
     pipeline keeping at most ``in_flight`` micro-batches in flight (1F1B: stage j holds at most in_flight − j);
     ``gpus_per_stage`` GPUs per stage actor (0 on CPU)."""
     stages: int
