@@ -220,12 +220,13 @@ def exact_route_bytes(act_autograd: int, tokens: int, arch: Arch, k: int, itemsi
     return out
 
 
-def exact_local_bytes(act_autograd: int, tokens: int, k: int, device: str, max_m: int, cached_all: int) -> int:
+def exact_local_bytes(act_autograd: int, tokens: int, k: int, device: str, min_m: int, cached_all: int) -> int:
     """Workspace of the last stage measuring its own layers in-process (:func:`curvdist.math.curvature.
     exact_curvature`): a forward and a create_graph backward (≈ 3 × act), a chunk of c = min(K, CHUNK_BUDGET /
-    (t·m)) directions of the batched double backward (≈ c × act), and every cached input moved to the device
+    (t·m)) directions of the batched double backward (≈ c × act; the narrowest layer, ``min_m``, has the largest
+    chunk and bounds the peak), and every cached input moved to the device
     (measured on a one-block Llama, fp32: 4.0·act for K = 1, 6.8·act for K = 8 in chunks of 4)."""
-    chunk = max(1, min(k, CHUNK_BUDGET.get(device, CHUNK_BUDGET["cuda"]) // max(1, tokens * max_m)))
+    chunk = max(1, min(k, CHUNK_BUDGET.get(device, CHUNK_BUDGET["cuda"]) // max(1, tokens * min_m)))
     return (3 + chunk) * act_autograd + cached_all
 
 
@@ -281,7 +282,7 @@ def memory_plan(plan, layout: Layout, workload: Workload, device: str) -> Memory
             owned = 0 if is_last else max((l.m * l.n for l in exact_mine), default=0)
             exact = exact_route_bytes(act_autograd, t, arch, k, s, last=is_last, owned_mn=owned)
         if exact_mine and is_last:                   # the last stage's own layers: in-process route
-            exact = max(exact, exact_local_bytes(act_autograd, t, k, device, max(l.m for l in exact_mine),
+            exact = max(exact, exact_local_bytes(act_autograd, t, k, device, min(l.m for l in exact_mine),
                                                  mb * t * h * s))
         out.append(StageMemory(st.index, layout.held(st.index, mb), st.param_bytes, factors, act_autograd, stats_act,
                                proj_act,
