@@ -113,48 +113,27 @@ def run(config: Config, overrides: Overrides = None,
 def plan(config: Config, overrides: Overrides = None,
          fmt: Annotated[str, typer.Option("--format", help="table or json")] = "table",
          trust_remote_code: TrustRemoteCode = False, debug: Debug = False):
-    """Print the stage plan (blocks, parameter and factor GB, passes, per-worker memory) without running anything.
+    """Print the stage plan (blocks, parameter and factor GB, passes), the stages × replicas layout, the memory of
+    every stage per pass and a cost estimate, without running anything.
 
-    Reads only config.json or the safetensors headers, so a cluster run can be planned on a laptop."""
+    Reads only config.json or the safetensors headers, so a cluster run can be planned on a laptop.  Exit status 2
+    when a stage would not fit the device memory (hardware.gpu or hardware.device_memory_gb), with the fix."""
     with boundary(debug):
         _check_format(fmt, ("table", "json"))
         from curvdist.preflight import check_plan
+        from curvdist.runner.estimate import estimate
         from curvdist.runner.planning import plan_from_config
         cfg = _load(config, overrides, trust_remote_code)
         check_plan(cfg)
         p = plan_from_config(cfg)
+        est = estimate(cfg, p)
     if fmt == "json":
-        typer.echo(json.dumps(p.as_dict(), indent=1))
-        return
-    c = console()
-    gpus = cfg.ray.num_gpus_per_stage
-    gpus = f"{gpus:g}" if gpus is not None else ("1 if cuda" if cfg.device == "auto" else
-                                                 "1" if cfg.device == "cuda" else "0")
-    c.print(f"[bold]{escape(p.model)}[/]: {p.family}, {p.num_blocks} blocks, {len(p.layers)} analysed layers "
-            f"(planned from {p.source}); {cfg.stages} stages, {gpus} GPU per stage; parameters {p.dtype}, "
-            f"statistics {p.stat_dtype}, budget {cfg.factor_budget_gb:g} GiB per worker and pass")
-    t = Table(show_footer=True, header_style="bold", footer_style="bold")
-    s = p.stages
-    cols = [("stage", "total", "right"), ("blocks", str(p.num_blocks), "left"), ("embed", "", "center"),
-            ("head", "", "center"), ("param GB", _gb(p.total_param_bytes), "right"),
-            ("factor GB", _gb(p.total_factor_bytes), "right"),
-            ("layers", str(sum(len(x.layers) for x in s)), "right"),
-            ("passes", str(sum(len(x.passes) for x in s)), "right"), ("largest pass GB", "", "right"),
-            ("worker GB", f"max {_gb(max(p.worker_bytes(x) for x in s))}", "right")]
-    for name, foot, just in cols:
-        t.add_column(name, footer=foot, justify=just)
-    for x in s:
-        t.add_row(str(x.index), f"{x.first_block}-{x.last_block}", "yes" if x.has_embedding else "",
-                  "yes" if x.has_head else "", _gb(x.param_bytes), _gb(x.factor_bytes),
-                  str(len(x.layers)), str(len(x.passes)), _gb(max(p.pass_bytes(x), default=0)),
-                  _gb(p.worker_bytes(x)))
-    c.print(t)
-    c.print("GB = 1e9 bytes. worker GB = the stage's parameters + its largest pass's statistics (G, C_A, C_δ); "
-            "activations of a micro-batch and the spectral workspace come on top.")
-    skipped = p.over_budget()
-    if skipped:
-        c.print(f"[yellow]{len(skipped)} layer(s) have a factor over the {cfg.factor_budget_gb:g} GiB budget and are "
-                f"measured without it: {escape(', '.join(skipped[:4]))}{' …' if len(skipped) > 4 else ''}[/]")
+        typer.echo(json.dumps(p.as_dict() | est.as_dict(), indent=1))
+    else:
+        from curvdist.planview import print_plan
+        print_plan(console(), cfg, p, est)
+    with boundary(debug):
+        est.check()
 
 
 @app.command()
@@ -320,11 +299,6 @@ def _no_layers(con, dataset: str, run_id: str | None) -> str:
 def _numeric(tp) -> bool:
     import pyarrow as pa
     return pa.types.is_integer(tp) or pa.types.is_floating(tp) or pa.types.is_decimal(tp)
-
-
-def _gb(b: float) -> str:
-    v = b / 1e9
-    return f"{v:.2f}" if v >= 0.01 or v == 0 else f"{v:.2g}"
 
 
 def _num(v: Any) -> str:

@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from curvdist.runner.devices import GPUS
+
 BUILTIN_MODELS = ("smollm2-135m", "minilm-l6", "tiny-gpt2", "tiny-llama")
 DTYPES = ("float32", "bfloat16", "float64")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -36,7 +38,7 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # keys that change where or how a run executes, not what it measures (distributed equals serial), so they do not
 # enter config_hash and a run can be resumed with, e.g., more stages or another Ray cluster
 HASH_EXCLUDE = ("out", "run_id", "plots", "ray", "stages", "replicas", "in_flight", "factor_budget_gb",
-                "model.config_json",
+                "hardware", "model.config_json",
                 "model.trust_remote_code")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
@@ -225,6 +227,34 @@ class RayConfig(_Config):
 
 
 @dataclass
+class HardwareConfig(_Config):
+    """The devices a run is planned for: memory for the check before Ray starts, throughput for the estimate."""
+    gpu: str | None = _f(None, "GPU model of the stage devices (memory and dense TFLOP/s from a table of vendor "
+                               "figures); `curvdist plan` checks memory against it, a run uses it when the driver "
+                               "sees no GPU itself (a remote cluster)", tuple(GPUS))
+    gpus: int | None = _f(None, "GPUs of the cluster, for the number of replicas when `replicas` is null (null: in "
+                                "`curvdist plan` the stages' own, i.e. one replica; before a run, this machine's "
+                                "GPUs for a local cluster)")
+    device_memory_gb: float | None = _f(None, "memory of one stage device in GB (1e9 bytes); overrides hardware.gpu "
+                                              "and what the device reports (null: read at run time from the GPU, "
+                                              "or this machine's RAM for device=cpu)")
+    memory_fraction: float = _f(0.9, "fraction of a device's memory that a stage may plan to fill; the rest is "
+                                     "for the CUDA context, allocator fragmentation and transients the model "
+                                     "does not count")
+    device_tflops: float | None = _f(None, "dense peak TFLOP/s of one device for the time estimate, for every "
+                                           "dtype (null: hardware.gpu's per-dtype figures)")
+    utilization: float = _f(0.4, "fraction of the peak throughput the time estimate assumes for matrix products "
+                                 "(model FLOPs utilisation)")
+
+    def _validate(self) -> None:
+        self._positive("gpus", "device_memory_gb", "device_tflops")
+        for key in ("memory_fraction", "utilization"):
+            v = getattr(self, key)
+            if not 0 < v <= 1:
+                raise ConfigError(key, f"must be in (0, 1], got {v!r}")
+
+
+@dataclass
 class RunConfig(_Config):
     """One measurement: a model, an evaluation batch and what to compute; `out` and `ray` say where."""
     model: ModelConfig = _sub(ModelConfig, "the network to analyse")  # noqa: RUF009
@@ -260,6 +290,7 @@ class RunConfig(_Config):
     out: str = _f("out", "output directory of the Parquet dataset")
     run_id: str | None = _f(None, "run name (null: <model>-<config hash>); reusing it resumes the run")
     ray: RayConfig = _sub(RayConfig, "Ray cluster and actor resources")  # noqa: RUF009
+    hardware: HardwareConfig = _sub(HardwareConfig, "the stage devices: memory check and time estimate")  # noqa: RUF009
     plots: bool = _f(True, "write PNG figures to OUT/plots/<run_id> at the end of the run")
 
     def __post_init__(self) -> None:

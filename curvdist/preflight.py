@@ -13,6 +13,11 @@ and exit status 2) whose message names the problem and the fix.  What is checked
   header parses and the file is as long as its header says (a truncated download is caught without reading a
   weight);
 - the plan: ``layers`` and ``exact_layers`` patterns match analysable layers; ``stages`` <= blocks;
+- memory: every stage's estimated peak (:mod:`curvdist.runner.memory`: weights, factors, activations of the
+  micro-batches in flight, cached inputs, spectral and exact workspaces) fits the device memory, read from the GPU
+  the driver sees (or the host's RAM for device=cpu, shared by every stage of a local cluster); on a remote cluster
+  the driver may see no GPU, or another kind than the workers': then ``hardware.device_memory_gb`` or
+  ``hardware.gpu`` is used, and without either the check is skipped with a warning;
 - the data: the file exists and is not empty, a tokenizer is there when the source is text, and there are enough
   tokens for ``data.sequences`` × ``data.seq_len`` (text files up to 16 MB are tokenized here; larger ones and the
   builtin sources are checked by the driver, still before Ray starts).
@@ -22,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 from curvdist.config import FILE_SOURCES, RunConfig
@@ -34,6 +40,10 @@ _REFETCH = "download, copy or convert the checkpoint again"
 
 class PreflightError(ValueError):
     """A run's input is unusable; the message names the problem and the fix (one line)."""
+
+
+class MemoryCheckSkipped(UserWarning):
+    """The device memory is unknown (a remote cluster without hardware.gpu / hardware.device_memory_gb)."""
 
 
 def check(cfg: RunConfig):
@@ -58,8 +68,9 @@ def check(cfg: RunConfig):
     index = CheckpointIndex.open(ckpt)
     index.trust_remote_code = m.trust_remote_code
     check_architecture(index)
-    check_layers(index, cfg)
+    plan = check_layers(index, cfg)
     check_data(cfg, ckpt, index.config.get("vocab_size"))
+    check_memory(cfg, plan)
     return ckpt, index
 
 
@@ -199,8 +210,9 @@ def check_architecture(index) -> None:
                              f"{STAGE_MODELS_TEXT}") from None
 
 
-def check_layers(index, cfg: RunConfig) -> None:
-    """``layers`` and ``exact_layers`` select analysable layers and ``stages`` <= blocks (the plan's own errors)."""
+def check_layers(index, cfg: RunConfig):
+    """``layers`` and ``exact_layers`` select analysable layers and ``stages`` <= blocks (the plan's own errors).
+    Returns the :class:`curvdist.runner.planning.Plan`."""
     from curvdist.runner.planning import plan_from_index
 
     plan = plan_from_index(index, cfg)  # stages > blocks and layer patterns that match nothing raise here
@@ -210,6 +222,27 @@ def check_layers(index, cfg: RunConfig) -> None:
             raise PreflightError(f"exact_layers: pattern {pat!r} matches none of the analysed layers ("
                                  f"{', '.join(names[:4])} … {len(names)} in all); fix the pattern, or use "
                                  f"exact_layers=null for every analysed layer")
+    return plan
+
+
+def check_memory(cfg: RunConfig, plan) -> None:
+    """Every stage's estimated peak fits the device memory (:mod:`curvdist.runner.estimate` says where the figure
+    comes from at run time); the error names the stage, the pass, its largest parts and the fix."""
+    from curvdist.runner.estimate import estimate
+    from curvdist.runner.memory import OverMemory
+
+    if plan.arch is None:
+        warnings.warn(f"device memory not checked: no memory model for family {plan.family!r}", MemoryCheckSkipped,
+                      stacklevel=2)
+        return
+    est = estimate(cfg, plan, at_run_time=True)
+    if est.device_memory.bytes is None:
+        warnings.warn(f"device memory not checked: {est.device_memory.source}", MemoryCheckSkipped, stacklevel=2)
+        return
+    try:
+        est.check()
+    except OverMemory as e:
+        raise PreflightError(str(e)) from None
 
 
 # -------------------------------------------------------------------------------------------------------- data

@@ -214,6 +214,21 @@ def test_missing_tokenizer(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------- output
+def test_run_over_device_memory(model, tmp_path):
+    """A plan over the device memory is refused before Ray starts, with the fix; the CPU stages of a local cluster
+    share the host's memory (here hardware.device_memory_gb stands in for it)."""
+    cfg = config(tmp_path, model, hardware__device_memory_gb=1e-5)  # 10 kB: the tiny model needs more
+    run_fails(cfg, "sharing this host need", "but a device has 1e-05 GB", "fix:")
+
+
+def test_run_reads_the_gpu_memory_at_run_time(model, tmp_path, monkeypatch):
+    from curvdist.runner import devices
+
+    monkeypatch.setattr(devices, "cuda_memory_bytes", lambda index=0: 10**4)  # the GPU the driver sees: 10 kB
+    cfg = config(tmp_path, model, device="cuda", hardware__gpu="H100-80")    # the table's 80 GB is not used
+    run_fails(cfg, "stage 0 needs", "a device has 1e-05 GB", "fix:")
+
+
 def test_output_is_a_file(model, tmp_path):
     (tmp_path / "f").write_text("x")
     run_fails(config(tmp_path, model, out=str(tmp_path / "f")), "is an existing file", "choose another out")

@@ -70,6 +70,45 @@ def test_plan_llama2_7b():
     assert all(max(x["pass_gb"]) <= 8 * 2**30 / 1e9 for x in tight["stages"])
     r = invoke("plan", "configs/llama2-7b-8gpu.yaml")
     assert r.exit_code == 0 and "13.48" in r.stdout and "total" in r.stdout and "worker GB" in r.stdout
+    _check_layout_memory_estimate(p, r.stdout, stages=8, replicas=1)
+
+
+MEMORY_KEYS = ("weights", "factors", "activations_autograd", "activations", "activations_projections", "held",
+               "backward", "cached", "finalize", "spectral", "exact", "pass_peaks", "peak")
+COLUMNS = ("weights", "factors", "act/micro-batch", "in flight", "backward", "cached inputs", "spectral ws",
+           "exact ws", "statistics", "spectral", "projections", "exact", "peak")
+
+
+def _check_layout_memory_estimate(p, table, stages, replicas):
+    """The layout, every memory component per stage and the cost estimate, in the JSON and in the table."""
+    assert p["layout"]["stages"] == stages and p["layout"]["replicas"] == replicas
+    assert p["layout"]["gpus"] == stages * replicas and p["layout"]["in_flight"] == stages
+    assert len(p["memory"]) == stages
+    for s in p["memory"]:
+        assert all(s[k] is not None for k in MEMORY_KEYS)
+        assert s["peak"] == max(s["pass_peaks"].values()) and s["weights"] > 0 and s["factors"] > 0
+        assert s["peak"] <= p["device_memory"]["fraction"] * p["device_memory"]["bytes"]  # fits its H100
+    assert [q["pass"] for q in p["cost"]["passes"]] == ["statistics", "spectral", "projections", "exact"]
+    assert p["cost"]["estimate"] and 0 < p["cost"]["total_s"]["pipelined"] < p["cost"]["total_s"]["sequential"]
+    assert f"layout {stages} stages × {replicas} replica" in table and f"on {stages * replicas} GPUs" in table
+    for c in COLUMNS:
+        assert c in table, c
+    assert "memory per stage and pass" in table and "fits." in table and "H100-80" in table
+    assert "estimated time:" in table and "an estimate" in table and "pipelined" in table
+
+
+def test_plan_over_device_memory_exits_2(tmp_path):
+    # the same plan on a 24 GB GPU: the tables are printed, then one error line with the fix, exit status 2
+    r = invoke("plan", "configs/llama2-7b-8gpu.yaml", "hardware.gpu=A10-24")
+    line = fails(r, "needs", "a device has 24.0 GB", "fix:", "fewer directions (top_k)", "more stages (stages=")
+    assert "memory per stage and pass" in r.stdout and "does not fit" in r.stdout
+    r = invoke("plan", "configs/llama2-7b-8gpu.yaml", "hardware.gpu=A10-24", "--format", "json")
+    assert fails(r) == line and json.loads(r.stdout)["memory_peak"] > 0.9 * 24e9
+    # micro-batch 8 does not fit an H100 in the exact pass; the suggested micro-batch does
+    line = fails(invoke("plan", "configs/llama2-7b-8gpu.yaml", "data.micro_batch=8"), "exact pass", "fix:")
+    b = line.split("data.micro_batch=")[1].split(")")[0]
+    assert invoke("plan", "configs/llama2-7b-8gpu.yaml", f"data.micro_batch={b}").exit_code == 0
+    assert not any(tmp_path.iterdir()) and not (ROOT / "out" / "llama2-7b").exists()
 
 
 def test_plan_llama2_70b():
@@ -81,6 +120,9 @@ def test_plan_llama2_70b():
     assert all(x["passes"] >= 2 for x in p["stages"])  # the 16 GiB worker budget splits every stage
     assert p["worker_gb"] < 40 and p["over_budget"] == []
     assert max(x["param_gb"] for x in p["stages"]) < 6
+    r = invoke("plan", "configs/llama2-70b.yaml")
+    assert r.exit_code == 0, r.output
+    _check_layout_memory_estimate(p, r.stdout, stages=32, replicas=1)
 
 
 def test_plan_tiny_gpt2_without_materialising(tmp_path, monkeypatch):
@@ -91,7 +133,8 @@ def test_plan_tiny_gpt2_without_materialising(tmp_path, monkeypatch):
 
 
 def test_plan_override_and_table(tmp_path):
-    p = _plan("configs/llama2-7b-8gpu.yaml", "stages=2", "layers=[model.layers.0.*,lm_head]")
+    # 16 blocks per stage do not fit an H100 (tested below): plan without a device to check against
+    p = _plan("configs/llama2-7b-8gpu.yaml", "stages=2", "layers=[model.layers.0.*,lm_head]", "hardware.gpu=null")
     assert [x["layers"] for x in p["stages"]] == [7, 1]
     fails(invoke("plan", "configs/llama2-7b-8gpu.yaml", "stages=33"), "stages=33", "32 blocks")
     fails(invoke("plan", "configs/llama2-7b-8gpu.yaml", "--format", "xml"), "--format", "table, json")

@@ -13,7 +13,7 @@ import platform
 from dataclasses import dataclass
 
 from curvdist import config as C
-from curvdist.runner.plan import StagePlan
+from curvdist.runner.plan import StagePlan, resolve_layout
 from curvdist.runner.spec import WorkerSpec
 from curvdist.runner.supervise import ClusterError, check_reachable
 
@@ -71,15 +71,6 @@ class Placement:
         return [actors[r * self.stages:(r + 1) * self.stages] for r in range(self.replicas)]
 
 
-def replicas_for(cfg: C.RunConfig, stages: int, gpus: float, gpu_each: float) -> int:
-    """``replicas`` when set; else as many copies of the pipeline as the GPUs allow after the stages (1 on CPU)."""
-    if cfg.replicas is not None:
-        return cfg.replicas
-    if gpu_each > 0:
-        return max(1, int(gpus // (gpu_each * stages) + 1e-9))
-    return 1
-
-
 def place(cfg: C.RunConfig, *, stages: int, device: str, cpus: float, gpus: float) -> Placement:
     """Reserve one bundle per worker; never ask for more than the cluster has (Ray would wait silently)."""
     import ray
@@ -88,7 +79,8 @@ def place(cfg: C.RunConfig, *, stages: int, device: str, cpus: float, gpus: floa
     gpu_each = 0.0
     if device == "cuda":
         gpu_each = cfg.ray.num_gpus_per_stage if cfg.ray.num_gpus_per_stage is not None else 1.0
-    replicas = replicas_for(cfg, stages, gpus, gpu_each)
+    layout = resolve_layout(stages, cfg.replicas, cfg.in_flight, gpus, gpu_each)
+    replicas = layout.replicas
     workers = stages * replicas
     if gpu_each and gpus < gpu_each * workers - 1e-9:
         raise ClusterError(f"the Ray cluster has {gpus:g} GPUs but {stages} stages × {replicas} replicas × "
@@ -108,7 +100,7 @@ def place(cfg: C.RunConfig, *, stages: int, device: str, cpus: float, gpus: floa
     # torch threads than cores make every small kernel spin and wait); on a shared cluster, its reservation.
     threads = max(1, int(cpu_each)) if cfg.ray.address else max(1, int((cfg.ray.num_cpus or os.cpu_count())
                                                                        // workers))
-    return Placement(stages, replicas, cfg.in_flight or stages, cpu_each, gpu_each, threads, pg)
+    return Placement(stages, replicas, layout.in_flight, cpu_each, gpu_each, threads, pg)
 
 
 def worker_starter(cfg: C.RunConfig, ckpt, plans: list[StagePlan], todo: dict[int, list[str]], device: str,

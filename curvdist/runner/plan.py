@@ -1,4 +1,5 @@
-"""Stage planning and the memory model.  Pure: numbers in, plan out (no ray, no IO).
+"""Stage planning, the layout (stages × replicas) and the sizes of the architecture.  Pure: numbers in, plan out (no
+ray, no IO).  The memory a stage needs is :mod:`curvdist.runner.memory`, the FLOPs and time :mod:`curvdist.runner.cost`.
 
 A *stage* is a contiguous run of blocks held by one actor; the first stage also holds the embedding, the last the
 final norm and head.  WorkerPool are balanced by the bytes they hold — parameters plus the dense Kronecker factors of
@@ -11,7 +12,12 @@ and its over-budget factor is skipped (its status says so; sketch mode is the wa
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+from curvdist.vocab import matches
+
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float64": 8, "float16": 2}
 
 
 @dataclass
@@ -134,3 +140,95 @@ def plan_stages(block_bytes: list[int], n_stages: int, *, embed_bytes: int = 0, 
         plans.append(StagePlan(i, a, b, first, last, pbytes, fbytes, [l.name for l in mine],
                                group_passes(mine, stat_bytes, worker_budget_bytes)))
     return plans
+
+
+# ------------------------------------------------------------------------------------------------------ layout
+@dataclass(frozen=True)
+class Layout:
+    """Stages × replicas: ``replicas`` copies of a ``stages``-stage pipeline over disjoint micro-batches, each
+    pipeline keeping at most ``in_flight`` micro-batches in flight (1F1B: stage j holds at most in_flight − j);
+    ``gpus_per_stage`` GPUs per stage actor (0 on CPU)."""
+    stages: int
+    replicas: int
+    in_flight: int
+    gpus_per_stage: float
+
+    @property
+    def gpus(self) -> float:
+        """GPUs the layout uses."""
+        return self.stages * self.replicas * self.gpus_per_stage
+
+    def held(self, stage: int, microbatches: int) -> int:
+        """Micro-batches stage ``stage`` holds at once: in_flight − stage under 1F1B, at least 1, at most the
+        micro-batches one replica streams."""
+        return max(1, min(self.in_flight - stage, microbatches))
+
+
+def resolve_layout(cfg_stages: int, cfg_replicas: int | None, cfg_in_flight: int | None, gpus_available: float,
+                   gpus_per_stage: float) -> Layout:
+    """The layout of a run: ``replicas`` = ``cfg_replicas`` if set, else as many as the GPUs allow after the
+    stages, floor(gpus_available / (stages · gpus_per_stage)), at least 1 (1 on CPU: no GPUs, or 0 per stage);
+    ``in_flight`` = ``cfg_in_flight`` if set, else the number of stages (enough to keep every stage busy)."""
+    if cfg_stages < 1:
+        raise ValueError(f"stages={cfg_stages} must be >= 1")
+    if cfg_replicas is not None:
+        replicas = int(cfg_replicas)
+    elif gpus_available > 0 and gpus_per_stage > 0:
+        replicas = max(1, math.floor(gpus_available / (cfg_stages * gpus_per_stage) + 1e-9))
+    else:
+        replicas = 1
+    return Layout(cfg_stages, replicas, int(cfg_in_flight or cfg_stages), float(gpus_per_stage))
+
+
+# ---------------------------------------------------------------------------------------------- architecture
+@dataclass(frozen=True)
+class Arch:
+    """The sizes of a transformer that set its activation memory and FLOPs (from its config.json).
+
+    ``attn_dim`` = heads × head_dim (the width of q and of the attention output; equals ``hidden`` unless the config
+    sets head_dim), ``kv_dim`` = kv_heads × head_dim; ``logit_width``: what the last stage outputs per token
+    (vocabulary, labels, or hidden for a base model), or per sequence when ``logits_per_sequence``."""
+    family: str
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    attn_dim: int
+    vocab: int
+    logit_width: int
+    logits_per_sequence: bool = False
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * (self.attn_dim // self.heads)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one run streams and measures, as far as memory and FLOPs go (built from the run config)."""
+    sequences: int
+    seq_len: int
+    micro_batch: int
+    top_k: int
+    fisher: str = "empirical"
+    mc_samples: int = 1
+    exact: bool = True
+    exact_layers: tuple[str, ...] | None = None
+
+    @property
+    def microbatches(self) -> int:
+        return math.ceil(self.sequences / self.micro_batch)
+
+    @property
+    def tokens_per_microbatch(self) -> int:
+        return self.micro_batch * self.seq_len
+
+    def is_exact(self, layer: str) -> bool:
+        """Whether ``layer`` gets exact h and h^GN (K HVPs through its downstream network)."""
+        return self.exact and matches(layer, self.exact_layers)
+
+    def seeds(self, logit_width: int) -> tuple[int, int]:
+        """(backward passes per micro-batch in the statistics pass, fisher seeds among them): empirical 1 (the true
+        seed is the fisher seed), mc 1 + mc_samples, type2 1 + logit_width (one per column of the Hessian root)."""
+        fisher = {"empirical": 1, "mc": self.mc_samples, "type2": logit_width}[self.fisher]
+        return (1 if self.fisher == "empirical" else 1 + fisher), fisher

@@ -29,10 +29,9 @@ from pathlib import Path
 from curvdist.config import RunConfig
 from curvdist.io import checkpoint as ckpt
 from curvdist.math import families
-from curvdist.runner.plan import LayerCost, StagePlan, plan_stages
+from curvdist.runner.plan import ITEMSIZE, Arch, LayerCost, StagePlan, plan_stages
 from curvdist.vocab import LAYER_TYPES, glob_example, matches
 
-ITEMSIZE = {"float32": 4, "bfloat16": 2, "float64": 8, "float16": 2}
 _ST_CODE = {"float32": "F32", "bfloat16": "BF16", "float64": "F64", "float16": "F16"}
 _FLOAT_CODES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 _TYPE_RANK = {t: i for i, t in enumerate(LAYER_TYPES)}
@@ -54,6 +53,7 @@ class Plan:
     layers: list[LayerCost]            # analysed layers, embedding side, blocks in order, head side
     layer_types: dict[str, str]
     stages: list[StagePlan]
+    arch: Arch | None = None           # sizes behind activation memory and FLOPs (None: not a supported family)
 
     @property
     def stat_bytes(self) -> int:
@@ -95,7 +95,8 @@ class Plan:
                 "layers": len(self.layers), "param_gb": self.total_param_bytes / 1e9,
                 "factor_gb": self.total_factor_bytes / 1e9,
                 "worker_gb": max((s["worker_gb"] for s in stages), default=0.0),
-                "over_budget": self.over_budget(), "stages": stages}
+                "over_budget": self.over_budget(), "stages": stages,
+                "arch": None if self.arch is None else dataclasses.asdict(self.arch)}
 
 
 # ------------------------------------------------------------------------------------------------ index sources
@@ -254,6 +255,36 @@ def resolve_index(cfg: RunConfig) -> tuple[ckpt.CheckpointIndex, str]:
     return index_from_hf_config(got, f"<{m.name}>"), "config.json"
 
 
+# -------------------------------------------------------------------------------------------------- architecture
+def _first(config: dict, *keys: str, default=None):
+    for k in keys:
+        if config.get(k) is not None:
+            return config[k]
+    return default
+
+
+def arch_from_config(config: dict, family: str, architecture: str | None) -> Arch | None:
+    """The sizes of a transformer from its config.json (Llama-like, GPT-2, GPT-NeoX, BERT); None for others."""
+    if family not in ("llama", "gpt2", "gpt_neox", "bert"):
+        return None
+    hidden = int(_first(config, "hidden_size", "n_embd", "d_model"))
+    heads = int(_first(config, "num_attention_heads", "n_head"))
+    inter = _first(config, "intermediate_size", "n_inner")
+    inter = int(inter) if inter is not None else 4 * hidden
+    kv = int(_first(config, "num_key_value_heads", default=heads))
+    head_dim = int(_first(config, "head_dim", default=hidden // heads))
+    vocab = int(config.get("vocab_size") or 0)
+    arch = architecture or ""
+    per_sequence = arch.endswith("ForSequenceClassification")
+    if arch.endswith(("ForSequenceClassification", "ForTokenClassification")):
+        width = int(config.get("num_labels") or len(config.get("id2label") or {}) or 2)
+    elif arch.endswith(("ForCausalLM", "LMHeadModel", "ForMaskedLM")) or (not arch and family != "bert"):
+        width = vocab  # no architectures: decoders are built as causal LMs, BERT as BertModel (curvdist.io.slice)
+    else:  # a base model: the last hidden state is the output
+        width = hidden
+    return Arch(family, hidden, inter, heads, kv, heads * head_dim, vocab, width, per_sequence)
+
+
 # ------------------------------------------------------------------------------------------------------ planning
 def _side(idx: ckpt.CheckpointIndex, d: dict) -> str | None:
     if d["block"] is not None:
@@ -297,7 +328,8 @@ def plan_from_index(index: ckpt.CheckpointIndex, cfg: RunConfig, source: str = "
     stages = plan_stages(idx.block_bytes, cfg.stages, embed_bytes=idx.embed_bytes, head_bytes=idx.head_bytes,
                          layers=layers, stat_bytes=stat, factor_budget_bytes=budget, worker_budget_bytes=budget)
     return Plan(model or str(index.path), source, idx.family, idx.num_blocks, cfg.model.dtype, cfg.stat_dtype, budget,
-                idx.block_bytes, idx.embed_bytes, idx.head_bytes, layers, types, stages)
+                idx.block_bytes, idx.embed_bytes, idx.head_bytes, layers, types, stages,
+                arch_from_config(index.config, idx.family, index.architecture))
 
 
 def plan_from_config(cfg: RunConfig) -> Plan:
@@ -305,3 +337,4 @@ def plan_from_config(cfg: RunConfig) -> Plan:
     safetensors, else from a config.json (``model.config_json``, ``model.path``'s, or the builtin model's)."""
     index, source = resolve_index(cfg)
     return plan_from_index(index, cfg, source, model=cfg.model.path or cfg.model.name)
+

@@ -1,0 +1,347 @@
+"""The memory one stage needs in each pass, estimated from sizes alone.  Pure: numbers in, numbers out (no torch,
+no Ray, no IO).
+
+    mem = memory_plan(plan, layout, workload, device="cuda")   # plan: curvdist.runner.planning.Plan
+    mem.stages[0].peak, mem.stages[0].pass_peaks()             # bytes
+    check_memory(mem, device_bytes=80e9, fraction=0.9)         # raises OverMemory with the fix in one line
+
+Per stage j, with B micro_batch, T seq_len, t = B·T tokens per micro-batch, M_r micro-batches per replica, F in flight:
+
+    weights      the stage's parameters in the forward dtype (the plan's param_bytes: its checkpoint tensors)
+    factors      G (m·n), C_A (n²), C_δ (m²) in stat dtype of the largest pass group (LayerCost.factor_bytes)
+    activations  per micro-batch: t · [blocks · (E_fwd · s + E_up · max(4, s)) + stage extras] + layer outputs
+                 + recorded rows, held min(F − j, M_r) at once (1F1B)           (s: the forward dtype's itemsize)
+    backward     one micro-batch's backward: gradients of about half a block's saved tensors at once and the
+                 stage's input and output gradients, t · (E · s / 2 + 2h · s), plus the collector's largest error
+                 rows and G update, t · m · r + m · n · r  (r: stat itemsize)
+    cached       every micro-batch's stage input, t · h · max(4, s) each (hidden states travel between stages as
+                 float32 numpy arrays and are kept as received, in host memory), M_r of them, for the exact pass
+    finalize     G, C_A, C_δ again: ``finalize`` normalises into new tensors while the running sums are alive
+    spectral     the largest layer's SVD of G and eigensolve workspace (:func:`spectral_workspace`)
+    exact        forward-over-reverse through the stage for K directions and one micro-batch
+                 (:func:`exact_route_bytes`; the last stage's own layers: :func:`exact_local_bytes`)
+
+    pass peaks   statistics  = weights + factors + held · activations + backward
+                 spectral    = weights + factors + max(finalize, spectral)
+                 projections = weights + held · activations(projections) + backward
+                 exact       = weights + exact
+                 (+ cached in every pass when the stage's device is the host, i.e. device=cpu)
+
+Activations: elements autograd saves per token and block (transformers' blocks, sdpa through the MATH kernel, which
+upcasts half-precision q, k, v to float32 and keeps the softmax output B·heads·T²), h hidden, f intermediate,
+q = heads·head_dim, a heads:
+
+    family     E_fwd (forward dtype)      E_up (float32, or the forward dtype when wider)
+    llama      4h + q + 4f                2h + 2 + 3q + a·T
+    gpt2       4h + q + 5f + 4            3q + a·T
+    gpt_neox   3h + q + 2f + 4            3q + a·T
+    bert       4h + q + 2f + 4            3q + a·T
+
+Where they come from: the inputs of the linear maps (2h + q + f; NeoX's two parallel norms share one input), the MLP
+nonlinearity (Llama: the gate output, its SiLU and the up output, 3f; GPT-2's tanh GELU keeps 4 f-sized tensors;
+erf GELU 1), the norms (RMSNorm: the normalised input in the forward dtype, its float32 input and rsqrt; LayerNorm:
+the input and mean/rstd), and attention (q, k after the GQA repeat, v, and the scores).  Counted with
+``torch.autograd.graph.saved_tensors_hooks`` on transformers 5 blocks (torch 2.13, CPU); the test
+``tests/test_memory.py::test_saved_activations_match_autograd`` recounts them for every family and dtype.  Layer
+outputs that autograd does not keep (q/k/v/o and down projections: their consumers save other tensors) are kept
+alive by the statistics collector until the micro-batch ends; the collector also records each analysed layer's
+masked input rows in stat dtype (t·n·r per layer) in the statistics pass and their K projections in the projections
+pass.  All of this is an estimate: allocator rounding, fragmentation and short-lived temporaries are not counted
+(``hardware.memory_fraction`` leaves room for them).  ``tests/probe_memory.py`` measures a Llama stage's resident
+memory on the CPU (every allocation of 64 kB or more mmap'd): activations of a micro-batch matched within 5 %, the
+backward's peak and the exact workspace over-estimated by 1.2–1.3×, the spectral workspaces within 6 %
+(tests/test_memory.py).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from curvdist.runner.plan import ITEMSIZE, Arch, Layout, Workload
+
+PASSES = ("statistics", "spectral", "projections", "exact")
+# elements per token of the batched layer-output tangent in one pass of curvdist.math.curvature (CHUNK_BUDGET)
+CHUNK_BUDGET = {"cpu": 2 ** 20, "cuda": 2 ** 26}
+# dense SVD / eigh at or below these sizes (curvdist.math.spectral.EXACT_*_BELOW, EXACT_BELOW_CUDA)
+DENSE_BELOW = {"cuda": {"svd": 8192, "eig": 8192}, "cpu": {"svd": 384, "eig": 512}}
+DENSE_BELOW_FP64_CPU = 768
+# layer types whose output autograd keeps anyway (it feeds the MLP nonlinearity), and the head (its output is the
+# logits, counted with the stage's output)
+_OUTPUT_SAVED = ("mlp_up", "mlp_gate", "head")
+
+
+class OverMemory(ValueError):
+    """A stage's planned peak exceeds the device memory; the message names the fix (one line)."""
+
+
+@dataclass(frozen=True)
+class BlockSaved:
+    """Elements autograd saves per token for one block: ``fwd`` in the forward dtype, ``up`` in float32 (or wider),
+    of which ``scores`` (heads · T) are the attention probabilities."""
+    fwd: int
+    up: int
+    scores: int
+
+    def bytes_per_token(self, itemsize: int) -> int:
+        return self.fwd * itemsize + self.up * max(4, itemsize)
+
+
+def block_saved(arch: Arch, seq_len: int) -> BlockSaved:
+    """Per-token elements autograd keeps for one block of ``arch`` (module docstring table)."""
+    h, f, q, a = arch.hidden, arch.intermediate, arch.attn_dim, arch.heads
+    scores = a * seq_len
+    attn = 3 * q + scores
+    if arch.family == "llama":
+        return BlockSaved(4 * h + q + 4 * f, 2 * h + 2 + attn, scores)
+    if arch.family == "gpt2":
+        return BlockSaved(4 * h + q + 5 * f + 4, attn, scores)
+    if arch.family == "gpt_neox":
+        return BlockSaved(3 * h + q + 2 * f + 4, attn, scores)
+    if arch.family == "bert":
+        return BlockSaved(4 * h + q + 2 * f + 4, attn, scores)
+    raise ValueError(f"no activation model for family {arch.family!r}")
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """Bytes of one stage (see the module docstring); ``held``: micro-batches it holds at once."""
+    stage: int
+    held: int
+    weights: int
+    factors: int
+    activations_autograd: int      # one micro-batch: what autograd keeps (the stage's blocks, inputs and outputs)
+    activations: int               # one micro-batch in the statistics pass: autograd's + the collector's
+    activations_projections: int   # one micro-batch in the projections pass
+    backward: int
+    cached: int
+    cached_on_device: bool
+    finalize: int
+    spectral: int
+    exact: int
+
+    def pass_peaks(self) -> dict[str, int]:
+        c = self.cached if self.cached_on_device else 0
+        return {"statistics": self.weights + self.factors + self.held * self.activations + self.backward + c,
+                "spectral": self.weights + self.factors + max(self.finalize, self.spectral) + c,
+                "projections": self.weights + self.held * self.activations_projections + self.backward + c,
+                "exact": self.weights + self.exact + c}
+
+    @property
+    def peak(self) -> int:
+        return max(self.pass_peaks().values())
+
+    @property
+    def peak_pass(self) -> str:
+        p = self.pass_peaks()
+        return max(p, key=p.get)
+
+    def components(self, kind: str) -> dict[str, int]:
+        """What the peak of pass ``kind`` is made of."""
+        c = {"cached inputs": self.cached} if self.cached_on_device else {}
+        if kind == "statistics":
+            return {"weights": self.weights, "factors": self.factors,
+                    f"activations ({self.held} in flight)": self.held * self.activations, "backward": self.backward,
+                    **c}
+        if kind == "spectral":
+            return {"weights": self.weights, "factors": self.factors,
+                    "spectral workspace": max(self.finalize, self.spectral), **c}
+        if kind == "projections":
+            return {"weights": self.weights, f"activations ({self.held} in flight)":
+                    self.held * self.activations_projections, "backward": self.backward, **c}
+        return {"weights": self.weights, "exact workspace": self.exact, **c}
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    layout: Layout
+    device: str                    # "cuda" or "cpu"
+    stages: list[StageMemory]
+
+    @property
+    def peak(self) -> int:
+        """The largest stage peak: what one device must hold."""
+        return max(s.peak for s in self.stages)
+
+    @property
+    def host_total(self) -> int:
+        """Every stage of every replica at its peak at once: what one host holds when the stages share it."""
+        return sum(s.peak for s in self.stages) * self.layout.replicas
+
+
+# ------------------------------------------------------------------------------------------------- components
+def spectral_workspace(m: int, n: int, k: int, stat_dtype: str, device: str, *, factors: tuple[bool, bool] =
+                       (True, True), oversample: int = 10) -> int:
+    """Bytes :mod:`curvdist.math.spectral` allocates for one layer beyond G and the factors themselves.
+
+    SVD of G (m×n, r = min(m, n), l = k + oversample): dense (r at most the dense size, or 4l >= r) copies G for
+    LAPACK/cuSOLVER and returns U (m×r), Vᵀ (r×n) with ~2r² of work arrays: m·n + (m + n)·r + 2r²; randomized:
+    Ω, the blocks Q, P, Y and a product, about (2m + 3n)·l.  Eigensolve of C (d×d): dense eigh symmetrises
+    ((C + Cᵀ)/2, a d² copy), returns d² eigenvectors, with a ~2d² work array (syevd): 4d²; block Lanczos keeps a
+    basis and its images, each grown by ``torch.cat`` into new tensors while the old ones are alive, 4·d·max_basis,
+    plus a few blocks of b = k + 4 columns (≈ 5·d·b), max_basis = min(d/2, max(12b, k + 8b)).  The factors are
+    solved one after the other; the peak is the larger.  Checked against the CPU allocator in tests/test_memory.py.
+    """
+    w = ITEMSIZE[stat_dtype]
+    r, l = min(m, n), min(min(m, n), k + oversample)
+    dense = DENSE_BELOW.get(device, DENSE_BELOW["cpu"])
+    svd_below = DENSE_BELOW_FP64_CPU if (device != "cuda" and stat_dtype == "float64") else dense["svd"]
+    eig_below = DENSE_BELOW_FP64_CPU if (device != "cuda" and stat_dtype == "float64") else dense["eig"]
+    if r <= svd_below or 4 * l >= r:
+        svd = m * n + (m + n) * r + 2 * r * r
+    else:
+        svd = (2 * m + 3 * n) * l
+    eig = 0
+    b = k + 4
+    for d, on in ((n, factors[0]), (m, factors[1])):
+        if not on:
+            continue
+        if d <= eig_below or 4 * (k + b) >= d:
+            eig = max(eig, 4 * d * d)
+        else:
+            basis = max(min(d // 2, max(12 * b, k + 8 * b)), k + 2 * b)
+            eig = max(eig, 4 * d * basis + 5 * d * b)
+    return max(svd, eig) * w
+
+
+def exact_route_bytes(act_autograd: int, tokens: int, arch: Arch, k: int, itemsize: int, *, last: bool,
+                      owned_mn: int) -> int:
+    """Workspace of forward-over-reverse through one stage for one micro-batch (``act_autograd``: its saved tensors).
+
+    ``stage_backward_tangent`` (``vmap`` over K of a ``jvp`` of the stage's ``vjp``) keeps the saved tensors, a
+    K-batched tangent of each, and the transients of the backward and of its tangent: measured (peak resident memory
+    with every allocation of 64 kB or more mmap'd, tangents through a whole Llama block, fp32, K = 1, 4, 8)
+    (1.9 + 1.8·K)·act, taken here as (2 + 2K)·act; plus the tangents that arrive, ẋ and ȳ̇, 2·K·t·h·s; the stage
+    owning the layer also holds the parameter tangents ṗ_k = u_k v_kᵀ and their images p̄̇, 2·K·m·n·s; the last
+    stage adds the logit tangents ż and z̄̇, 2·K·t·W·s.
+    """
+    out = (2 + 2 * k) * act_autograd + 2 * k * tokens * arch.hidden * itemsize + 2 * k * owned_mn * itemsize
+    if last and not arch.logits_per_sequence:
+        out += 2 * k * tokens * arch.logit_width * itemsize
+    return out
+
+
+def exact_local_bytes(act_autograd: int, tokens: int, k: int, device: str, min_m: int, cached_all: int) -> int:
+    """Workspace of the last stage measuring its own layers in-process (:func:`curvdist.math.curvature.
+    exact_curvature`): a forward and a create_graph backward (≈ 3 × act), a chunk of c = min(K, CHUNK_BUDGET /
+    (t·m)) directions of the batched double backward (≈ c × act; the narrowest layer, ``min_m``, has the largest
+    chunk and bounds the peak), and every cached input moved to the device
+    (measured on a one-block Llama, fp32: 4.0·act for K = 1, 6.8·act for K = 8 in chunks of 4)."""
+    chunk = max(1, min(k, CHUNK_BUDGET.get(device, CHUNK_BUDGET["cuda"]) // max(1, tokens * min_m)))
+    return (3 + chunk) * act_autograd + cached_all
+
+
+# ------------------------------------------------------------------------------------------------------- model
+def memory_plan(plan, layout: Layout, workload: Workload, device: str) -> MemoryPlan:
+    """Every stage's memory (``plan``: :class:`curvdist.runner.planning.Plan`, with its ``arch``)."""
+    arch: Arch = plan.arch
+    if arch is None:
+        raise ValueError(f"no memory model for family {plan.family!r}")
+    s, r = ITEMSIZE[plan.dtype], ITEMSIZE[plan.stat_dtype]
+    up, wire = max(4, s), max(4, s)
+    t, T, h, k = workload.tokens_per_microbatch, workload.seq_len, arch.hidden, workload.top_k
+    mb = math.ceil(workload.microbatches / layout.replicas)
+    blk = block_saved(arch, T)
+    per_block = blk.bytes_per_token(s)
+    width = 0 if arch.logits_per_sequence else arch.logit_width
+    budget = plan.factor_budget_bytes
+    by_name = {l.name: l for l in plan.layers}
+    last_index = len(plan.stages) - 1
+    out = []
+    for st in plan.stages:
+        nblocks = st.last_block - st.first_block + 1
+        per_token = nblocks * per_block + h * s            # blocks and the output y kept for the backward
+        if st.has_embedding:
+            per_token += 16                                 # input ids and mask
+        else:
+            per_token += h * s                              # the cast stage input
+        if st.has_head:                                     # final norm, head input, logits, seed and loss temporaries
+            norm_up = (h + 1) * up if arch.family == "llama" else 0
+            per_token += 2 * h * s + norm_up + 3 * width * s - h * s
+        act_autograd = t * per_token
+        groups = [[by_name[n] for n in p] for p in st.passes] or [[]]
+        factors = max(sum(l.factor_bytes(r, budget) for l in g) for g in groups)
+        held_out = max(sum(l.m for l in g if plan.layer_types.get(l.name) not in _OUTPUT_SAVED) for g in groups)
+        rows_stats = max(sum(l.n for l in g) for g in groups) * r
+        rows_proj = max(len(g) for g in groups) * k * r
+        stats_act = act_autograd + t * (held_out * s + rows_stats)
+        proj_act = act_autograd + t * (held_out * s + rows_proj)
+        mine = [by_name[n] for n in st.layers]
+        big = max(mine, key=lambda l: l.m * l.n, default=None)
+        backward = t * (per_block // 2 + 2 * h * s) + (0 if big is None else
+                                                        (t * max(l.m for l in mine) + big.m * big.n) * r)
+        # input ids or hidden states, the attention mask, and on the last stage the targets
+        cached = mb * t * ((8 if st.has_embedding else h * wire) + 8 + (8 if st.has_head else 0))
+        spectral = max((spectral_workspace(l.m, l.n, k, plan.stat_dtype, device,
+                                           factors=(l.n * l.n * r <= budget, l.m * l.m * r <= budget))
+                        for l in mine), default=0)
+        exact_mine = [l for l in mine if workload.is_exact(l.name)]
+        is_last = st.index == last_index
+        upstream = any(workload.is_exact(n) for p in plan.stages[:st.index] for n in p.layers)
+        exact = 0
+        if upstream or (exact_mine and not is_last):  # tangents through this stage (pipelined route)
+            owned = 0 if is_last else max((l.m * l.n for l in exact_mine), default=0)
+            exact = exact_route_bytes(act_autograd, t, arch, k, s, last=is_last, owned_mn=owned)
+        if exact_mine and is_last:                   # the last stage's own layers: in-process route
+            exact = max(exact, exact_local_bytes(act_autograd, t, k, device, min(l.m for l in exact_mine),
+                                                 mb * t * h * s))
+        out.append(StageMemory(st.index, layout.held(st.index, mb), st.param_bytes, factors, act_autograd, stats_act,
+                               proj_act,
+                               backward, cached, device != "cuda", factors, spectral, exact))
+    return MemoryPlan(layout, device, out)
+
+
+# ------------------------------------------------------------------------------------------------------- check
+def _gb(b: float) -> str:
+    return f"{b / 1e9:.1f} GB" if b >= 1e9 else f"{b / 1e9:.3g} GB"
+
+
+def check_memory(mem: MemoryPlan, device_bytes: int, fraction: float = 0.9, *, shared_host: bool = False,
+                 workload: Workload | None = None, factor_budget_gb: float | None = None,
+                 num_blocks: int | None = None) -> None:
+    """Raise :class:`OverMemory` when a stage's peak exceeds ``fraction`` of ``device_bytes`` (or, when every stage
+    shares one host, ``shared_host``, when their sum does).  The message is one line: the stage, the pass, its
+    largest parts, and fixes for the largest part, with numbers from scaling that part linearly (activations and the
+    exact workspace with the micro-batch, activations with the micro-batches in flight, factors with the factor
+    budget, everything with 1/stages)."""
+    usable = device_bytes * fraction
+    worst = max(mem.stages, key=lambda s: s.peak)
+    if shared_host:
+        need = mem.host_total
+        where = (f"{len(mem.stages)} stage(s) × {mem.layout.replicas} replica(s) sharing this host need "
+                 f"{_gb(need)} at their peaks")
+    else:
+        need = worst.peak
+        where = f"stage {worst.stage} needs {_gb(need)} in the {worst.peak_pass} pass"
+    if need <= usable:
+        return
+    kind = worst.peak_pass
+    peak = worst.pass_peaks()[kind]
+    parts = worst.components(kind)
+    top = sorted(parts.items(), key=lambda kv: -kv[1])
+    room = usable * peak / need                   # what the worst stage may hold (its share of a shared host)
+    name, part = top[0]
+    fixes = []
+    if name.startswith("activations") or name == "exact workspace":
+        scalable = part + (worst.backward if name.startswith("activations") else 0)
+        frac = (room - (peak - scalable)) / scalable
+        if workload is not None and math.floor(workload.micro_batch * frac) >= 1:
+            fixes.append(f"a smaller micro-batch (data.micro_batch={math.floor(workload.micro_batch * frac)})")
+        f = math.floor(worst.held * (room - (peak - part)) / part) if name.startswith("activations") else 0
+        if 1 <= f < worst.held:
+            fixes.append(f"fewer micro-batches in flight (in_flight={f})")
+        if name == "exact workspace":
+            fixes.append("fewer directions (top_k) or fewer exact_layers")
+    elif name in ("factors", "spectral workspace"):
+        both = worst.factors + (parts.get("spectral workspace", 0) if kind == "spectral" else 0)
+        target = (factor_budget_gb or 0) * (room - (peak - both)) / both
+        fixes.append(f"fewer layers per pass (factor_budget_gb={target:.3g})" if target > 0 else
+                     "fewer layers per pass (a smaller factor_budget_gb)")
+    stages = len(mem.stages)
+    more = max(stages + 1, math.ceil(stages * need / usable))
+    if num_blocks is None or more <= num_blocks:
+        fixes.append(f"more stages (stages={more})")
+    if not fixes:
+        fixes.append("a device with more memory, or a smaller micro-batch")
+    listed = ", ".join(f"{n} {_gb(v)}" for n, v in top[:3])
+    raise OverMemory(f"{where} ({listed}) but a device has {_gb(device_bytes)}, {fraction:.0%} usable "
+                     f"({_gb(usable)}); fix: {' or '.join(fixes)}")
