@@ -54,7 +54,7 @@ def analyze(model: nn.Module, data: Iterable, loss: str = "cross_entropy", *, to
             fisher: str = "empirical", exact: bool = True, gn: bool = True, layers=None, exact_layers=None,
             dtype: torch.dtype | None = None, stat_dtype: torch.dtype | None = None,
             factor_budget_bytes: int | None = None, mc_samples: int = 1, seed: int = 0,
-            gradient_labels: str = "true") -> Result:
+            gradient_labels: str = "true", exact_dtype: str = "model") -> Result:
     """Measure every selected layer of ``model`` on the evaluation batch ``data``.
 
     Args:
@@ -72,10 +72,13 @@ def analyze(model: nn.Module, data: Iterable, loss: str = "cross_entropy", *, to
         gradient_labels: ``"true"`` (the data's targets) or ``"sampled"``: every target replaced by one draw from the
             model's predictive distribution (:func:`curvdist.math.losses.sampled_targets`, seeded by ``seed`` and the
             micro-batch), so that E G = 0 — the null measurement to compare a run with.
+        exact_dtype: minimum precision of the exact HVPs: ``"model"`` (the model's dtype, the in-process default),
+            ``"float32"`` or ``"float64"`` (the parameters are upcast for the exact pass and restored after); the
+            Ray runner defaults to float32 (config key ``exact_dtype``), since bfloat16 HVPs are off by percent.
     """
     m = Measurement(loss=loss, fisher=fisher, mc_samples=mc_samples, top_k=top_k, seed=seed, exact=exact, gn=gn,
                     exact_layers=tuple(exact_layers) if exact_layers is not None else None,
-                    gradient_labels=gradient_labels)
+                    gradient_labels=gradient_labels, exact_dtype=exact_dtype)
     if dtype is not None:
         model = model.to(dtype)
     param = next(model.parameters())
@@ -111,8 +114,9 @@ def analyze(model: nn.Module, data: Iterable, loss: str = "cross_entropy", *, to
             timings["projections_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             exact_live = {n: selected[n] for n in exact_layer_names(spectra, m)}
-            curv = exact_curvature(model, batches, loss, {n: directions[n] for n in exact_live},
-                                   layers=exact_live, hessian=True, gn=gn) if exact_live else {}
+            with forward.parameters_in(model, forward.exact_torch_dtype(exact_dtype, mdtype)):
+                curv = exact_curvature(model, batches, loss, {n: directions[n] for n in exact_live},
+                                       layers=exact_live, hessian=True, gn=gn) if exact_live else {}
             timings["exact_s"] = time.perf_counter() - t0
     finally:
         model.train(was_training)

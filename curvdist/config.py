@@ -33,12 +33,13 @@ LOSSES = ("cross_entropy", "mse")
 FISHERS = ("empirical", "mc", "type2")
 GRADIENT_LABELS = ("true", "sampled")
 DEVICES = ("auto", "cpu", "cuda")
+EXACT_DTYPES = ("float32", "float64", "model")
 STAT_DTYPES = ("float32", "float64")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # keys that change where or how a run executes, not what it measures (distributed equals serial), so they do not
 # enter config_hash and a run can be resumed with, e.g., more stages or another Ray cluster
-HASH_EXCLUDE = ("out", "run_id", "plots", "ray", "stages", "replicas", "in_flight", "factor_budget_gb",
-                "hardware", "model.config_json",
+HASH_EXCLUDE = ("out", "run_id", "plots", "ray", "stages", "replicas", "in_flight", "exact_chunk",
+                "factor_budget_gb", "hardware", "model.config_json",
                 "model.trust_remote_code")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
@@ -283,6 +284,11 @@ class RunConfig(_Config):
     exact_layers: list[str] | None = _f(  # noqa: RUF009
         None, "glob patterns of the analysed layers that also get exact h and h^GN (the costly part: K HVPs "
               "through the layer's downstream network); null: every analysed layer; other layers get α_Kron only")
+    exact_dtype: str = _f("float32", "minimum precision of the exact HVPs: float32 (parameters upcast for the exact "
+                                     "pass; bfloat16 HVPs are off by percent), float64, or model (the model's "
+                                     "dtype); a wider model dtype is kept", EXACT_DTYPES)
+    exact_chunk: int | None = _f(None, "most directions (layers × K) one exact sweep carries through the pipeline; "
+                                       "memory grows with it; null: all of a stage's exact directions at once")
     device: str = _f("auto", "device of the stage actors (auto: cuda when available)", DEVICES)
     stat_dtype: str = _f("float32", "dtype of the accumulated statistics G, C_A, C_δ", STAT_DTYPES)
     factor_budget_gb: float = _f(8.0, "memory budget in GiB for one stage's dense factors in one pass; the "
@@ -299,7 +305,7 @@ class RunConfig(_Config):
         super().__post_init__()
 
     def _validate(self) -> None:
-        self._positive("stages", "top_k", "mc_samples", "factor_budget_gb", "replicas", "in_flight")
+        self._positive("stages", "top_k", "mc_samples", "factor_budget_gb", "replicas", "in_flight", "exact_chunk")
         if self.exact_layers is not None and not self.exact_layers:
             raise ConfigError("exact_layers", "[] selects nothing; use exact=false to skip exact curvature")
         if self.layers is not None:

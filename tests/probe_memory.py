@@ -16,7 +16,7 @@ from curvdist.config import load_config
 from curvdist.io import checkpoint as ckpt
 from curvdist.io.slice import build_slice
 from curvdist.math import families, forward, spectral
-from curvdist.math.curvature import stage_backward_tangent
+from curvdist.math.stage_tangents import stage_backward_tangent
 from curvdist.math.factors import StatisticsCollector
 from curvdist.runner import estimate, planning
 from curvdist.runner.memory import exact_route_bytes, spectral_workspace

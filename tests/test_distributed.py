@@ -118,7 +118,13 @@ def test_distributed_equals_in_process(ray_local, gpt2_v48, tmp_path, model, sta
     assert with_h > 0 and (exact is None) == (with_h == len(dirs))
     timings = json.loads(store.read_run(tmp_path, run_id)["timings_json"])
     assert timings["layout"]["replicas"] == replicas and timings["layout"]["stages"] == stages
-    assert {p["kind"] for p in timings["passes"]} == {"stats", "projections"}
+    assert {p["kind"] for p in timings["passes"]} == {"stats", "projections", "exact"}
+    # one sweep per (source stage, micro-batch): the stages below the last that own exact layers, not per layer
+    exact_pass = next(p for p in timings["passes"] if p["kind"] == "exact")
+    sources = {layers[n]["stage"] for n in layers if layers[n]["stage"] < stages - 1
+               and any(d["h"] is not None for (ln, _), d in dirs.items() if ln == n)}
+    assert exact_pass["sweeps"] == len(sources) * timings["layout"]["microbatches"]
+    assert exact_pass["exact_dtype"] == "float64" and (exact_pass["sent_bytes"] > 0) == bool(sources)
 
 
 def test_stage_reads_only_its_tensors(ray_local, tmp_path):

@@ -7,7 +7,8 @@ import pytest
 from curvdist import config as C
 from curvdist.io import store
 from curvdist.runner import driver
-from curvdist.runner.schedule import Op, dependency, one_f_one_b, submission_order, warmup
+from curvdist.runner.schedule import (Op, dependency, one_f_one_b, submission_order, sweep_dependency, sweep_orders,
+                                      warmup)
 from curvdist.runner.spec import SLEEP_ENV
 
 
@@ -57,6 +58,30 @@ def test_one_f_one_b_fills_the_pipeline():
     assert simulate(S, M, 1)[0] == pytest.approx(M * S)
 
 
+@pytest.mark.parametrize("stages", [2, 3, 4])
+@pytest.mark.parametrize("in_flight", [1, 2, 4])
+def test_exact_sweep_orders_complete_and_pipelined(stages, in_flight):
+    """Sweeps from every source stage below the last, two chunks each: every call scheduled once, each stage in
+    its own order, no deadlock; with one source and a fixed forward time t, (M + S − 1)·t as in the other passes."""
+    M = 5
+    sweeps = [(b, j, c) for b in range(M) for j in range(stages - 1) for c in range(2)]
+    per_stage = sweep_orders(stages, sweeps, in_flight)
+    order = submission_order(per_stage, sweep_dependency)
+    want = sorted([("F", i, w) for w in sweeps for i in range(w[1], stages - 1)]
+                  + [("B", i, w) for w in sweeps for i in range(w[1], stages - 1)]
+                  + [("L", stages - 1, w) for w in sweeps])
+    assert sorted((o.kind, o.stage, o.mb) for o in order) == want
+    for j, seq in enumerate(per_stage):
+        assert [o for o in order if o.stage == j] == seq
+    one = [(b, 0, 0) for b in range(16)]
+    finish, free = {}, [0.0] * stages
+    for op in submission_order(sweep_orders(stages, one, stages), sweep_dependency):
+        dep = sweep_dependency(op, stages)
+        start = max(free[op.stage], finish[dep] if dep is not None else 0.0)
+        finish[op] = free[op.stage] = start + (0.0 if op.kind == "B" else 1.0)
+    assert max(finish.values()) == pytest.approx(16 + stages - 1)
+
+
 @pytest.fixture(scope="module")
 def ray_local(tmp_path_factory):
     import ray
@@ -85,3 +110,22 @@ def test_stages_overlap_with_fixed_sleep(ray_local, tmp_path, monkeypatch):
     assert stats["wall_s"] <= 1.5 * ideal, (stats, ideal, M * S * t)
     assert stats["busy_fraction"] >= 0.7, stats
     assert len(stats["busy_s"]) == S and min(stats["busy_s"]) >= M * t
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_exact_sweeps_overlap_with_fixed_sleep(ray_local, tmp_path, monkeypatch):
+    """The exact pass with the same sleeping stages: one exact layer on stage 0, so each of the M sweeps visits all
+    S stages; with the sweeps pipelined the pass takes within 1.5× of (M + S − 1)·t (one sweep at a time: M·S·t),
+    and it records one sweep per micro-batch."""
+    S, M, t = 4, 16, 0.25
+    monkeypatch.setenv(SLEEP_ENV, str(t))
+    cfg = C.load_config(None, ["model.name=tiny-gpt2", f"stages={S}", "data.source=synthetic", f"data.sequences={2 * M}",
+                               "data.seq_len=8", "data.micro_batch=2", "top_k=2", "exact=true", "plots=false",
+                               "layers=[transformer.h.0.mlp.c_fc]", "ray.cpus_per_stage=0.5", f"out={tmp_path}"])
+    run_id = driver.main(cfg)
+    timings = json.loads(store.read_run(tmp_path, run_id)["timings_json"])
+    exact = next(p for p in timings["passes"] if p["kind"] == "exact")
+    ideal = (M + S - 1) * t
+    assert exact["sweeps"] == M
+    assert exact["wall_s"] <= 1.5 * ideal, (exact, ideal, M * S * t)

@@ -49,30 +49,22 @@ A module called more than once per forward (weight reuse) breaks s̈ = 0 when on
 through another call; such a layer goes through ``method="param"``: ``torch.func`` forward-over-reverse on the
 weight itself, (H vec D_k, ż_k) = jvp(∇_W L_b, z)(W; D_k), vmapped over K (exact in every case, slower).
 
-Stage-local building blocks (pipeline, no autograd graph across processes)
----------------------------------------------------------------------------
-A stage is ``fn(params, x) -> y``.  Forward: (y, ẏ) = (fn, ∂fn·(ẋ, ṗ)) stage by stage (:func:`stage_forward_tangent`).
-At the loss: (z̄, z̄̇) = (∇_z L_b, ∇²_z L_b ż) (:func:`loss_tangent`).  Backward, stage by stage
-(:func:`stage_backward_tangent`, forward-over-reverse of the stage's vjp):
-
-    x̄ = J_xᵀ ȳ,     x̄̇ = J_xᵀ ȳ̇ + (∂²fn[ȳ])·(ẋ, ṗ),     p̄̇ likewise  =  (∇²L · vec D) restricted to p.
-
-Then h_k = ⟨ṗ_k, p̄̇_k⟩ (:func:`tangent_quadratic`) and h^GN_k = hessian_quadratic(z, ż).
+Stage-local building blocks for the pipeline (no autograd graph across processes): :mod:`curvdist.math.stage_tangents`.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp, vjp, vmap
+from torch.func import functional_call, jvp, vmap
 
 from curvdist.math import layers as L
 from curvdist.math import noise
 from curvdist.math.forward import model_logits, second_order_attention, to_device
 from curvdist.math.losses import hessian_quadratic, loss_terms
+from curvdist.math.stage_tangents import layer_param_tangent
 
 
 @dataclass
@@ -325,107 +317,3 @@ def _layer_pass(module, x, s, g, zbar, z, targets, loss, U, V, hessian, gn, chun
                 zdot = torch.zeros((sdot.shape[0], *z.shape), dtype=z.dtype, device=z.device)
             out_gn.append(hessian_quadratic(z.detach(), targets, loss, zdot))
     return (torch.cat(out_h) if hessian else None), (torch.cat(out_gn) if gn else None)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Stage-local forward-over-reverse (pipeline-friendly: tensors in, tensors out, no graph kept between calls)
-# ----------------------------------------------------------------------------------------------------------------
-
-StageFn = Callable[[dict, Any], Tensor]
-
-
-def module_stage(module: nn.Module) -> StageFn:
-    """``fn(params, x) = module(x)`` with the named parameters in ``params`` substituted (others: the module's)."""
-    return lambda params, x: functional_call(module, params, (x,))
-
-
-def layer_param_tangent(module: nn.Module, U: Tensor, V: Tensor) -> Tensor:
-    """(K, *module.weight.shape): the directions u_k v_kᵀ in the weight's own layout."""
-    D = U[:, :, None] * V[:, None, :]  # (K, m, n)
-    return torch.stack([L.matrix_to_weight(module, d) for d in D])
-
-
-def _differentiable(x) -> bool:
-    return isinstance(x, Tensor) and x.is_floating_point()
-
-
-def stage_forward_tangent(fn: StageFn, params: Mapping[str, Tensor], x, xdot: Tensor | None = None,
-                          param_tangent: Mapping[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """``(y, ẏ)`` with y = fn(params, x) and ẏ_k = J_x ẋ_k + Σ_p J_p ṗ_k for K tangents.
-
-    ``xdot`` (K, *x.shape) or None (x held fixed, e.g. token ids); ``param_tangent`` name → (K, *param.shape) for the
-    perturbed parameters (others fixed).  Returns y (*y.shape) and ẏ (K, *y.shape).
-    """
-    pt = dict(param_tangent or {})
-    if xdot is None and not pt:
-        raise ValueError("no tangent given: pass xdot and/or param_tangent")
-    names = list(pt)
-    fixed = {k: v for k, v in params.items() if k not in pt}
-    primals = tuple(params[k] for k in names) + ((x,) if xdot is not None else ())
-
-    def f(*args):
-        p = dict(zip(names, args[:len(names)]))
-        return fn({**fixed, **p}, args[len(names)] if xdot is not None else x)
-
-    tangents = tuple(pt[k] for k in names) + ((xdot,) if xdot is not None else ())
-    with second_order_attention(), torch.no_grad():  # torch.func transforms ignore the outer no_grad
-        y, ydot = vmap(lambda *t: jvp(f, primals, t), out_dims=(None, 0))(*tangents)
-    return y, ydot
-
-
-def stage_backward_tangent(fn: StageFn, params: Mapping[str, Tensor], x, xdot: Tensor | None,
-                           param_tangent: Mapping[str, Tensor] | None, ybar: Tensor, ybar_dot: Tensor):
-    """Forward-over-reverse through one stage: ``(x̄, x̄̇, p̄̇)``.
-
-    x̄ = J_xᵀ ȳ (*x.shape, None if x is not floating); x̄̇_k = J_xᵀ ȳ̇_k + ∂_ε[J_x(x+εẋ_k, p+εṗ_k)ᵀ] ȳ (K, *x.shape);
-    p̄̇ name → (K, *param.shape) for the parameters in ``param_tangent`` (the tangent of their gradient, i.e.
-    (H vec D_k) restricted to them when ȳ, ȳ̇ come from the loss).  ``ybar`` (*y.shape) is the adjoint of the stage
-    output, ``ybar_dot`` (K, *y.shape) its tangent.  The stage's forward is recomputed (no graph is kept).
-    """
-    pt = dict(param_tangent or {})
-    names = list(pt)
-    fixed = {k: v for k, v in params.items() if k not in pt}
-    dx = _differentiable(x)
-
-    def F(*args):  # (p_1..p_r, [x], ȳ) -> (p̄_1..p̄_r, [x̄])
-        p = args[:len(names)]
-        xx = args[len(names)] if dx else x
-        yb = args[-1]
-
-        def g(*a):
-            return fn({**fixed, **dict(zip(names, a[:len(names)]))}, a[len(names)] if dx else x)
-
-        _, pull = vjp(g, *p, *((xx,) if dx else ()))
-        return pull(yb)
-
-    primals = tuple(params[k] for k in names) + ((x,) if dx else ()) + (ybar,)
-    tangents = tuple(pt[k] for k in names)
-    in_dims = [0] * len(names)
-    if dx:
-        tangents += (xdot if xdot is not None else torch.zeros_like(x),)
-        in_dims.append(0 if xdot is not None else None)
-    tangents += (ybar_dot,)
-    in_dims.append(0)
-    # grad mode on even under a caller's no_grad: the vjp's backward then runs silu_backward & co. differentiably
-    # (without it, forward AD of aten::silu_backward is missing: NotImplementedError)
-    with second_order_attention(), torch.enable_grad():
-        out, out_dot = vmap(lambda *t: jvp(F, primals, t), in_dims=tuple(in_dims), out_dims=(None, 0))(*tangents)
-    pbar_dot = {k: t.detach() for k, t in zip(names, out_dot[:len(names)])}
-    xbar, xbar_dot = (out[len(names)].detach(), out_dot[len(names)].detach()) if dx else (None, None)
-    return xbar, xbar_dot, pbar_dot
-
-
-def loss_tangent(logits: Tensor, targets: Tensor, loss: str, zdot: Tensor) -> tuple[Tensor, Tensor, int]:
-    """At the loss: ``(z̄, z̄̇, N_b)`` with z̄ = ∇_z L_b (*z.shape), z̄̇_k = ∇²_z L_b ż_k (K, *z.shape), L_b the
-    micro-batch mean loss.  Scale both by N_b/N when micro-batches are combined."""
-    def grad_z(zz):
-        return torch.func.grad(lambda q: loss_terms(q, targets, loss)[0])(zz)
-
-    with torch.enable_grad():  # see stage_backward_tangent
-        zbar, zbar_dot = vmap(lambda t: jvp(grad_z, (logits.detach(),), (t,)), out_dims=(None, 0))(zdot)
-    return zbar, zbar_dot, loss_terms(logits.detach(), targets, loss)[1]
-
-
-def tangent_quadratic(param_tangent: Mapping[str, Tensor], param_bar_dot: Mapping[str, Tensor]) -> Tensor:
-    """h_k = Σ_p ⟨ṗ_k, p̄̇_k⟩ → (K,)."""
-    return sum((param_tangent[k] * param_bar_dot[k]).flatten(1).sum(1) for k in param_tangent)

@@ -174,7 +174,8 @@ class StatisticsCollector:
 
     def __init__(self, layers: Mapping[str, nn.Module], *, stat_dtype: torch.dtype = torch.float32,
                  factor_budget_bytes: int | None = None, dense: bool = True,
-                 directions: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
+                 directions: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 device: torch.device | str | None = None):
         for name, mod in layers.items():
             if not L.is_supported(mod):
                 raise ValueError(f"layer {name} ({type(mod).__name__}) is not supported")
@@ -182,6 +183,9 @@ class StatisticsCollector:
         if missing:
             raise ValueError(f"directions given for unknown layers: {sorted(missing)}")
         self.dtype = stat_dtype
+        # where sums not yet allocated are created for state(): the rows' device (a replica that saw no rows of a
+        # kind must hand the all-reduce tensors on the same device as the others)
+        self.device = torch.device(device) if device is not None else None
         self.layers = {name: _Layer(name, mod, dense, stat_dtype, factor_budget_bytes, (directions or {}).get(name))
                        for name, mod in layers.items()}
         self.n_terms = 0
@@ -271,7 +275,7 @@ class StatisticsCollector:
         for st in self.layers.values():
             for path, shape in st.sums().items():
                 v = st.get(path)
-                out.append(v if v is not None else torch.zeros(shape, dtype=self.dtype))
+                out.append(v if v is not None else torch.zeros(shape, dtype=self.dtype, device=self.device))
         counts = [float(self.n_terms), float(self.n_terms_a)] + [
             x for st in self.layers.values() for x in (float(st.rows), float(st.seen_error), float(st.units))]
         out.append(torch.tensor(counts, dtype=torch.float64))

@@ -59,3 +59,35 @@ def second_order_attention():
 
     with sdpa_kernel(SDPBackend.MATH):
         yield
+
+
+EXACT_DTYPES = ("float32", "float64", "model")
+
+
+def exact_torch_dtype(exact_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the exact HVPs: ``model`` keeps the model's; float32/float64 upcast (never down: a float64
+    model keeps float64 under ``float32``, so validation runs stay exact)."""
+    if exact_dtype not in EXACT_DTYPES:
+        raise ValueError(f"exact_dtype={exact_dtype!r}: choose one of {', '.join(EXACT_DTYPES)}")
+    if exact_dtype == "model":
+        return model_dtype
+    want = torch.float64 if exact_dtype == "float64" else torch.float32
+    return want if torch.finfo(want).bits >= torch.finfo(model_dtype).bits else model_dtype
+
+
+@contextlib.contextmanager
+def parameters_in(module: nn.Module, dtype: torch.dtype):
+    """Cast ``module``'s parameters (not its buffers: rotary frequencies and the like keep their dtype) to ``dtype``
+    inside the block and back after.  Casting up and back is lossless, so the module computes as before after."""
+    params = list(module.parameters())
+    old = [p.dtype for p in params]
+    if all(d == dtype for d in old):
+        yield module
+        return
+    try:
+        for p in params:
+            p.data = p.data.to(dtype)
+        yield module
+    finally:
+        for p, d in zip(params, old):
+            p.data = p.data.to(d)

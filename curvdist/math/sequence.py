@@ -2,7 +2,7 @@
 stage workers).  Pure: torch in, tensors and rows out; no Ray, no IO.
 
     m = Measurement(loss="cross_entropy", fisher="mc", mc_samples=1, top_k=20, seed=0, exact=True, gn=True,
-                    exact_layers=None, gradient_labels="true")
+                    exact_layers=None, gradient_labels="true", exact_dtype="float32")
     for kind, s in measurement_seeds(logits, targets, m, "stats", 3): ...   # back-propagate s as `kind`
     spectra = spectral_steps(stats, m)                                          # {layer: measure.LayerSpectra}
     names = exact_layer_names(spectra, m)                                       # layers that get exact h
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from curvdist.math import losses, measure
+from curvdist.math.forward import exact_torch_dtype
 from curvdist.vocab import matches
 
 PASS_KINDS = ("stats", "projections")
@@ -48,11 +49,13 @@ class Measurement:
     gn: bool                                 # and h^GN (JVPs)
     exact_layers: tuple[str, ...] | None     # globs of the layers that get exact h; None: every analysed layer
     gradient_labels: str                     # "true", or "sampled" from the model (the null measurement)
+    exact_dtype: str                         # minimum precision of the exact HVPs: float32, float64 or model
 
     def __post_init__(self) -> None:
         losses.check_loss(self.loss)
         losses.check_fisher(self.fisher)
         losses.check_gradient_labels(self.gradient_labels)
+        exact_torch_dtype(self.exact_dtype, torch.float32)   # raises on an unknown name
         if self.top_k < 1:
             raise ValueError(f"top_k={self.top_k} must be ≥ 1")
         if self.mc_samples < 1:
@@ -63,7 +66,9 @@ class Measurement:
 
 def microbatch_generator(seed: int, microbatch: int) -> torch.Generator:
     """The CPU generator of micro-batch ``microbatch``'s sampled labels: a function of (seed, micro-batch) only."""
-    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(microbatch)) % (2**63 - 1))
+    # an odd-multiplier mix of both (no two (seed, micro-batch) pairs of practical size share a stream)
+    return torch.Generator().manual_seed((int(seed) * 0x9E3779B97F4A7C15 + (int(microbatch) + 1) * 0xBF58476D1CE4E5B9)
+                                         % (2**63 - 1))
 
 
 def seed_kinds(fisher: str, pass_kind: str) -> tuple[str, ...]:

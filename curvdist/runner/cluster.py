@@ -118,7 +118,8 @@ def worker_starter(cfg: C.RunConfig, ckpt, plans: list[StagePlan], todo: dict[in
     def start(i: int):
         plan = plans[i % S]
         spec = WorkerSpec.build(cfg, ckpt, plan, stages=S, replica=i // S, replicas=placement.replicas,
-                                layers=todo[plan.index], device=device, threads=placement.threads)
+                                layers=todo[plan.index], device=device, threads=placement.threads,
+                                gpus_per_worker=placement.gpus)
         strategy = PlacementGroupSchedulingStrategy(placement_group=placement.group, placement_group_bundle_index=i)
         return Actor.options(num_cpus=placement.cpus, num_gpus=placement.gpus,
                              scheduling_strategy=strategy).remote(spec)

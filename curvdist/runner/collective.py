@@ -38,15 +38,20 @@ class ReplicaGroup:
         self.world, self.device = world, device
 
     @classmethod
-    def join(cls, *, rank: int, world: int, address: str, port: int, device: torch.device,
-             timeout_s: float = 300.0) -> ReplicaGroup:
+    def join(cls, *, rank: int, world: int, address: str, port: int, device: torch.device, backend: str = "gloo",
+             timeout_s: float = 3600.0) -> ReplicaGroup:
+        """``backend``: ``nccl`` (each replica on its own GPU: device to device) or ``gloo`` (CPU workers, or
+        replicas that share a GPU — NCCL refuses two ranks on one device — where the sums go through host memory).
+        ``timeout_s`` bounds how long a replica waits in a collective for the others: replicas over unequal shares
+        of the micro-batches reach it at different times, so it is generous."""
         import torch.distributed as dist
 
-        group = cls(world, device)
+        if backend not in ("nccl", "gloo"):
+            raise ValueError(f"collective backend {backend!r}: nccl or gloo")
+        group = cls(world, device if backend == "nccl" else torch.device("cpu"))
         if world > 1:
             if dist.is_initialized():
                 dist.destroy_process_group()
-            backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world,
                                     timeout=datetime.timedelta(seconds=timeout_s))
         return group

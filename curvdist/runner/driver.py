@@ -183,9 +183,18 @@ def run_group(ctx: GroupContext, actors: list) -> None:
         _write_rows(ctx, pipelines[0], "kronecker")
         if ctx.cfg.exact:
             t0 = time.perf_counter()
-            exact_pass(pipelines, len(ctx.batches), progress=progress,
-                       on_stage_done=lambda j: _write_rows(ctx, [pipelines[0][j]], "exact", first=j))
-            ctx.timings["exact_s"] = ctx.timings.get("exact_s", 0.0) + time.perf_counter() - t0
+            reports = exact_pass(pipelines, len(ctx.batches), in_flight=pl.in_flight, chunk=ctx.cfg.exact_chunk,
+                                 progress=progress,
+                                 on_stage_done=lambda j: _write_rows(ctx, [pipelines[0][j]], "exact", first=j))
+            wall = time.perf_counter() - t0
+            ctx.timings["exact_s"] = ctx.timings.get("exact_s", 0.0) + wall
+            ctx.timings.setdefault("passes", []).append({
+                "group": ctx.group, "kind": "exact", "wall_s": round(wall, 4),
+                "busy_s": [round(r["busy_s"], 4) for r in reports],
+                "workers": [f"s{r['stage']}r{r['replica']}" for r in reports],
+                "busy_fraction": round(sum(r["busy_s"] for r in reports) / (wall * len(reports)), 4) if wall else None,
+                "sweeps": sum(r["sweeps"] for r in reports), "sent_bytes": sum(r["sent_bytes"] for r in reports),
+                "exact_dtype": reports[0]["exact_dtype"]})
 
 
 def _join_replicas(pipelines: list[list]) -> None:

@@ -66,9 +66,11 @@ def dependency(op: Op, stages: int) -> Op | None:
     return Op("L", stages - 1, op.mb) if op.stage == stages - 2 else Op("B", op.stage + 1, op.mb)
 
 
-def submission_order(per_stage: list[list[Op]]) -> list[Op]:
+def submission_order(per_stage: list[list[Op]], depends=None) -> list[Op]:
     """One sequence of all calls, each after its dependency, each stage's calls in its own order: round-robin
-    over the stages, taking a stage's next call once its dependency is submitted."""
+    over the stages, taking a stage's next call once its dependency is submitted.  ``depends(op, stages)``:
+    :func:`dependency` by default (:func:`sweep_dependency` for the exact pass)."""
+    depends = depends or dependency
     stages = len(per_stage)
     pos = [0] * stages
     done: set[Op] = set()
@@ -79,7 +81,7 @@ def submission_order(per_stage: list[list[Op]]) -> list[Op]:
         for j in range(stages):
             while pos[j] < len(per_stage[j]):
                 op = per_stage[j][pos[j]]
-                dep = dependency(op, stages)
+                dep = depends(op, stages)
                 if dep is not None and dep not in done:
                     break
                 order.append(op)
@@ -89,6 +91,36 @@ def submission_order(per_stage: list[list[Op]]) -> list[Op]:
         if not progressed:
             raise RuntimeError(f"schedule deadlock at positions {pos}: {[s[p] for s, p in zip(per_stage, pos)]}")
     return order
+
+
+def sweep_orders(stages: int, sweeps: Sequence[tuple], in_flight: int) -> list[list[Op]]:
+    """Each stage's calls of the exact pass (1F1B over sweeps).  A sweep ``(b, j, c)`` (micro-batch, source stage,
+    chunk) passes stages j..S-1: F on j..S-2, L on the last, B on S-2..j.  Stage i runs the sweeps that pass it, in
+    the given order, with ``in_flight − i`` forwards of warm-up (at least 1), then one backward, one forward; the
+    last stage runs L in order.  The same argument as :func:`one_f_one_b` (and the dependency check of
+    :func:`submission_order`) keeps it free of deadlock."""
+    out = []
+    for i in range(stages - 1):
+        mine = [w for w in sweeps if w[1] <= i]
+        w_i = max(1, min(len(mine), in_flight - i))
+        seq = [Op("F", i, w) for w in mine[:w_i]]
+        for n, w in enumerate(mine):
+            seq.append(Op("B", i, w))
+            if n + w_i < len(mine):
+                seq.append(Op("F", i, mine[n + w_i]))
+        out.append(seq)
+    out.append([Op("L", stages - 1, w) for w in sweeps])
+    return out
+
+
+def sweep_dependency(op: Op, stages: int) -> Op | None:
+    """The call whose result a sweep call consumes (None: the source stage's forward, seeded by ε)."""
+    j = op.mb[1]
+    if op.kind == "F":
+        return Op("F", op.stage - 1, op.mb) if op.stage > j else None
+    if op.kind == "L":
+        return Op("F", stages - 2, op.mb) if stages - 2 >= j else None
+    return Op("L", stages - 1, op.mb) if op.stage == stages - 2 else Op("B", op.stage + 1, op.mb)
 
 
 def replica_of(mb: int, replicas: int) -> int:
@@ -148,56 +180,75 @@ def stream(pipelines: list[list], batches: list, in_flight: int, progress=None, 
             progress.advance(task)
 
 
-def exact_pass(pipelines: list[list], microbatches: int, *, progress=None, on_stage_done=None) -> None:
-    """Exact curvature across stages (forward-over-reverse, :mod:`curvdist.runner.tangents`), every replica over the
-    micro-batches it held in the statistics pass.  For every layer l (owned by stage j) and micro-batch b:
+def exact_pass(pipelines: list[list], microbatches: int, *, in_flight: int, chunk: int | None, progress=None,
+               on_stage_done=None) -> list[dict]:
+    """Exact curvature by stacked sweeps (:mod:`curvdist.runner.tangents`), every replica over the micro-batches it
+    held in the statistics pass; returns each worker's figures (``finish_exact``).
 
-        stage j          tangent_forward(b, layer=l)        ẏ_j   = J_p ṗ            (ṗ_k = u_k v_kᵀ, K batched)
-        stage j<i<S-1    tangent_forward(b, xdot=ẏ)         ẏ_i   = J_x ẋ
-        last stage       tangent_loss(b, xdot=ẏ)            ż, h^GN = żᵀH_ℓż, (z̄, z̄̇), then its tangent backward
-        stage i>j        tangent_backward(b, msg)           (x̄, x̄̇) = (J_xᵀȳ, J_xᵀȳ̇ + ∂²f[ȳ]·ẋ)
-        stage j          tangent_backward(b, msg, layer=l)  h_k += N_b ⟨ṗ_k, p̄̇_k⟩
-
-    The last stage measures its own layers first, in one go with the in-process route (their whole downstream
-    network is there), while the sweeps of the other stages start.  When every sweep of stage j's layers is done,
-    its replicas combine their sums (``end_exact``, all at once) and ``on_stage_done(j)`` is called (the driver
-    commits that stage's exact rows), so a run stopped mid-way keeps the stages already finished.  An actor runs
-    ``end_exact`` after every call queued before it, so no sweep is ever blocked behind a collective."""
+    A sweep (b, j, c) carries chunk c of source stage j's directions for micro-batch b down stages j..S-1 and back.
+    The sweeps of a replica are ordered micro-batch by micro-batch, source stages interleaved, and scheduled 1F1B
+    (:func:`sweep_orders`): stage i holds at most ``in_flight − i`` sweeps and works while the others do.  Every
+    call is submitted after the call it depends on, and every actor runs its calls in submission order.  The
+    last stage measures its own layers first, in one go with the in-process route.  When every sweep of stage j's
+    layers is done, its replicas combine their sums (``end_exact``, all at once; queued after every sweep call) and
+    ``on_stage_done(j)`` is called (the driver commits that stage's exact rows)."""
     import ray
 
     R, S = len(pipelines), len(pipelines[0])
     last = S - 1
+    chunks = ray.get([a.begin_exact.remote(chunk) for actors in pipelines for a in actors])[:S]
     live = ray.get([a.live_layers.remote() for a in pipelines[0]])   # the same on every replica
     owned: dict[int, list] = {j: [] for j in range(S) if live[j]}
-    task = None
-    if progress is not None:
-        task = progress.add_task("pass exact", total=sum(len(ls) for ls in live[:-1]) * microbatches
-                                 + R * int(bool(live[-1])))
     if live[last]:
         owned[last] = [actors[last].exact_local.remote(live[last]) for actors in pipelines]
-    for r, actors in enumerate(pipelines):
+    orders = []
+    for r in range(R):
         mine = [b for b in range(microbatches) if replica_of(b, R) == r]
-        for j in range(last):
-            for layer in live[j]:
-                for b in mine:
-                    t = actors[j].tangent_forward.remote(b, None, layer)
-                    for i in range(j + 1, last):
-                        t = actors[i].tangent_forward.remote(b, t)
-                    msg = actors[last].tangent_loss.remote(b, t)
-                    for i in range(last - 1, j, -1):
-                        msg = actors[i].tangent_backward.remote(b, msg)
-                    owned[j].append(actors[j].tangent_backward.remote(b, msg, layer))
+        orders.append([(b, j, c) for b in mine for j in range(last) for c in range(chunks[j])])
+    task = progress.add_task("pass exact", total=sum(len(o) for o in orders) + len(owned.get(last, []))) \
+        if progress is not None else None
+
+    refs: dict[tuple, object] = {}
+    per_replica = [submission_order(sweep_orders(S, order, in_flight), sweep_dependency) if order else []
+                   for order in orders]
+    for i in range(max((len(o) for o in per_replica), default=0)):   # interleave the replicas
+        for r, seq in enumerate(per_replica):
+            if i >= len(seq):
+                continue
+            op = seq[i]
+            b, j, c = op.mb
+            actor = pipelines[r][op.stage]
+            dep = sweep_dependency(op, S)
+            x = refs.pop((r, dep)) if dep is not None else None
+            if op.kind == "F":
+                refs[(r, op)] = actor.sweep_forward.remote(b, j, c, x)
+            elif op.kind == "L":
+                refs[(r, op)] = actor.sweep_loss.remote(b, j, c, x)
+            elif op.stage > j:
+                refs[(r, op)] = actor.sweep_backward.remote(b, j, c, x)
+            else:   # back on the source stage: h of this sweep's directions
+                owned[j].append(actor.sweep_backward.remote(b, j, c, x))
     stage_of = {ref: j for j, refs in owned.items() for ref in refs}
     left = {j: len(refs) for j, refs in owned.items()}
+    combined: set[int] = set()
+
+    def combine_ready():
+        # the last stage runs every sweep's loss step after its own layers: its replicas would wait for each other
+        # in end_exact behind all of them, so it combines only when every sweep is done
+        for j in sorted(left):
+            if left[j] == 0 and j not in combined and (j != last or all(n == 0 for n in left.values())):
+                combined.add(j)
+                ray.get([actors[j].end_exact.remote() for actors in pipelines])
+                if on_stage_done is not None:
+                    on_stage_done(j)
+
+    combine_ready()
     remaining = list(stage_of)
     while remaining:
         done, remaining = ray.wait(remaining, num_returns=1)
         ray.get(done)
         if progress is not None:
             progress.advance(task)
-        j = stage_of[done[0]]
-        left[j] -= 1
-        if left[j] == 0:
-            ray.get([actors[j].end_exact.remote() for actors in pipelines])
-            if on_stage_done is not None:
-                on_stage_done(j)
+        left[stage_of[done[0]]] -= 1
+        combine_ready()
+    return ray.get([a.finish_exact.remote() for actors in pipelines for a in actors])

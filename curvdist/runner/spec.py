@@ -26,7 +26,7 @@ def measurement(cfg: RunConfig) -> Measurement:
     return Measurement(loss=cfg.loss, fisher=cfg.fisher, mc_samples=cfg.mc_samples, top_k=cfg.top_k,
                        seed=cfg.data.seed, exact=cfg.exact, gn=cfg.gn,
                        exact_layers=tuple(cfg.exact_layers) if cfg.exact_layers is not None else None,
-                       gradient_labels=cfg.gradient_labels)
+                       gradient_labels=cfg.gradient_labels, exact_dtype=cfg.exact_dtype)
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class WorkerSpec:
     attn_implementation: str
     factor_budget_bytes: int
     measurement: Measurement
+    collective: str = "gloo"          # replicas' all-reduce: nccl (a GPU per worker) or gloo (CPU, shared GPUs)
     fault: str | None = None          # test hook, see FAULT_ENV
     sleep_s: float = 0.0              # test hook, see SLEEP_ENV
 
@@ -64,10 +65,11 @@ class WorkerSpec:
 
     @classmethod
     def build(cls, cfg: RunConfig, checkpoint, plan: StagePlan, *, stages: int, replica: int, replicas: int,
-              layers, device: str, threads: int) -> WorkerSpec:
+              layers, device: str, threads: int, gpus_per_worker: float = 0.0) -> WorkerSpec:
         return cls(checkpoint=str(checkpoint), stage=plan.index, stages=stages, replica=replica, replicas=replicas,
                    first_block=plan.first_block, last_block=plan.last_block, has_embedding=plan.has_embedding,
                    has_head=plan.has_head, layers=tuple(layers), dtype=cfg.model.dtype, stat_dtype=cfg.stat_dtype,
                    device=device, threads=int(threads), attn_implementation=cfg.model.attn_implementation,
                    factor_budget_bytes=int(cfg.factor_budget_gb * 2**30), measurement=measurement(cfg),
+                   collective="nccl" if device == "cuda" and gpus_per_worker >= 1 else "gloo",
                    fault=os.environ.get(FAULT_ENV) or None, sleep_s=float(os.environ.get(SLEEP_ENV) or 0.0))

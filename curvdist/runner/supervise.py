@@ -30,6 +30,9 @@ from curvdist.io import store
 console = Console(stderr=True)
 
 
+PING_TIMEOUT_S = 120.0   # a worker that answers no ping for this long after a failure is treated as dead
+
+
 class ClusterError(RuntimeError):
     """The Ray cluster cannot run this plan (too few CPUs/GPUs, placement timed out) or its actors kept dying;
     the CLI reports it in one line."""
@@ -81,8 +84,10 @@ class WorkerPool:
         out = []
         for i, a in enumerate(self.actors):
             try:
-                ray.get(a.ping.remote())
+                ray.get(a.ping.remote(), timeout=PING_TIMEOUT_S)
             except ray.exceptions.RayActorError:
+                out.append(i)
+            except ray.exceptions.GetTimeoutError:   # alive but stuck (a collective whose peer died): replace it
                 out.append(i)
         return out
 

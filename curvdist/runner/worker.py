@@ -148,7 +148,7 @@ class Worker(ExactSteps):
         """Join (or re-join, after a replacement) the process group of this stage's replicas."""
         self.group.leave()
         self.group = ReplicaGroup.join(rank=self.spec.replica, world=self.spec.replicas, address=address, port=port,
-                                       device=self.device)
+                                       device=self.device, backend=self.spec.collective)
         return self.spec.replica
 
     # ------------------------------------------------------------------ statistics and projections passes
@@ -159,11 +159,11 @@ class Worker(ExactSteps):
         if kind == "stats":
             self._inputs, self._targets, self._n_terms = {}, {}, {}
             self.collector = StatisticsCollector(self.layers, stat_dtype=self.stat_dtype,
-                                                 factor_budget_bytes=self.spec.factor_budget_bytes)
+                                                 factor_budget_bytes=self.spec.factor_budget_bytes, device=self.device)
         else:
             dirs = {n: sp.directions for n, sp in self.spectra.items() if sp.directions is not None}
             self.collector = StatisticsCollector({n: self.layers[n] for n in dirs}, stat_dtype=self.stat_dtype,
-                                                 dense=False, directions=dirs)
+                                                 dense=False, directions=dirs, device=self.device)
         self.collector.attach()
 
     def _input(self, x) -> torch.Tensor:
@@ -183,7 +183,8 @@ class Worker(ExactSteps):
         if self.spec.sleep_s:   # schedule tests: the stage's compute replaced by a fixed time
             time.sleep(self.spec.sleep_s)
         if self._pass == "stats":   # the exact pass reuses every stage's inputs: no upstream recomputation
-            self._inputs[mb] = (x, attention_mask)
+            # a copy: Ray hands arguments as zero-copy views into its object store, which would stay pinned there
+            self._inputs[mb] = (np.array(x, copy=True), None if attention_mask is None else np.array(attention_mask))
         mask = None if attention_mask is None else torch.as_tensor(attention_mask).to(self.device)
         xt = self._input(x)
         self.collector.begin_microbatch(mask, key=mb)
@@ -283,8 +284,9 @@ class Worker(ExactSteps):
         layers, directions, spectra_rows = assemble_rows(
             spectra, self.m, classify=lambda n: families.classify(n, self.family, self.module),
             projections=self.projections, curvature=curvature,
-            extra=lambda n: self._row_extra(n) | {"phase": phase,
-                                                  "exact_pending": phase == "kronecker" and n in live})
+            extra=lambda n: self._row_extra(n) | {
+                "phase": phase, "exact_pending": phase == "kronecker" and n in live,
+                "exact_dtype": str(self._xdtype).replace("torch.", "") if phase == "exact" else None})
         return StageRows(layers, directions, spectra_rows if phase == "kronecker" else [])
 
     def _row_extra(self, name: str) -> dict:
