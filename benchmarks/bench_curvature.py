@@ -9,6 +9,9 @@ forward+backward (re-measured around every layer; the machine may be shared):
   backward, batched double backwards from the layer output; h and h^GN come from the same pass);
 - ``loop h``: the same forward + create_graph backward, then K separate double backwards (retained graph);
 - ``param h`` (``--param``): the torch.func forward-over-reverse route on the weight (``method="param"``);
+- ``sweep``: the pipeline route, run here on one stage holding the whole model: one stacked sweep
+  (:mod:`curvdist.math.stage_tangents`: the K directions as one-hot tangents of ε, forward tangents, the loss
+  tangent, the tangent backward; h and h^GN), i.e. what a stage worker computes, without Ray;
 - ``floor``: 2·K·(matmul FLOPs downstream of the layer) / (3·all matmul FLOPs), the FLOP floor of any exact HVP
   (two products per downstream linear map per direction, tangent up and tangent adjoint down, against three for
   one forward+backward); elementwise work and the shared forward/backward come on top of it.
@@ -110,11 +113,33 @@ def time_layer(model, ids, targets, name, mod, U, V, args):
         runs["loop"] = lambda: ref.update(h=loop_hvps(model, ids, targets, mod, U, V))
     if args.param:
         runs["param"] = lambda: ec(gn=False, method="param")
+    runs["sweep"] = lambda: ref.update(sweep=sweep(model, ids, targets, name, mod, U, V))
     ts = {}
     for _ in range(args.repeats):  # rounds interleave the methods, so a busy spell hits one round, not one method
         for key, fn in runs.items():
             ts[key] = tuple(map(min, ts.get(key, (float("inf"),) * 2), timeit(fn, 0)))
     return ts, res, ref
+
+
+def sweep(model, ids, targets, name, mod, U, V):
+    """h (K,) by the pipeline route on one stage: ε on ``name``, forward tangents, loss tangent, tangent backward."""
+    from curvdist.math.losses import hessian_quadratic
+    from curvdist.math.stage_tangents import (PerturbedStage, chunk_directions, eps_params, eps_quadratic,
+                                              loss_tangent, stage_backward_tangent, stage_forward_tangent)
+    sl = chunk_directions([(name, U.shape[0])], None)[0]
+    pert = PerturbedStage(model, {name: mod})
+    try:
+        fn0 = pert.fn({name: (U, V)})
+        fn = lambda p, x: fn0(p, x).logits
+        eps, eps_dot = eps_params(sl, U.dtype, U.device)
+        params = {**{k: v.detach() for k, v in model.named_parameters()}, **eps}
+        z, zdot = stage_forward_tangent(fn, params, ids, None, eps_dot)
+        hessian_quadratic(z, targets, "cross_entropy", zdot)
+        zbar, zbar_dot, _ = loss_tangent(z, targets, "cross_entropy", zdot)
+        _, _, pbd = stage_backward_tangent(fn, params, ids, None, eps_dot, zbar, zbar_dot)
+        return eps_quadratic(sl, pbd)
+    finally:
+        pert.close()
 
 
 def main():
@@ -147,7 +172,7 @@ def main():
              f"transformer.h.{model.config.n_layer - 1}.mlp.c_proj"]
     mods = dict(model.named_modules())
     g = torch.Generator().manual_seed(1)
-    hdr = f"{'layer':30s} {'floor':>6s} {'h+GN':>6s} {'h':>6s} {'GN':>6s} {'loop h':>7s}"
+    hdr = f"{'layer':30s} {'floor':>6s} {'h+GN':>6s} {'h':>6s} {'GN':>6s} {'sweep':>6s} {'loop h':>7s}"
     print("multiples of one forward+backward, CPU time (wall time in brackets for h+GN)")
     print(hdr + (f" {'param h':>8s}" if args.param else "") + "  rel.diff(loop)  [h+GN wall]")
     for name in names:
@@ -161,12 +186,14 @@ def main():
         t_fb = tuple(map(min, t_fb, timeit(fb, 1)))  # re-measured: min over the run
 
         x = {k: (w / t_fb[0], c / t_fb[1]) for k, (w, c) in ts.items()}  # (wall, cpu) multiples
-        row = f"{name:30s} {floor:6.2f} {x['both'][1]:6.2f} {x['h'][1]:6.2f} {x['gn'][1]:6.2f}"
+        row = f"{name:30s} {floor:6.2f} {x['both'][1]:6.2f} {x['h'][1]:6.2f} {x['gn'][1]:6.2f} {x['sweep'][1]:6.2f}"
         row += f" {x['loop'][1]:7.2f}" if "loop" in x else f" {'-':>7s}"
         row += f" {x['param'][1]:8.2f}" if "param" in x else ""
         diff = float("nan")
-        if ref:
+        if "h" in ref:
             diff = float(((res[name].h - ref["h"].double()).abs() / ref["h"].double().abs().max()).max())
+        sweep_diff = float(((res[name].h - ref["sweep"].double()).abs() / res[name].h.abs().max()).max())
+        assert sweep_diff < 1e-3, (name, sweep_diff)   # the two routes measure the same h (float32 here)
         print(row + f"  {diff:.1e}         [{x['both'][0]:.2f}]", flush=True)
     print(f"forward+backward at best: {t_fb[0]:.3f} s wall, {t_fb[1]:.3f} s CPU; floor = matmul-FLOP floor of any "
           "exact HVP for K directions")

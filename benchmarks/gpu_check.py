@@ -7,6 +7,10 @@
 3. Costs on the benchmark GPT-2 (4 layers, 384 wide, vocab 512, 64×64 tokens) in multiples of one forward+backward.
 4. A 0.5B-class Llama (hidden 2048, 8 blocks, MLP 5632, vocab 32000) in bf16: statistics of every layer, spectral
    work, exact h for K = 20 directions of one MLP layer.
+5. ``--pipeline``: the Ray runner on the device: a random ~1B Llama (16 blocks × 2048, built on the GPU, saved as
+   safetensors), 4 stages of a quarter GPU each, bf16 forward; the passes' seconds and busy fractions, the exact
+   pass's sweeps, h with exact_dtype=float32 against exact_dtype=model (bf16), and the 7B config's time projected
+   from the measured exact pass by the cost model's FLOP ratio.
 """
 from __future__ import annotations
 
@@ -126,7 +130,72 @@ def cost_check(model, data, name, exact_layer, dtype):
     torch.cuda.reset_peak_memory_stats()
 
 
+def pipeline_check():
+    """Section 5 (module docstring)."""
+    import json
+    import os
+    import tempfile
+
+    import ray
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from curvdist import config as C
+    from curvdist.io import store
+    from curvdist.runner import driver
+    from curvdist.runner.estimate import estimate
+    from curvdist.runner.planning import plan_from_config
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    d = Path(tempfile.mkdtemp(prefix="llama-1b-"))
+    cfg = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
+                      num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(d)
+    torch.cuda.empty_cache()
+    ray.init(num_gpus=1, include_dashboard=False, log_to_driver=False)
+    out = tempfile.mkdtemp(prefix="pipe-")
+    base = [f"model.path={d}", "stages=4", "ray.num_gpus_per_stage=0.25", "device=cuda", "model.dtype=bfloat16",
+            "data.source=synthetic", "data.sequences=16", "data.seq_len=512", "data.micro_batch=2", "top_k=20",
+            "layers=[model.layers.2.mlp.*,model.layers.7.self_attn.o_proj,model.layers.11.mlp.up_proj]",
+            "plots=false", f"out={out}", "hardware.gpu=H200"]
+    runs = {}
+    for xd in ("float32", "model"):
+        c = C.load_config(None, base + [f"exact_dtype={xd}"])
+        t0 = time.perf_counter()
+        run_id = driver.main(c)
+        wall = time.perf_counter() - t0
+        timings = json.loads(store.read_run(out, run_id)["timings_json"])
+        con = store.open(out)
+        h = {(r[0], r[1]): r[2] for r in con.sql(f"select layer, k, h from directions where run_id='{run_id}'")
+             .fetchall()}
+        runs[xd] = (c, timings, h)
+        print(f"1B Llama, 4 stages × 1/4 H200, exact_dtype={xd}: run {wall:.1f} s")
+        for p in timings["passes"]:
+            print(f"  {p['kind']:12s} {p['wall_s']:8.2f} s  busy {p['busy_fraction']}"
+                  + (f"  sweeps {p['sweeps']}  sent {p['sent_bytes'] / 1e9:.2f} GB" if p["kind"] == "exact" else ""))
+    h32, h16 = runs["float32"][2], runs["model"][2]
+    rel = torch.tensor([abs(h16[k] - v) / abs(v) for k, v in h32.items() if v and h16.get(k) is not None])
+    print(f"h, bf16 HVPs against float32 HVPs: median relative difference {float(rel.median()):.2e}, "
+          f"max {float(rel.max()):.2e} ({rel.numel()} directions)")
+    c32, t32, _ = runs["float32"]
+    measured = next(p["wall_s"] for p in t32["passes"] if p["kind"] == "exact")
+    here = estimate(c32, plan_from_config(c32)).cost.total_s("pipelined")
+    big = C.load_config(str(Path(__file__).resolve().parents[1] / "configs" / "llama2-7b-8gpu.yaml"),
+                        ["hardware.gpu=H200"])
+    there = estimate(big, plan_from_config(big)).cost.total_s("pipelined")
+    if here and there:
+        print(f"7B config on 8 GPUs, projected from the measured exact pass × the cost model's ratio: "
+              f"{measured * there / here / 3600:.2f} h (cost model alone: {there / 3600:.2f} h)")
+    ray.shutdown()
+
+
 def main():
+    if "--pipeline" in sys.argv:
+        print(torch.__version__, torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu")
+        if DEV == "cuda":
+            pipeline_check()
+        return
     print(torch.__version__, torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu (smoke run)")
     if "--costs-only" not in sys.argv:
         planted_check()

@@ -125,9 +125,9 @@ def _cost(c: Console, est) -> None:
     if rate is None:
         c.print("time: set hardware.gpu (a known GPU) or hardware.device_tflops for a time estimate.")
         return
-    c.print(f"[bold]estimated time: {duration(cost.runner_s())} with this runner's schedule (statistics and "
-            f"projections pipelined, exact sweeps one stage at a time); {total('pipelined')} all pipelined, "
-            f"{total('sequential')} one stage at a time[/] "
+    chunk = est.workload.exact_chunk
+    c.print(f"[bold]estimated time: {total('pipelined')} pipelined (this runner: 1F1B passes and exact sweeps"
+            f"{f' of up to {chunk} directions' if chunk else ''}), {total('sequential')} one stage at a time[/] "
             f"(an estimate: compute only, at {rate.utilization:.0%} of {escape(rate.source)}'s dense peak, "
             f"{rate.forward_tflops:g} TFLOP/s for the forward dtype and {rate.stat_tflops:g} for "
             f"the statistics; dense SVD/eigh at {rate.solver_efficiency:.0%} of peak; transfers between stages and "

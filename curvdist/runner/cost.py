@@ -120,15 +120,6 @@ class CostPlan:
             return None
         return sum(p.seconds(self.throughput, schedule) for p in self.passes)
 
-    def runner_s(self) -> float | None:
-        """The schedule this runner has: statistics and projections pipelined (1F1B), the spectral step on every
-        stage at once, the exact pass's sweeps one stage at a time (each actor runs a sweep's forward and backward
-        before the next micro-batch's; a stacked, pipelined exact pass is the next step)."""
-        if self.throughput is None:
-            return None
-        return sum(p.seconds(self.throughput, "sequential" if p.name == "exact" else "pipelined")
-                   for p in self.passes)
-
 
 # ------------------------------------------------------------------------------------------------------ pieces
 def svd_flops(m: int, n: int, k: int, stat_dtype: str, device: str) -> tuple[float, float]:

@@ -102,8 +102,9 @@ def main(cfg: C.RunConfig) -> str:
     console.print(f"[bold]curvdist[/] run {run_id}: {index.family} checkpoint {ckpt}, {placement.stages} stages × "
                   f"{placement.replicas} replicas, {placement.in_flight} micro-batches in flight, {n_todo} layers "
                   f"to analyse" + (f" ({len(done)} already written)" if done else ""))
+    chunk = _exact_chunk(cfg, index)
     timings["layout"] = {"stages": placement.stages, "replicas": placement.replicas,
-                         "in_flight": placement.in_flight, "microbatches": len(batches)}
+                         "in_flight": placement.in_flight, "microbatches": len(batches), "exact_chunk": chunk}
     pool = None
     try:
         pool = WorkerPool(cluster.worker_starter(cfg, ckpt, plans, todo, device, placement), placement.workers,
@@ -114,7 +115,7 @@ def main(cfg: C.RunConfig) -> str:
         groups = max(len(p.passes) for p in plans)
         for g in range(groups):   # the plan's passes: each group's factors fit the per-worker budget
             pool.run(f"group {g + 1}/{groups}", lambda actors, g=g: run_group(
-                GroupContext(cfg, plans, placement, batches, out, run_id, g, groups, timings), actors))
+                GroupContext(cfg, plans, placement, batches, out, run_id, g, groups, timings, chunk), actors))
         info = ray.get([a.info.remote() for a in pool.actors])
     except KeyboardInterrupt:
         _stop(pool, placement)
@@ -131,6 +132,20 @@ def main(cfg: C.RunConfig) -> str:
     timings["peak_rss_gb_per_worker"] = [round(i.peak_rss_bytes / 2**30, 3) for i in info]
     _finish(cfg, out, run_id, base_run, timings, "complete", cluster.hardware(device))
     return run_id
+
+
+def _exact_chunk(cfg: C.RunConfig, index: CheckpointIndex) -> int | None:
+    """``exact_chunk``, or (null) the most directions per exact sweep whose exact pass fits the device memory by
+    the memory model (:func:`curvdist.runner.estimate.fit_exact_chunk`); None (all of a stage's at once) when the
+    model has no memory model or the memory is unknown."""
+    if cfg.exact_chunk is not None or not cfg.exact:
+        return cfg.exact_chunk
+    from curvdist.runner.estimate import estimate
+    from curvdist.runner.planning import plan_from_index
+    try:
+        return estimate(cfg, plan_from_index(index, cfg), at_run_time=True).workload.exact_chunk
+    except ValueError:   # a family without a memory model: every direction of a stage in one sweep
+        return None
 
 
 def _stop(pool: WorkerPool | None, placement) -> None:
@@ -151,6 +166,7 @@ class GroupContext:
     group: int
     groups: int
     timings: dict
+    exact_chunk: int | None          # directions per exact sweep (None: all of a stage's)
 
 
 def run_group(ctx: GroupContext, actors: list) -> None:
@@ -183,7 +199,7 @@ def run_group(ctx: GroupContext, actors: list) -> None:
         _write_rows(ctx, pipelines[0], "kronecker")
         if ctx.cfg.exact:
             t0 = time.perf_counter()
-            reports = exact_pass(pipelines, len(ctx.batches), in_flight=pl.in_flight, chunk=ctx.cfg.exact_chunk,
+            reports = exact_pass(pipelines, len(ctx.batches), in_flight=pl.in_flight, chunk=ctx.exact_chunk,
                                  progress=progress,
                                  on_stage_done=lambda j: _write_rows(ctx, [pipelines[0][j]], "exact", first=j))
             wall = time.perf_counter() - t0

@@ -79,7 +79,7 @@ def workload_of(cfg: RunConfig) -> Workload:
     """What ``cfg`` streams and measures."""
     d = cfg.data
     return Workload(d.sequences, d.seq_len, d.micro_batch, cfg.top_k, cfg.fisher, cfg.mc_samples, cfg.exact,
-                    None if cfg.exact_layers is None else tuple(cfg.exact_layers))
+                    None if cfg.exact_layers is None else tuple(cfg.exact_layers), cfg.exact_chunk)
 
 
 def device_kind(cfg: RunConfig) -> str:
@@ -140,7 +140,35 @@ def estimate(cfg: RunConfig, plan, *, at_run_time: bool = False, gpus: float | N
         gpus = torch.cuda.device_count() or None
     layout = layout_of(cfg, device, gpus)
     work = workload_of(cfg)
+    dm = device_memory(cfg, device, at_run_time)
+    if work.exact and work.exact_chunk is None and dm.bytes is not None:
+        work = dataclasses.replace(work, exact_chunk=fit_exact_chunk(plan, layout, work, device, dm,
+                                                                     cfg.hardware.memory_fraction))
     mem = memory_plan(plan, layout, work, device)
     cost = estimate_cost(plan, layout, work, throughput_of(cfg), device)
-    return Estimate(layout, work, device, mem, cost, device_memory(cfg, device, at_run_time),
-                    cfg.hardware.memory_fraction, cfg.factor_budget_gb, plan.num_blocks)
+    return Estimate(layout, work, device, mem, cost, dm, cfg.hardware.memory_fraction, cfg.factor_budget_gb,
+                    plan.num_blocks)
+
+
+def fit_exact_chunk(plan, layout: Layout, work: Workload, device: str, dm: DeviceMemory, fraction: float) -> int | None:
+    """``exact_chunk: null``: the most directions per exact sweep whose exact pass fits the device memory (binary
+    search on the memory model); all of a stage's when they fit, 1 when nothing fits (the check then names the
+    fix).  None when no sweep runs."""
+    from curvdist.runner.memory import sweep_tangents
+
+    most = max((sweep_tangents(plan, work, s.index) for s in plan.stages), default=0)
+    if most == 0:
+        return None
+
+    def fits(chunk: int) -> bool:
+        mem = memory_plan(plan, layout, dataclasses.replace(work, exact_chunk=chunk), device)
+        need = mem.host_total if dm.shared_host else max(s.pass_peaks()["exact"] for s in mem.stages)
+        return need <= dm.bytes * fraction
+
+    lo, hi = 1, most
+    if fits(hi):
+        return hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo

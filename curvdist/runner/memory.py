@@ -230,6 +230,18 @@ def exact_local_bytes(act_autograd: int, tokens: int, k: int, device: str, min_m
     return (3 + chunk) * act_autograd + cached_all
 
 
+def sweep_tangents(plan, workload: Workload, stage: int) -> int:
+    """The most tangents one exact sweep carries through ``stage``: a sweep of source stage j < S−1 carries the
+    directions of j's exact layers (Σ min(K, m, n)), at most ``exact_chunk`` of them; 0 when no sweep passes."""
+    last = len(plan.stages) - 1
+    by_name = {l.name: l for l in plan.layers}
+    most = 0
+    for st in plan.stages[:min(stage, last - 1) + 1]:
+        T = sum(min(workload.top_k, by_name[n].m, by_name[n].n) for n in st.layers if workload.is_exact(n))
+        most = max(most, min(T, workload.exact_chunk) if workload.exact_chunk else T)
+    return most
+
+
 # ------------------------------------------------------------------------------------------------------- model
 def memory_plan(plan, layout: Layout, workload: Workload, device: str) -> MemoryPlan:
     """Every stage's memory (``plan``: :class:`curvdist.runner.planning.Plan`, with its ``arch``)."""
@@ -276,11 +288,10 @@ def memory_plan(plan, layout: Layout, workload: Workload, device: str) -> Memory
                         for l in mine), default=0)
         exact_mine = [l for l in mine if workload.is_exact(l.name)]
         is_last = st.index == last_index
-        upstream = any(workload.is_exact(n) for p in plan.stages[:st.index] for n in p.layers)
+        through = sweep_tangents(plan, workload, st.index)
         exact = 0
-        if upstream or (exact_mine and not is_last):  # tangents through this stage (pipelined route)
-            owned = 0 if is_last else max((l.m * l.n for l in exact_mine), default=0)
-            exact = exact_route_bytes(act_autograd, t, arch, k, s, last=is_last, owned_mn=owned)
+        if through:   # stacked sweeps through this stage: ε tangents (T × T numbers on the source, no ṗ copies)
+            exact = exact_route_bytes(act_autograd, t, arch, through, s, last=is_last, owned_mn=0)
         if exact_mine and is_last:                   # the last stage's own layers: in-process route
             exact = max(exact, exact_local_bytes(act_autograd, t, k, device, min(l.m for l in exact_mine),
                                                  mb * t * h * s))
@@ -330,7 +341,8 @@ def check_memory(mem: MemoryPlan, device_bytes: int, fraction: float = 0.9, *, s
         if 1 <= f < worst.held:
             fixes.append(f"fewer micro-batches in flight (in_flight={f})")
         if name == "exact workspace":
-            fixes.append("fewer directions (top_k) or fewer exact_layers")
+            fixes.append("fewer directions per exact sweep (exact_chunk), fewer directions (top_k) or fewer "
+                         "exact_layers")
     elif name in ("factors", "spectral workspace"):
         both = worst.factors + (parts.get("spectral workspace", 0) if kind == "spectral" else 0)
         target = (factor_budget_gb or 0) * (room - (peak - both)) / both

@@ -214,6 +214,7 @@ class Workload:
     mc_samples: int = 1
     exact: bool = True
     exact_layers: tuple[str, ...] | None = None
+    exact_chunk: int | None = None       # directions per exact sweep (None: all of a source stage's)
 
     @property
     def microbatches(self) -> int:

@@ -29,8 +29,16 @@ import torch
 from curvdist.math import losses, noise
 from curvdist.math.curvature import Curvature, exact_curvature
 from curvdist.math.forward import exact_torch_dtype, parameters_in
-from curvdist.math.stage_tangents import (PerturbedStage, chunk_directions, eps_params, eps_quadratic, loss_tangent,
-                                          slice_directions, stage_backward_tangent, stage_forward_tangent)
+from curvdist.math.stage_tangents import (
+    PerturbedStage,
+    chunk_directions,
+    eps_params,
+    eps_quadratic,
+    loss_tangent,
+    slice_directions,
+    stage_backward_tangent,
+    stage_forward_tangent,
+)
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
