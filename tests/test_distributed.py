@@ -154,3 +154,27 @@ def test_rerun_skips_written_layers(ray_local, tmp_path):
     assert "nothing left" in run["status"]
     layers, dirs = read(tmp_path, run_id)
     assert all(d["h"] is None for d in dirs.values())   # exact=false leaves h null
+
+
+def test_exact_dtype_on_a_bfloat16_model(ray_local, tmp_path):
+    """A bfloat16 model through 2 stages: exact_dtype=float32 (the runner's default) and exact_dtype=model both
+    run; the statistics and directions are the same, the layer rows say which dtype the HVPs used, and bfloat16
+    HVPs differ from float32 ones by far more than float32 rounding (the difference is reported, not hidden)."""
+    base = ["model.name=tiny-gpt2", "stages=2", "model.dtype=bfloat16", "top_k=6", "data.source=synthetic",
+            "data.sequences=4", "data.seq_len=16", "data.micro_batch=2", "plots=false", f"out={tmp_path}",
+            "exact_layers=[transformer.h.0.mlp.*,transformer.h.1.attn.*]"]
+    runs = {xd: driver.main(C.load_config(None, base + [f"exact_dtype={xd}"])) for xd in ("float32", "model")}
+    con = store.open(tmp_path)
+    got = {}
+    for xd, run_id in runs.items():
+        got[xd] = {(r[0], r[1]): (r[2], r[3]) for r in con.sql(
+            f"select layer, k, sigma, h from directions where run_id = '{run_id}' and h is not null").fetchall()}
+        dtypes = {r[0] for r in con.sql(f"select exact_dtype from layers where run_id = '{run_id}' "
+                                        "and exact_dtype is not null").fetchall()}
+        assert dtypes == {"float32" if xd == "float32" else "bfloat16"}
+    assert set(got["float32"]) == set(got["model"]) and len(got["float32"]) >= 12
+    assert all(got["float32"][k][0] == got["model"][k][0] for k in got["float32"])   # same σ: same statistics
+    rel = sorted(abs(got["model"][k][1] - v[1]) / abs(v[1]) for k, v in got["float32"].items())
+    print(f"bfloat16 HVPs against float32 HVPs on a bfloat16 model: median relative difference "
+          f"{rel[len(rel) // 2]:.2e}")
+    assert rel[len(rel) // 2] > 1e-4
