@@ -65,6 +65,21 @@ def verify(out: str | os.PathLike) -> Report:
     tables = {t: _read_table(root, t, r) for t in store.TABLES}
     r.counts.update({t: tab.num_rows for t, tab in tables.items()})
     r.counts["runs"] = len(set(tables["runs"].column("run_id").to_pylist()))
+    # what a reader sees: each layer's current commit (a layer committed twice counts once)
+    current = store.current_rows(tables["layers"].to_pylist()) if tables["layers"].num_rows else {}
+    r.counts["layers"] = len(current)
+    for t in ("directions", "spectra"):
+        tab = tables[t]
+        if tab.num_rows and "part" in tab.column_names:
+            parts = {key: row.get("part") for key, row in current.items()}
+            if t == "spectra":   # spectra come with a layer's Kronecker commit
+                parts = {}
+                for row in tables["layers"].to_pylist():
+                    key = (row["run_id"], row["layer"])
+                    if row.get("phase") != "exact" and (row.get("part") or "") >= (parts.get(key) or ""):
+                        parts[key] = row.get("part")
+            r.counts[t] = sum(1 for row in tab.select(["run_id", "layer", "part"]).to_pylist()
+                              if parts.get((row["run_id"], row["layer"]), "\0") == row["part"])
     _consistency(tables, r)
     _temp_files(root, tables["runs"], r)
     return r
