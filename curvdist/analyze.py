@@ -4,8 +4,9 @@
     result.layers       # pyarrow.Table, one row per layer (α, α_Kron, β, φ, χ-slope, γ, s, …, status)
     result.directions   # pyarrow.Table, one row per (layer, k)
 
-Three passes over the evaluation batch: (1) statistics G, C_A, C_δ; (2) projected statistics along the
-directions (h^SoP, and Rayleigh quotients for layers whose dense factors were over budget); (3) exact h and h^GN
+Three passes over the evaluation batch: (1) statistics G, C_A, C_δ (dense, or Nyström sketches); (2) projected
+statistics along the directions (h^SoP, Rayleigh quotients for factors not held dense, and the Rayleigh–Ritz step of
+sketched factors); (3) exact h and h^GN
 by batched Hessian- and Jacobian-vector products.  The Ray runner does the same work split across stages.
 Micro-batches are keyed 0, 1, 2, … in data order (their key decides their half, :mod:`curvdist.math.noise`).
 """
@@ -54,7 +55,8 @@ def analyze(model: nn.Module, data: Iterable, loss: str = "cross_entropy", *, to
             fisher: str = "empirical", exact: bool = True, gn: bool = True, layers=None, exact_layers=None,
             dtype: torch.dtype | None = None, stat_dtype: torch.dtype | None = None,
             factor_budget_bytes: int | None = None, mc_samples: int = 1, seed: int = 0,
-            gradient_labels: str = "true", exact_dtype: str = "model") -> Result:
+            gradient_labels: str = "true", exact_dtype: str = "model", factor_mode: str = "auto",
+            sketch_rank: int = 512) -> Result:
     """Measure every selected layer of ``model`` on the evaluation batch ``data``.
 
     Args:
@@ -68,7 +70,11 @@ def analyze(model: nn.Module, data: Iterable, loss: str = "cross_entropy", *, to
         exact_layers: None (every analysed layer) or patterns of the layers that also get exact h and h^GN.
         dtype: cast the model and floating inputs to this dtype first (float64 for validation).
         stat_dtype: accumulation dtype of G, C_A, C_δ (default float64 when the model is float64, else float32).
-        factor_budget_bytes: dense factors larger than this are never allocated (layer status says so).
+        factor_budget_bytes: the memory one factor may take (None: unbounded).
+        factor_mode: ``"dense"`` (a factor over the budget is not measured: status ``factor_too_large``),
+            ``"sketch"`` (every factor a streaming Nyström sketch, :mod:`curvdist.math.sketch`) or ``"auto"``
+            (dense when it fits the budget, else sketched).
+        sketch_rank: Nyström columns l of a sketched factor (memory 2·d·(l + 10) numbers; ≥ top_k + 2).
         gradient_labels: ``"true"`` (the data's targets) or ``"sampled"``: every target replaced by one draw from the
             model's predictive distribution (:func:`curvdist.math.losses.sampled_targets`, seeded by ``seed`` and the
             micro-batch), so that E G = 0 — the null measurement to compare a run with.
@@ -78,7 +84,7 @@ def analyze(model: nn.Module, data: Iterable, loss: str = "cross_entropy", *, to
     """
     m = Measurement(loss=loss, fisher=fisher, mc_samples=mc_samples, top_k=top_k, seed=seed, exact=exact, gn=gn,
                     exact_layers=tuple(exact_layers) if exact_layers is not None else None,
-                    gradient_labels=gradient_labels, exact_dtype=exact_dtype)
+                    gradient_labels=gradient_labels, exact_dtype=exact_dtype, sketch_rank=sketch_rank)
     if dtype is not None:
         model = model.to(dtype)
     param = next(model.parameters())
@@ -101,16 +107,19 @@ def analyze(model: nn.Module, data: Iterable, loss: str = "cross_entropy", *, to
                                for b, (x, y) in enumerate(batches)]
             t0 = time.perf_counter()
             stats = collect_statistics(model, batches, loss, fisher=fisher, layers=selected, stat_dtype=stat_dtype,
-                                       factor_budget_bytes=factor_budget_bytes, mc_samples=mc_samples, seed=seed)
+                                       factor_budget_bytes=factor_budget_bytes, mc_samples=mc_samples, seed=seed,
+                                       factor_mode=factor_mode, sketch_rank=sketch_rank)
             timings["factors_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             spectra = spectral_steps(stats, m)
             timings["spectral_s"] = time.perf_counter() - t0
             directions = {name: sp.directions for name, sp in spectra.items() if sp.directions is not None}
             live = {name: selected[name] for name in directions}
+            bases = {name: spectra[name].bases for name in directions}
             t0 = time.perf_counter()
             proj = collect_projections(model, batches, loss, fisher=fisher, layers=live, directions=directions,
-                                       stat_dtype=stat_dtype, mc_samples=mc_samples, seed=seed) if live else {}
+                                       stat_dtype=stat_dtype, mc_samples=mc_samples, seed=seed,
+                                       bases=bases) if live else {}
             timings["projections_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             exact_live = {n: selected[n] for n in exact_layer_names(spectra, m)}

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from curvdist.math.modes import FACTOR_MODES
 from curvdist.runner.devices import GPUS
 
 BUILTIN_MODELS = ("smollm2-135m", "minilm-l6", "tiny-gpt2", "tiny-llama")
@@ -35,9 +36,14 @@ GRADIENT_LABELS = ("true", "sampled")
 DEVICES = ("auto", "cpu", "cuda")
 EXACT_DTYPES = ("float32", "float64", "model")
 STAT_DTYPES = ("float32", "float64")
+# keys dropped from the config hash at these values, so that runs written before the keys existed keep their hash:
+# they measured every factor they could hold densely, as auto does within the budget (each row says its factor_mode)
+HASH_DEFAULTS = {"gradient_labels": "true", "factor_mode": "auto", "sketch_rank": 512}
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # keys that change where or how a run executes, not what it measures (distributed equals serial), so they do not
-# enter config_hash and a run can be resumed with, e.g., more stages or another Ray cluster
+# enter config_hash and a run can be resumed with, e.g., more stages or another Ray cluster.  factor_budget_gb also
+# decides, under factor_mode=auto, which factors are sketched; each row records its factor_mode and the error
+# estimate of a sketched λ_k, so a resumed run with another budget stays readable (factor_mode itself is hashed)
 HASH_EXCLUDE = ("out", "run_id", "plots", "ray", "stages", "replicas", "in_flight", "exact_chunk",
                 "factor_budget_gb", "hardware", "model.config_json",
                 "model.trust_remote_code")
@@ -291,8 +297,17 @@ class RunConfig(_Config):
                                        "memory grows with it; null: all of a stage's exact directions at once")
     device: str = _f("auto", "device of the stage actors (auto: cuda when available)", DEVICES)
     stat_dtype: str = _f("float32", "dtype of the accumulated statistics G, C_A, C_δ", STAT_DTYPES)
-    factor_budget_gb: float = _f(8.0, "memory budget in GiB for one stage's dense factors in one pass; the "
-                                      "planner splits layers into passes to fit")
+    factor_budget_gb: float = _f(8.0, "memory budget in GiB for one stage's statistics (G and the factors, dense "
+                                      "or sketched) in one pass, and for any one factor; the planner splits layers "
+                                      "into passes to fit")
+    factor_mode: str = _f("auto", "how C_A and C_δ are held: dense (d×d; a factor over factor_budget_gb is not "
+                                  "measured), sketch (every factor a streaming Nyström sketch of sketch_rank "
+                                  "columns, refined by Rayleigh-Ritz in the projections pass: top-K eigenvalues "
+                                  "with an error estimate, no d×d matrix), auto (dense when it fits, else sketched; "
+                                  "a stage's largest factors are sketched until its layers need no more passes than "
+                                  "if all were)", FACTOR_MODES)
+    sketch_rank: int = _f(512, "columns l of a sketched factor's Nyström test matrix (memory 2·d·(l + 10) numbers "
+                               "per factor; at least top_k + 2): larger l, smaller error on slowly decaying spectra")
     out: str = _f("out", "output directory of the Parquet dataset")
     run_id: str | None = _f(None, "run name (null: <model>-<config hash>); reusing it resumes the run")
     ray: RayConfig = _sub(RayConfig, "Ray cluster and actor resources")  # noqa: RUF009
@@ -306,6 +321,9 @@ class RunConfig(_Config):
 
     def _validate(self) -> None:
         self._positive("stages", "top_k", "mc_samples", "factor_budget_gb", "replicas", "in_flight", "exact_chunk")
+        if self.sketch_rank < self.top_k + 2:
+            raise ConfigError("sketch_rank", f"must be at least top_k + 2 = {self.top_k + 2} (the Nyström error "
+                                             f"bound needs l > K + 1), got {self.sketch_rank}")
         if self.exact_layers is not None and not self.exact_layers:
             raise ConfigError("exact_layers", "[] selects nothing; use exact=false to skip exact curvature")
         if self.layers is not None:
@@ -425,11 +443,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *
 
 
 def _measured(d: dict, drop: Sequence[str] = ()) -> dict:
-    """A copy of a config dict without HASH_EXCLUDE and ``drop``; gradient_labels only when not "true" (so that the
-    hashes of runs written before the key existed stay valid)."""
+    """A copy of a config dict without HASH_EXCLUDE and ``drop``, and without the keys of HASH_DEFAULTS at those
+    values (so that the hashes of runs written before the keys existed stay valid)."""
     d = json.loads(json.dumps(d))
-    if d.get("gradient_labels") in ("true", True):
-        d.pop("gradient_labels")
+    for key, default in HASH_DEFAULTS.items():
+        if d.get(key) == default or (key == "gradient_labels" and d.get(key) is True):
+            d.pop(key, None)
     for key in (*HASH_EXCLUDE, *drop):
         *parents, last = key.split(".")
         sub = d

@@ -40,7 +40,7 @@ def print_plan(c: Console, cfg: RunConfig, p, est) -> None:
             f"{'s' if lay.replicas > 1 else ''} on {gpus}, {lay.in_flight} micro-batches in flight; "
             f"{-(-work.microbatches // lay.replicas)} micro-batches of {work.micro_batch} × {work.seq_len} tokens per "
             f"replica; parameters {p.dtype}, statistics {p.stat_dtype}, budget {cfg.factor_budget_gb:g} GiB per "
-            f"worker and pass")
+            f"worker and pass, factor_mode {cfg.factor_mode}")
     _stages(c, cfg, p)
     _memory(c, est)
     _cost(c, est)
@@ -53,21 +53,29 @@ def _stages(c: Console, cfg: RunConfig, p) -> None:
             ("head", "", "center"), ("param GB", gb(p.total_param_bytes), "right"),
             ("factor GB", gb(p.total_factor_bytes), "right"),
             ("layers", str(sum(len(x.layers) for x in s)), "right"),
-            ("passes", str(sum(len(x.passes) for x in s)), "right"), ("largest pass GB", "", "right"),
+            ("passes", str(sum(len(x.passes) for x in s)), "right"),
+            ("sketched", str(sum(m == "sketch" for l in p.layers for m in l.modes)), "right"),
+            ("largest pass GB", "", "right"),
             ("worker GB", f"max {gb(max(p.worker_bytes(x) for x in s))}", "right")]
     for name, foot, just in cols:
         t.add_column(name, footer=foot, justify=just)
     for x in s:
         t.add_row(str(x.index), f"{x.first_block}-{x.last_block}", "yes" if x.has_embedding else "",
                   "yes" if x.has_head else "", gb(x.param_bytes), gb(x.factor_bytes),
-                  str(len(x.layers)), str(len(x.passes)), gb(max(p.pass_bytes(x), default=0)), gb(p.worker_bytes(x)))
+                  str(len(x.layers)), str(len(x.passes)), str(x.as_dict()["sketched"]),
+                  gb(max(p.pass_bytes(x), default=0)), gb(p.worker_bytes(x)))
     c.print(t)
     c.print("GB = 1e9 bytes. worker GB = the stage's parameters + its largest pass's statistics (G, C_A, C_δ); the "
-            "memory table below adds activations, cached inputs and workspaces.")
+            "memory table below adds activations, cached inputs and workspaces. sketched = factors (C_A, C_δ) held "
+            f"as Nyström sketches of {cfg.sketch_rank} columns (factor_mode={cfg.factor_mode}): top-K eigenvalues "
+            "with an error estimate instead of a d×d matrix.")
     skipped = p.over_budget()
     if skipped:
+        fix = ("raise factor_budget_gb or set factor_mode=auto (sketches)" if cfg.factor_mode == "dense" else
+               "raise factor_budget_gb or lower sketch_rank")
         c.print(f"[yellow]{len(skipped)} layer(s) have a factor over the {cfg.factor_budget_gb:g} GiB budget and are "
-                f"measured without it: {escape(', '.join(skipped[:4]))}{' …' if len(skipped) > 4 else ''}[/]")
+                f"measured without it: {escape(', '.join(skipped[:4]))}{' …' if len(skipped) > 4 else ''}; "
+                f"{fix}[/]")
 
 
 def _memory(c: Console, est) -> None:

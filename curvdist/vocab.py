@@ -46,8 +46,12 @@ NOISE_COLUMNS = ("n_units", "grad_mean_sq", "grad_trace_cov", "grad_snr", "noise
 # part tr Σ / U, i.e. at least half of ‖G‖²_F is expected sampling noise (grad_snr ≈ 1: pure noise).  grad_snr sees
 # all m·n entries; stable_directions says whether the leading directions, which α is fitted on, are reproduced.
 GRAD_SNR_FLOOR = 2.0
-# one row per (layer, factor, k) of the ``spectra`` table
-SPECTRA_COLUMNS = ("layer", "factor", "k", "eigenvalue")
+# one row per (layer, factor, k) of the ``spectra`` table: factor_mode says how the factor was held (dense or
+# sketch, curvdist.math.modes), eigenvalue_err the error estimate of a sketched factor's λ_k (null when dense)
+SPECTRA_COLUMNS = ("layer", "factor", "k", "eigenvalue", "factor_mode", "eigenvalue_err")
+# columns of the ``layers`` table on the factors: the mode of C_A and C_δ (dense, sketch, null: not measured) and
+# the worst relative error estimate max_k err_k / λ_k of a sketched factor's eigenvalues
+FACTOR_COLUMNS = ("factor_mode_A", "factor_mode_delta", "lambda_rel_err_A", "lambda_rel_err_delta")
 
 
 # ------------------------------------------------------------------------------------------------ statuses
@@ -60,7 +64,7 @@ class Status(str, enum.Enum):
     NON_FINITE_GRADIENT = "non_finite_gradient"    # G has NaN/Inf: nothing is fitted
     ZERO_GRADIENT = "zero_gradient"                # G == 0: the layer does not reach the loss on this batch
     NO_ERROR_ROWS = "no_error_rows"                # the layer's output never received a gradient
-    FACTOR_TOO_LARGE = "factor_too_large"          # a dense factor over budget: β and φ are null
+    FACTOR_TOO_LARGE = "factor_too_large"          # a factor (dense or sketch) over budget: β and φ are null
     NO_DIRECTIONS = "no_directions"                # nothing to fit
     NO_GRADIENT = "no_gradient"                    # no singular values given to the fit
     TOO_FEW_VALID = "too_few_valid"                # fewer than 3 directions with h > 0 and σ > 0

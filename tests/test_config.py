@@ -147,7 +147,8 @@ def test_gradient_labels_key_hash_and_null_pairs(tmp_path):
         load_config(None, ["gradient_labels=noise"])
     cfg = load_config(None, ["data.sequences=16"])
     old = to_dict(cfg)
-    old.pop("gradient_labels")
+    for key in ("gradient_labels", "factor_mode", "sketch_rank"):   # keys added since
+        old.pop(key)
     for key in HASH_EXCLUDE:
         *parents, last = key.split(".")
         sub = old
@@ -160,6 +161,23 @@ def test_gradient_labels_key_hash_and_null_pairs(tmp_path):
     assert config_hash(null) != config_hash(cfg) and resolve_run_id(null) != resolve_run_id(cfg)
     other = load_config(None, ["data.sequences=32"])
     legacy = to_dict(other)
-    legacy.pop("gradient_labels")                       # a run written before the key existed
+    for key in ("gradient_labels", "factor_mode", "sketch_rank"):   # a run written before the keys existed
+        legacy.pop(key)
     pairs = null_pairs({"t": to_dict(cfg), "n": to_dict(null), "o": legacy})
     assert pairs == {"t": "n"}
+
+
+def test_factor_mode_and_sketch_rank_keys():
+    """factor_mode: dense | sketch | auto (default auto); sketch_rank ≥ top_k + 2.  Both change what is measured,
+    so a non-default value changes the hash; the defaults leave the hashes of runs written before the keys existed
+    as they were (those measured every factor they could hold densely, as auto does within the budget)."""
+    cfg = load_config(None, [])
+    assert cfg.factor_mode == "auto" and cfg.sketch_rank >= cfg.top_k + 2
+    with pytest.raises(ConfigError, match=r"'factor_mode'.*dense, sketch, auto"):
+        load_config(None, ["factor_mode=nystrom"])
+    with pytest.raises(ConfigError, match=r"'sketch_rank'.*top_k \+ 2 = 22"):
+        load_config(None, ["sketch_rank=21"])
+    hashes = {config_hash(load_config(None, o)) for o in ([], ["factor_mode=dense"], ["factor_mode=sketch"],
+                                                          ["sketch_rank=256"])}
+    assert len(hashes) == 4
+    assert config_hash(load_config(None, ["factor_budget_gb=1"])) == config_hash(cfg)   # where, not what

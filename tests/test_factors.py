@@ -320,13 +320,24 @@ def test_budget_never_allocates_the_factor():
     full = collect_statistics(net, data, "cross_entropy", layers=mods, stat_dtype=DT)["2"]
     assert st.C_A is None and st.factor_bytes == 392
     assert st.status == ("factor_too_large: C_A is 8×8 float64 = 512 B > budget 400 B; "
-                         "raise factor_budget_gb")
+                         "raise factor_budget_gb or set factor_mode=auto (a Nyström sketch of it)")
+    assert st.modes == (None, "dense")
     assert_close(st.G, full.G)
     assert_close(st.C_delta, full.C_delta)
     big = StatisticsCollector({"h": nn.Linear(8, 49152, device="meta")}, factor_budget_bytes=4 * 10 ** 9)
     assert big.layers["h"].cov_delta is None and big.layers["h"].cov_A is not None
     assert big.layers["h"].status == [("factor_too_large: C_delta is 49152×49152 float32 = 9.66 GB > budget 4.00 GB; "
-                                       "raise factor_budget_gb")]
+                                       "raise factor_budget_gb or set factor_mode=auto (a Nyström sketch of it)")]
+    # auto: the same factor as a sketch (2 × 49152 × (512 + 10) float32 = 205 MB); a sketch no smaller than the
+    # dense factor that did not fit cannot fit either, and the reason names the keys that help
+    auto = StatisticsCollector({"h": nn.Linear(8, 49152, device="meta")}, factor_budget_bytes=4 * 10 ** 9,
+                               factor_mode="auto")
+    assert auto.layers["h"].modes == ("dense", "sketch") and auto.layers["h"].status == []
+    assert auto.layers["h"].cov_delta.nbytes == 2 * 49152 * 522 * 4
+    tiny = StatisticsCollector(mods, stat_dtype=DT, factor_budget_bytes=400, factor_mode="auto")
+    assert tiny.layers["2"].modes == (None, "dense")
+    assert tiny.layers["2"].status == ["factor_too_large: C_A is 8×8 float64 = 512 B > budget 400 B, and its sketch "
+                                       "(2 × 8×18) = 2.30 kB too; raise factor_budget_gb or lower sketch_rank"]
 
 
 def test_pipeline_stage_usage():

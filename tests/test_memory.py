@@ -186,14 +186,28 @@ def test_shipped_configs_fit_their_gpu():
 
 
 def test_over_memory_names_the_fix_and_the_fix_works():
+    # exact-bound: every direction of a stage in one sweep does not fit; the message names exact_chunk, and with
+    # exact_chunk=null the plan picks the largest chunk that fits
+    _, _, est = _est(LLAMA7B, "exact_chunk=400")
+    with pytest.raises(OverMemory) as e:
+        est.check()
+    msg = str(e.value)
+    assert "\n" not in msg and "exact pass" in msg and "exact workspace" in msg and "exact_chunk" in msg
+    _, _, est = _est(LLAMA7B)
+    est.check()
+    chunk = est.workload.exact_chunk
+    assert 1 <= chunk < 400
+    with pytest.raises(OverMemory):
+        _est(LLAMA7B, f"exact_chunk={chunk + 1}")[2].check()      # the largest that fits: one more does not
+    # activation-bound: a large micro-batch; the suggested micro-batch fits
     _, _, est = _est(LLAMA7B, "data.micro_batch=8")
     with pytest.raises(OverMemory) as e:
         est.check()
     msg = str(e.value)
-    assert "\n" not in msg and "exact pass" in msg and "exact workspace" in msg and "fix:" in msg
+    assert "fix:" in msg
     b = int(msg.split("data.micro_batch=")[1].split(")")[0])
     assert 1 <= b < 8
-    _est(LLAMA7B, f"data.micro_batch={b}")[2].check()             # the suggested micro-batch fits
+    _est(LLAMA7B, f"data.micro_batch={b}")[2].check()
     # statistics-bound: no exact pass, many micro-batches in flight on a small device
     _, _, est = _est(LLAMA7B, "exact=false", "in_flight=16", "hardware.gpu=A100-40")
     with pytest.raises(OverMemory) as e:
@@ -226,5 +240,5 @@ def test_remote_cluster_without_a_known_device_skips_with_a_warning(monkeypatch)
     with pytest.warns(preflight.MemoryCheckSkipped, match="hardware.gpu or hardware.device_memory_gb"):
         preflight.check_memory(cfg, plan)
     cfg = load_config(LLAMA7B, ["ray.address=10.0.0.1:6379", "data.micro_batch=8"])  # hardware.gpu: H100-80
-    with pytest.raises(preflight.PreflightError, match="exact pass"):
+    with pytest.raises(preflight.PreflightError, match="statistics pass"):
         preflight.check_memory(cfg, planning.plan_from_config(cfg))

@@ -79,13 +79,15 @@ _SCHEMAS: dict[str, pa.Schema] = {
            ("t_factors_s", _f64), ("t_spectral_s", _f64), ("t_exact_s", _f64),
            ("n_units", _i64), ("grad_mean_sq", _f64), ("grad_trace_cov", _f64), ("grad_snr", _f64),
            ("noise_scale", _f64), ("stable_directions", _i32), ("alpha_half_a", _f64), ("alpha_half_b", _f64),
-           ("exact_dtype", _str), ("phase", _str), ("exact_pending", pa.bool_()), ("part", _str)])),
+           ("exact_dtype", _str), ("phase", _str), ("exact_pending", pa.bool_()), ("part", _str),
+           ("factor_mode_A", _str), ("factor_mode_delta", _str), ("lambda_rel_err_A", _f64),
+           ("lambda_rel_err_delta", _f64)])),
     "directions": pa.schema(_fields(
         [("run_id", _str), ("layer", _str), ("k", _i32)],
         [(c, _f64) for c in DIRECTION_COLUMNS[2:]] + [("part", _str)])),
     "spectra": pa.schema(_fields(
         [("run_id", _str), ("layer", _str), ("factor", _str), ("k", _i32)],
-        [("eigenvalue", _f64), ("part", _str)])),
+        [("eigenvalue", _f64), ("part", _str), ("factor_mode", _str), ("eigenvalue_err", _f64)])),
 }
 
 

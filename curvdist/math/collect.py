@@ -52,10 +52,13 @@ def run_collector(collector: StatisticsCollector, model: nn.Module, data: Iterab
 def collect_statistics(model: nn.Module, data: Iterable, loss: str, *, fisher: str = "empirical",
                        layers: Mapping[str, nn.Module], stat_dtype: torch.dtype = torch.float32,
                        factor_budget_bytes: int | None = None, mc_samples: int = 1,
-                       seed: int = 0) -> dict[str, LayerStatistics]:
+                       seed: int = 0, factor_mode: str = "dense", sketch_rank: int = 512
+                       ) -> dict[str, LayerStatistics]:
     """G (true-label seed, for every ``fisher``), C_A and C_δ (``fisher`` seeds) of every layer over ``data``,
-    an iterable of ``(inputs, targets)`` micro-batches; normalised as in the module docstring."""
-    col = StatisticsCollector(layers, stat_dtype=stat_dtype, factor_budget_bytes=factor_budget_bytes)
+    an iterable of ``(inputs, targets)`` micro-batches; normalised as in the module docstring.  Each factor is held
+    as :func:`curvdist.math.modes.choose` decides from ``factor_mode`` and ``factor_budget_bytes``."""
+    col = StatisticsCollector(layers, stat_dtype=stat_dtype, factor_budget_bytes=factor_budget_bytes,
+                              factor_mode=factor_mode, sketch_rank=sketch_rank, seed=seed)
     run_collector(col, model, data, loss, fisher, mc_samples, seed, "stats")
     return col.finalize()
 
@@ -64,12 +67,15 @@ def collect_projections(model: nn.Module, data: Iterable, loss: str, *, fisher: 
                         layers: Mapping[str, nn.Module],
                         directions: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
                         stat_dtype: torch.dtype = torch.float32, mc_samples: int = 1,
-                        seed: int = 0) -> dict[str, Projections]:
-    """rayleigh_delta, rayleigh_A and h_sop along ``directions`` ({name: (U (K, m), V (K, n))}) without dense factors.
+                        seed: int = 0, bases: Mapping[str, Mapping[str, torch.Tensor]] | None = None
+                        ) -> dict[str, Projections]:
+    """rayleigh_delta, rayleigh_A and h_sop along ``directions`` ({name: (U (K, m), V (K, n))}) without dense factors,
+    and the Rayleigh–Ritz eigenvalues of sketched factors along ``bases`` ({name: {"A" | "delta": V}}).
     Uses the same ``seed`` stream as :func:`collect_statistics`, so ``rayleigh_delta`` equals diag(U C_δ Uᵀ)."""
     sel = {name: mod for name, mod in layers.items() if name in directions}
     if set(directions) - set(sel):
         raise ValueError(f"directions given for unknown layers: {sorted(set(directions) - set(sel))}")
-    col = StatisticsCollector(sel, stat_dtype=stat_dtype, dense=False, directions=directions)
+    col = StatisticsCollector(sel, stat_dtype=stat_dtype, dense=False, directions=directions,
+                              bases={n: b for n, b in (bases or {}).items() if n in sel and b})
     run_collector(col, model, data, loss, fisher, mc_samples, seed, "projections")
     return col.projections()

@@ -43,8 +43,11 @@ With the dense statistics the collector also keeps, for :mod:`curvdist.math.nois
 of half a (``G_a``; half b is G minus it) and Σ_u ‖g_u‖² over the units u (sequences, images, samples: the items of
 a layer input's leading axis), from which the layer's gradient signal-to-noise and split-half stability follow.
 
-Accumulators share a tiny protocol (``update(rows)``, ``value(norm)``, ``nbytes``) so a streaming sketch (Nyström)
-can replace :class:`DenseSecondMoment` for layers whose factors exceed the budget.
+Each factor is held as its mode says (:mod:`curvdist.math.modes`): dense (d×d), a streaming Nyström sketch
+(:mod:`curvdist.math.sketch`; ``finalize`` then gives a :class:`curvdist.math.sketch.SketchedFactor` in place of the
+matrix), or not at all (over ``factor_budget_bytes``; the status says so).  Given Ritz ``bases`` of sketched factors,
+the projections pass also accumulates Z = C V and :meth:`StatisticsCollector.projections` returns their
+Rayleigh–Ritz eigenvalues and error estimates.
 """
 from __future__ import annotations
 
@@ -57,8 +60,9 @@ import torch
 from torch import nn
 
 from curvdist.math import layers as L
-from curvdist.math import noise
-from curvdist.math.moments import DenseSecondMoment, ProjectedSecondMoment
+from curvdist.math import modes as M
+from curvdist.math import noise, sketch
+from curvdist.math.moments import LayerSums
 from curvdist.vocab import Status
 
 SEED_KINDS = (None, "true", "fisher", "both")
@@ -66,86 +70,34 @@ SEED_KINDS = (None, "true", "fisher", "both")
 
 @dataclass
 class LayerStatistics:
-    """Normalised statistics of one layer; ``C_A``/``C_delta`` are None when over budget (see ``status``)."""
+    """Normalised statistics of one layer; ``C_A``/``C_delta`` are the dense factor, its sketch, or None when over
+    budget (see ``status``), as ``modes`` says."""
     name: str
     m: int
     n: int
     G: torch.Tensor                    # (m, n)
-    C_A: torch.Tensor | None           # (n, n)
-    C_delta: torch.Tensor | None       # (m, m)
+    C_A: torch.Tensor | sketch.SketchedFactor | None       # (n, n), or the sketch C_A [Ω Ψ] (n, l + s)
+    C_delta: torch.Tensor | sketch.SketchedFactor | None   # (m, m), or (m, l + s)
     rows: int                          # R, valid rows at the layer
     n_terms: int                       # N, loss terms of the whole batch
     status: str = "ok"
-    factor_bytes: int = 0              # bytes of the dense factors actually allocated (C_A and C_δ; G excluded)
+    factor_bytes: int = 0              # bytes of the factors (dense or sketches) actually allocated; G excluded
     halves: tuple[torch.Tensor, torch.Tensor] | None = None   # (G_a, G_b), each (m, n); None if a half is empty
     noise: noise.GradientNoise | None = None                    # grad_snr, noise_scale, … from the units
+    modes: tuple[str | None, str | None] = ("dense", "dense")   # (C_A, C_δ): "dense", "sketch", None (not measured)
 
 
 @dataclass
 class Projections:
-    """Projected statistics of one layer along K fixed directions, each (K,)."""
+    """Projected statistics of one layer along K fixed directions, each (K,); for a sketched factor also its
+    Rayleigh–Ritz eigenvalues and their error estimates (:func:`curvdist.math.sketch.ritz_eigen`), else None."""
     rayleigh_delta: torch.Tensor
     rayleigh_A: torch.Tensor
     h_sop: torch.Tensor
-
-
-def _size(b: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if b >= scale:
-            return f"{b / scale:.2f} {unit}"
-    return f"{int(b)} B"
-
-
-class _Layer:
-    """Per-layer accumulators and the rows recorded for the current micro-batch (one record per module call)."""
-
-    def __init__(self, name: str, module: nn.Module, dense: bool, dtype: torch.dtype, budget: int | None,
-                 direction: tuple[torch.Tensor, torch.Tensor] | None):
-        self.name, self.module = name, module
-        self.m, self.n = L.shape(module)
-        self.rows, self.status, self.seen_error = 0, [], False
-        self.G = self.G_a = self.unit_sq = None   # Σ g, Σ g over half a, Σ_u ‖g_u‖² (module docstring)
-        self.units = 0
-        self.cov_A = self.cov_delta = None
-        if dense:
-            for attr, label, d in (("cov_A", "C_A", self.n), ("cov_delta", "C_delta", self.m)):
-                acc = DenseSecondMoment(d, dtype)
-                if budget is not None and acc.nbytes > budget:
-                    self.status.append(
-                        f"{Status.FACTOR_TOO_LARGE.value}: {label} is {d}×{d} {str(dtype).replace('torch.', '')} = "
-                        f"{_size(acc.nbytes)} > budget {_size(budget)}; raise factor_budget_gb")
-                else:
-                    setattr(self, attr, acc)
-        self.proj_A = self.proj_delta = self.sop = None
-        if direction is not None:
-            U, V = direction
-            if U.shape[-1] != self.m or V.shape[-1] != self.n or U.shape[0] != V.shape[0]:
-                raise ValueError(f"layer {name}: directions need U (K, {self.m}) and V (K, {self.n}), "
-                                 f"got {tuple(U.shape)} and {tuple(V.shape)}")
-            self.proj_A, self.proj_delta = ProjectedSecondMoment(V, dtype), ProjectedSecondMoment(U, dtype)
-        self.dense = dense
-
-    def sums(self) -> dict[str, tuple[int, ...]]:
-        """The running sums this layer keeps (by attribute path) and their shapes; fixed at construction."""
-        K = self.proj_A.P.shape[0] if self.proj_A is not None else 0
-        out: dict[str, tuple[int, ...]] = {}
-        if self.dense:
-            out.update({"G": (self.m, self.n), "G_a": (self.m, self.n), "unit_sq": (1,)})
-        if self.cov_A is not None:
-            out["cov_A.sum"] = (self.n, self.n)
-        if self.cov_delta is not None:
-            out["cov_delta.sum"] = (self.m, self.m)
-        if self.proj_A is not None:
-            out.update({"proj_A.sum": (K,), "proj_delta.sum": (K,), "sop": (K,)})
-        return out
-
-    def get(self, path: str) -> torch.Tensor | None:
-        obj, _, attr = path.rpartition(".")
-        return getattr(getattr(self, obj) if obj else self, attr)
-
-    def put(self, path: str, value: torch.Tensor) -> None:
-        obj, _, attr = path.rpartition(".")
-        setattr(getattr(self, obj) if obj else self, attr, value)
+    lambda_A: torch.Tensor | None = None
+    lambda_A_err: torch.Tensor | None = None
+    lambda_delta: torch.Tensor | None = None
+    lambda_delta_err: torch.Tensor | None = None
 
 
 class _Open:
@@ -168,26 +120,42 @@ class StatisticsCollector:
     that reaches the layer outputs (e.g. ``torch.autograd.grad(out, self.outputs(), seed, retain_graph=True)``) →
     :meth:`end_microbatch` with the micro-batch's number of loss terms.  Backward passes while the kind is ``None``
     (or outside a micro-batch) are ignored, so other passes may run with the hooks attached.
-    Accumulation is in ``stat_dtype`` on the rows' device; a dense factor bigger than ``factor_budget_bytes`` is never
-    allocated and the layer's status says so.
+    Accumulation is in ``stat_dtype`` on the rows' device.  Each factor's mode (:mod:`curvdist.math.modes`) is
+    ``factor_modes[name]`` ((C_A, C_δ), as a plan decided) or else :func:`curvdist.math.modes.choose` of
+    ``factor_mode`` and ``factor_budget_bytes``: a factor over budget is never allocated and the layer's status says
+    so.  Sketches have ``sketch_rank`` columns and test matrices seeded by (``seed``, layer, factor, dimension).
+    ``bases`` ({name: {"A": V, "delta": V}}, from :attr:`curvdist.math.measure.LayerSpectra.bases`) adds the
+    Rayleigh–Ritz products of sketched factors to a projections pass.
     """
 
     def __init__(self, layers: Mapping[str, nn.Module], *, stat_dtype: torch.dtype = torch.float32,
                  factor_budget_bytes: int | None = None, dense: bool = True,
                  directions: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 factor_mode: str = "dense", factor_modes: Mapping[str, tuple[str | None, str | None]] | None = None,
+                 sketch_rank: int = 512, seed: int = 0,
+                 bases: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
                  device: torch.device | str | None = None):
         for name, mod in layers.items():
             if not L.is_supported(mod):
                 raise ValueError(f"layer {name} ({type(mod).__name__}) is not supported")
-        missing = set(directions or {}) - set(layers)
-        if missing:
-            raise ValueError(f"directions given for unknown layers: {sorted(missing)}")
+        for what, given in (("directions", directions), ("bases", bases)):
+            missing = set(given or {}) - set(layers)
+            if missing:
+                raise ValueError(f"{what} given for unknown layers: {sorted(missing)}")
+        M.check_policy(factor_mode)
+        if sketch_rank < 1:
+            raise ValueError(f"sketch_rank={sketch_rank} must be ≥ 1")
         self.dtype = stat_dtype
         # where sums not yet allocated are created for state(): the rows' device (a replica that saw no rows of a
         # kind must hand the all-reduce tensors on the same device as the others)
         self.device = torch.device(device) if device is not None else None
-        self.layers = {name: _Layer(name, mod, dense, stat_dtype, factor_budget_bytes, (directions or {}).get(name))
-                       for name, mod in layers.items()}
+        self.layers = {}
+        for name, mod in layers.items():
+            modes, status = self._modes(name, mod, factor_mode, (factor_modes or {}).get(name), factor_budget_bytes,
+                                        sketch_rank)
+            self.layers[name] = LayerSums(name, mod, dense=dense, dtype=stat_dtype, modes=modes, status=status,
+                                          sketch_rank=sketch_rank, seed=seed, direction=(directions or {}).get(name),
+                                          bases=(bases or {}).get(name))
         self.n_terms = 0
         self.n_terms_a = 0                    # loss terms of the micro-batches of half a (noise.half_of)
         self._handles: list = []
@@ -195,6 +163,20 @@ class StatisticsCollector:
         self._forward_key: Any = None         # the micro-batch whose forward the hooks record now
         self._kind: str | None = None
         self._scale = 1.0
+
+    def _modes(self, name: str, mod: nn.Module, policy: str, given, budget: int | None, rank: int):
+        """(mode of C_A, mode of C_δ) and the statuses of the factors left unmeasured."""
+        m, n = L.shape(mod)
+        item = torch.empty((), dtype=self.dtype).element_size()
+        modes = tuple(given) if given is not None else tuple(M.choose(policy, d, rank, item, budget) for d in (n, m))
+        status = []
+        for label, d, mode in (("C_A", n, modes[0]), ("C_delta", m, modes[1])):
+            if mode is None:
+                status.append(Status.FACTOR_TOO_LARGE.with_reason(M.too_large(
+                    label, d, str(self.dtype).replace("torch.", ""), item, rank, budget or 0, policy)))
+            elif mode not in ("dense", "sketch"):
+                raise ValueError(f"layer {name}: factor mode {mode!r} is not dense, sketch or None")
+        return modes, status
 
     # hooks ---------------------------------------------------------------------------------------------------------
     def attach(self) -> StatisticsCollector:
@@ -299,7 +281,7 @@ class StatisticsCollector:
             return None
         return mask.reshape(-1).to(x.device)
 
-    def _on_forward(self, st: _Layer, module: nn.Module, inputs: tuple, output: Any) -> None:
+    def _on_forward(self, st: LayerSums, module: nn.Module, inputs: tuple, output: Any) -> None:
         key = self._forward_key
         if key is None:
             return
@@ -314,8 +296,7 @@ class StatisticsCollector:
             a = a[keep]
             units = None if units is None else units[keep]
         st.rows += a.shape[0]
-        if st.cov_A is not None:
-            st.cov_A.update(a)
+        st.update_A(a)
         cA = None
         if st.proj_A is not None:
             cA = st.proj_A.project(a)
@@ -326,7 +307,7 @@ class StatisticsCollector:
             output.register_hook(partial(self._on_grad, st, key, len(calls) - 1))
             rec.outputs.append((output, output._version, module.weight))
 
-    def _on_grad(self, st: _Layer, key: Any, call: int, g: torch.Tensor) -> None:
+    def _on_grad(self, st: LayerSums, key: Any, call: int, g: torch.Tensor) -> None:
         kind = self._kind
         rec = self._open.get(key)
         if kind is None or rec is None or call >= len(rec.calls[st.name]):
@@ -348,8 +329,7 @@ class StatisticsCollector:
             else:   # cross terms between calls: the norms wait for every call's rows (end_microbatch)
                 rec.true_rows.setdefault(st.name, []).append((d, a, units))
         if kind in ("fisher", "both"):
-            if st.cov_delta is not None:
-                st.cov_delta.update(d)
+            st.update_delta(d)
             if st.proj_delta is not None:
                 cd = st.proj_delta.project(d)
                 st.proj_delta.update_projected(cd)
@@ -357,7 +337,7 @@ class StatisticsCollector:
                 st.sop = s if st.sop is None else st.sop + s
 
     @staticmethod
-    def _add_units(st: _Layer, d: torch.Tensor, a: torch.Tensor, units: torch.Tensor) -> None:
+    def _add_units(st: LayerSums, d: torch.Tensor, a: torch.Tensor, units: torch.Tensor) -> None:
         s = noise.unit_sq_norms(d, a, units).sum().reshape(1)
         st.unit_sq = s if st.unit_sq is None else st.unit_sq.add_(s)
 
@@ -385,7 +365,7 @@ class StatisticsCollector:
             unit_sq = float(st.unit_sq.sum()) if st.unit_sq is not None else 0.0
             gn = noise.gradient_noise(float(G.double().square().sum()), unit_sq, st.units, N)
             out[name] = LayerStatistics(name, st.m, st.n, G, C_A, C_d, R, N, "; ".join(status) or "ok", nbytes,
-                                        halves, gn)
+                                        halves, gn, st.modes)
         return out
 
     def projections(self) -> dict[str, Projections]:
@@ -397,6 +377,11 @@ class StatisticsCollector:
                 continue
             K = st.proj_A.P.shape[0]
             sop = st.sop if st.sop is not None else torch.zeros(K, dtype=self.dtype)
-            out[name] = Projections(st.proj_delta.value(self.n_terms), st.proj_A.value(st.rows),
-                                    sop / self.n_terms)
+            p = Projections(st.proj_delta.value(self.n_terms), st.proj_A.value(st.rows), sop / self.n_terms)
+            for factor, acc, norm in (("A", st.ritz_A, st.rows), ("delta", st.ritz_delta, self.n_terms)):
+                if acc is not None:
+                    lam, _, err = sketch.ritz_eigen(acc.test, acc.value(norm), K)
+                    setattr(p, f"lambda_{factor}", lam)
+                    setattr(p, f"lambda_{factor}_err", err)
+            out[name] = p
         return out

@@ -4,9 +4,11 @@ Shared by the in-process :func:`curvdist.analyze` and by the pipeline stage acto
 every number with the same code.  A layer goes through three steps:
 
 1. :func:`spectral_step` — top-K singular triplets of G (K = min(top_k, m, n)), top-K eigenpairs of C_A and C_δ
-   (when the dense factors exist), the split-half stability and half σ (:mod:`curvdist.math.noise`), and the
-   directions D_k = u_k v_kᵀ handed to the projected and exact passes;
-2. the projected pass (h^SoP, Rayleigh quotients from rows) and the exact pass (h, h^GN), run by the caller;
+   (dense factors: :func:`curvdist.math.spectral.top_eigen`; sketched ones: the one-pass Nyström eigenpairs with
+   their error bound, and the Ritz basis for step 2, :mod:`curvdist.math.sketch`), the split-half stability and
+   half σ (:mod:`curvdist.math.noise`), and the directions D_k = u_k v_kᵀ handed to the projected and exact passes;
+2. the projected pass (h^SoP, Rayleigh quotients from rows, and the Rayleigh–Ritz eigenvalues of sketched factors,
+   which replace the Nyström ones) and the exact pass (h, h^GN), run by the caller;
 3. :func:`layer_rows` — ρ, Φ, Λ, χ, stability and the Kronecker floor ratio per direction; the exponent fits,
    α of each half and the gradient signal-to-noise of the layer.
 
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from curvdist.math import fit, noise, spectral
+from curvdist.math import fit, noise, sketch, spectral
 from curvdist.vocab import NO_DIRECTION_STATUSES, NOISE_COLUMNS, VOIDING, Status, status_code
 
 
@@ -42,6 +44,10 @@ class LayerSpectra:
     V: torch.Tensor | None = None            # (k, n) rows are v_k
     lambda_A: torch.Tensor | None = None     # (k,)
     lambda_delta: torch.Tensor | None = None
+    lambda_A_err: torch.Tensor | None = None      # (k,) error estimates of sketched factors' λ; None when dense
+    lambda_delta_err: torch.Tensor | None = None
+    modes: tuple[str | None, str | None] = ("dense", "dense")   # how C_A and C_δ were held (curvdist.math.modes)
+    bases: dict = field(default_factory=dict)     # {"A" | "delta": Ritz basis V (d, p)} of sketched factors
     rayleigh_A: torch.Tensor | None = None   # from the dense factors; the projected pass fills them otherwise
     rayleigh_delta: torch.Tensor | None = None
     stability: torch.Tensor | None = None    # (k,) split-half stability; None when a half is empty
@@ -73,7 +79,7 @@ def spectral_step(stats, top_k: int, *, seed: int = 0) -> LayerSpectra:
     m, n = stats.m, stats.n
     k = min(top_k, m, n)
     out = LayerSpectra(stats.name, m, n, stats.rows, stats.n_terms, k, factor_status=stats.status,
-                       noise=getattr(stats, "noise", None))
+                       noise=getattr(stats, "noise", None), modes=getattr(stats, "modes", ("dense", "dense")))
     status = gradient_status(stats.G)
     if status_code(status) in NO_DIRECTION_STATUSES:
         out.k, out.status = 0, status
@@ -88,12 +94,17 @@ def spectral_step(stats, top_k: int, *, seed: int = 0) -> LayerSpectra:
         out.sigma_half = torch.stack([noise.half_sigma(G_h, out.U, out.V) for G_h in halves])
     out.timings["svd_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    if stats.C_A is not None:
-        out.lambda_A = spectral.top_eigen(stats.C_A, k, seed=seed)[0]
-        out.rayleigh_A = spectral.rayleigh(stats.C_A, V)
-    if stats.C_delta is not None:
-        out.lambda_delta = spectral.top_eigen(stats.C_delta, k, seed=seed)[0]
-        out.rayleigh_delta = spectral.rayleigh(stats.C_delta, U)
+    for factor, C, X in (("A", stats.C_A, V), ("delta", stats.C_delta, U)):
+        if isinstance(C, sketch.SketchedFactor):    # Rayleigh quotients come from the projections pass
+            lam, _, err = sketch.nystrom_eigen(C, k)
+            setattr(out, f"lambda_{factor}_err", err)
+            out.bases[factor] = sketch.ritz_basis(C)
+        elif C is not None:
+            lam = spectral.top_eigen(C, k, seed=seed)[0]
+            setattr(out, f"rayleigh_{factor}", spectral.rayleigh(C, X))
+        else:
+            continue
+        setattr(out, f"lambda_{factor}", lam)
     out.timings["eig_s"] = time.perf_counter() - t0
     if out.status == "ok" and stats.status != "ok":
         out.status = stats.status
@@ -116,12 +127,31 @@ def _nullable(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _eigenvalues(sp: LayerSpectra, projections, factor: str):
+    """(λ (k,), error estimates (k,) or None) of one factor, float64 on the CPU: the projections pass's
+    Rayleigh–Ritz values of a sketched factor when it ran, else the spectral step's (dense, or Nyström)."""
+    lam = getattr(projections, f"lambda_{factor}", None)
+    if lam is not None:
+        return _np(lam), _np(getattr(projections, f"lambda_{factor}_err"))
+    return _np(getattr(sp, f"lambda_{factor}")), _np(getattr(sp, f"lambda_{factor}_err"))
+
+
+def _worst_relative(lam, err) -> float | None:
+    """max_k err_k / λ_k over λ_k > 0: the layer's ``lambda_rel_err_*`` (None for a dense factor)."""
+    if lam is None or err is None or not bool((lam > 0).any()):
+        return None
+    return _nullable((err[lam > 0] / lam[lam > 0]).max())
+
+
 def layer_rows(sp: LayerSpectra, *, layer_type: str, block: int | None, fisher: str,
                projections=None, curvature=None, extra: dict | None = None):
     """Output rows of one layer: ``(layer_row: dict, direction_rows: list[dict], spectra_rows: list[dict])``.
 
-    ``projections`` (from :func:`curvdist.math.collect.collect_projections`) supply h^SoP and, for layers whose dense
-    factors were over budget, the Rayleigh quotients; ``curvature`` supplies exact h and h^GN.
+    ``projections`` (from :func:`curvdist.math.collect.collect_projections`) supply h^SoP, the Rayleigh quotients of
+    factors that were not held dense, and the Rayleigh–Ritz eigenvalues of sketched factors; ``curvature`` supplies
+    exact h and h^GN.  The layer row says how each factor was held (``factor_mode_A``/``_delta``) and the worst
+    relative error estimate of its λ_k (``lambda_rel_err_*``, null for dense factors); spectra rows carry
+    ``factor_mode`` and ``eigenvalue_err`` (:mod:`curvdist.math.sketch` states what the estimates bound).
     """
     base = {"layer": sp.name, "layer_type": layer_type, "block": block, "m": sp.m, "n": sp.n, "rows": sp.rows,
             "n_terms": sp.n_terms, "fisher": fisher}
@@ -129,6 +159,10 @@ def layer_rows(sp: LayerSpectra, *, layer_type: str, block: int | None, fisher: 
     base.update(dict.fromkeys(NOISE_COLUMNS))
     directions, spectra_rows = [], []
     summary = None
+    lam = {f: _eigenvalues(sp, projections, f) for f in ("A", "delta")}
+    for i, f in enumerate(("A", "delta")):
+        base[f"factor_mode_{f}"] = sp.modes[i]
+        base[f"lambda_rel_err_{f}"] = _worst_relative(*lam[f])
     if sp.k > 0:
         ray_d = sp.rayleigh_delta if sp.rayleigh_delta is not None else getattr(projections, "rayleigh_delta", None)
         ray_a = sp.rayleigh_A if sp.rayleigh_A is not None else getattr(projections, "rayleigh_A", None)
@@ -141,7 +175,7 @@ def layer_rows(sp: LayerSpectra, *, layer_type: str, block: int | None, fisher: 
         # direction_metrics echoes its inputs too; NaN (a missing input) becomes a null in the row
         cols = {key: _np(v) for key, v in spectral.direction_metrics(
             sigma, ray_d if ray_d is not None else nan, ray_a if ray_a is not None else nan,
-            lambda_delta=_np(sp.lambda_delta), lambda_A=_np(sp.lambda_A), h=h, h_sop=_np(h_sop)).items()}
+            lambda_delta=lam["delta"][0], lambda_A=lam["A"][0], h=h, h_sop=_np(h_sop)).items()}
         cols["h_gn"] = _np(h_gn)
         cols["stability"] = _np(sp.stability)
         if fisher == "empirical" and sp.rows > 0:   # the Cauchy–Schwarz floor (module docstring)
@@ -163,10 +197,13 @@ def layer_rows(sp: LayerSpectra, *, layer_type: str, block: int | None, fisher: 
             for i, col in enumerate(("alpha_half_a", "alpha_half_b")):   # α of each half, full-batch directions
                 base[col] = fit.fit_exponents(_np(sp.sigma_half[i]).numpy(), _np(h_half[i]).numpy()).alpha
         base["stable_directions"] = noise.stable_directions(cols["stability"])
-        for factor, lam in (("A", sp.lambda_A), ("delta", sp.lambda_delta)):
-            if lam is not None:
-                spectra_rows += [{"layer": sp.name, "factor": factor, "k": i + 1, "eigenvalue": float(x)}
-                                 for i, x in enumerate(_np(lam).tolist())]
+        for i, factor in enumerate(("A", "delta")):
+            values, errs = lam[factor]
+            if values is not None:
+                errs = [None] * len(values) if errs is None else errs.tolist()
+                spectra_rows += [{"layer": sp.name, "factor": factor, "k": j + 1, "eigenvalue": float(x),
+                                  "factor_mode": sp.modes[i], "eigenvalue_err": e}
+                                 for j, (x, e) in enumerate(zip(values.tolist(), errs))]
     if summary is None:
         summary = fit.summarize_layer([], status=sp.status if sp.status != "ok" else "no_directions")
     base.update(sp.noise.as_dict() if sp.noise is not None else {})

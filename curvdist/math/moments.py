@@ -1,12 +1,21 @@
-"""Streaming second-moment accumulators of rows: the storage behind C_A, C_δ and the projected statistics.
+"""Streaming second-moment accumulators of rows: the storage behind C_A, C_δ and the projected statistics, and
+:class:`LayerSums`, every running sum of one layer.
 
 Pure: torch only (no ray, no IO).  Every accumulator keeps a running *sum* over rows (normalised only when read,
 ``value(norm)``), so accumulators that saw disjoint rows combine by adding their sums (replicas, micro-batches).
 Protocol: ``update(rows)``, ``value(norm)``, ``nbytes``, and the attribute ``sum`` (None until the first rows).
+A factor is held dense (:class:`DenseSecondMoment`), sketched (:class:`curvdist.math.sketch.NystromSketch`) or not
+at all (:mod:`curvdist.math.modes`).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
+from torch import nn
+
+from curvdist.math import layers as L
+from curvdist.math.sketch import NystromSketch, RangeSketch
 
 
 class DenseSecondMoment:
@@ -54,3 +63,80 @@ class ProjectedSecondMoment:
     def value(self, norm: float) -> torch.Tensor:
         s = self.sum if self.sum is not None else torch.zeros(self.P.shape[0], dtype=self.dtype)
         return s / max(norm, 1)
+
+
+class LayerSums:
+    """The accumulators of one layer and the counts beside them: G, G over half a, Σ_u ‖g_u‖² (dense statistics),
+    C_A and C_δ held as ``modes`` says ("dense", "sketch" or None: not measured, ``status`` says why), the
+    projections along ``direction`` (U (K, m), V (K, n)), and the Rayleigh–Ritz products Z = C V of sketched
+    factors along ``bases`` ({"A": V (n, p), "delta": V (m, p)}, projections pass).  :meth:`sums` registers every
+    running sum by attribute path, so that ``StatisticsCollector.state()`` carries (and all-reduces) each one."""
+
+    def __init__(self, name: str, module: nn.Module, *, dense: bool, dtype: torch.dtype,
+                 modes: tuple[str | None, str | None], status: list[str], sketch_rank: int, seed: int,
+                 direction: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 bases: Mapping[str, torch.Tensor] | None = None):
+        self.name, self.module, self.dense = name, module, dense
+        self.m, self.n = L.shape(module)
+        self.rows, self.status, self.seen_error = 0, list(status), False
+        self.G = self.G_a = self.unit_sq = None   # Σ g, Σ g over half a, Σ_u ‖g_u‖² (curvdist.math.factors)
+        self.units = 0
+        self.modes = tuple(modes) if dense else (None, None)
+        self.cov_A = self.cov_delta = None
+        for attr, factor, d, mode in (("cov_A", "A", self.n, self.modes[0]), ("cov_delta", "delta", self.m,
+                                                                              self.modes[1])):
+            if mode == "dense":
+                setattr(self, attr, DenseSecondMoment(d, dtype))
+            elif mode == "sketch":
+                setattr(self, attr, NystromSketch(d, sketch_rank, dtype, seed=seed, layer=name, factor=factor))
+        self.proj_A = self.proj_delta = self.sop = None
+        if direction is not None:
+            U, V = direction
+            if U.shape[-1] != self.m or V.shape[-1] != self.n or U.shape[0] != V.shape[0]:
+                raise ValueError(f"layer {name}: directions need U (K, {self.m}) and V (K, {self.n}), "
+                                 f"got {tuple(U.shape)} and {tuple(V.shape)}")
+            self.proj_A, self.proj_delta = ProjectedSecondMoment(V, dtype), ProjectedSecondMoment(U, dtype)
+        self.ritz_A = self.ritz_delta = None
+        for attr, factor, d in (("ritz_A", "A", self.n), ("ritz_delta", "delta", self.m)):
+            V = (bases or {}).get(factor)
+            if V is None:
+                continue
+            if V.ndim != 2 or V.shape[0] != d:
+                raise ValueError(f"layer {name}: the Ritz basis of C_{factor} must be ({d}, p), got {tuple(V.shape)}")
+            setattr(self, attr, RangeSketch(V, dtype))
+
+    def sums(self) -> dict[str, tuple[int, ...]]:
+        """The running sums this layer keeps (by attribute path) and their shapes; fixed at construction."""
+        K = self.proj_A.P.shape[0] if self.proj_A is not None else 0
+        out: dict[str, tuple[int, ...]] = {}
+        if self.dense:
+            out.update({"G": (self.m, self.n), "G_a": (self.m, self.n), "unit_sq": (1,)})
+        for attr in ("cov_A", "cov_delta", "ritz_A", "ritz_delta"):
+            acc = getattr(self, attr)
+            if isinstance(acc, DenseSecondMoment):
+                out[f"{attr}.sum"] = (acc.dim, acc.dim)
+            elif acc is not None:
+                out[f"{attr}.sum"] = (acc.dim, acc.cols)
+        if self.proj_A is not None:
+            out.update({"proj_A.sum": (K,), "proj_delta.sum": (K,), "sop": (K,)})
+        return out
+
+    def get(self, path: str) -> torch.Tensor | None:
+        obj, _, attr = path.rpartition(".")
+        return getattr(getattr(self, obj) if obj else self, attr)
+
+    def put(self, path: str, value: torch.Tensor) -> None:
+        obj, _, attr = path.rpartition(".")
+        setattr(getattr(self, obj) if obj else self, attr, value)
+
+    def update_A(self, a: torch.Tensor) -> None:
+        """Input rows a (R, n) into C_A (dense or sketched) and its Ritz product."""
+        for acc in (self.cov_A, self.ritz_A):
+            if acc is not None:
+                acc.update(a)
+
+    def update_delta(self, d: torch.Tensor) -> None:
+        """Fisher error rows δ (R, m) into C_δ (dense or sketched) and its Ritz product."""
+        for acc in (self.cov_delta, self.ritz_delta):
+            if acc is not None:
+                acc.update(d)

@@ -2,7 +2,7 @@
 stage workers).  Pure: torch in, tensors and rows out; no Ray, no IO.
 
     m = Measurement(loss="cross_entropy", fisher="mc", mc_samples=1, top_k=20, seed=0, exact=True, gn=True,
-                    exact_layers=None, gradient_labels="true", exact_dtype="float32")
+                    exact_layers=None, gradient_labels="true", exact_dtype="float32", sketch_rank=512)
     for kind, s in measurement_seeds(logits, targets, m, "stats", 3): ...   # back-propagate s as `kind`
     spectra = spectral_steps(stats, m)                                          # {layer: measure.LayerSpectra}
     names = exact_layer_names(spectra, m)                                       # layers that get exact h
@@ -50,6 +50,7 @@ class Measurement:
     exact_layers: tuple[str, ...] | None     # globs of the layers that get exact h; None: every analysed layer
     gradient_labels: str                     # "true", or "sampled" from the model (the null measurement)
     exact_dtype: str                         # minimum precision of the exact HVPs: float32, float64 or model
+    sketch_rank: int                         # Nyström columns l of a sketched factor (curvdist.math.sketch)
 
     def __post_init__(self) -> None:
         losses.check_loss(self.loss)
@@ -60,6 +61,8 @@ class Measurement:
             raise ValueError(f"top_k={self.top_k} must be ≥ 1")
         if self.mc_samples < 1:
             raise ValueError(f"mc_samples={self.mc_samples} must be ≥ 1")
+        if self.sketch_rank < self.top_k + 2:
+            raise ValueError(f"sketch_rank={self.sketch_rank} must be ≥ top_k + 2 = {self.top_k + 2}")
         if self.exact_layers is not None and not isinstance(self.exact_layers, tuple):
             object.__setattr__(self, "exact_layers", tuple(self.exact_layers))
 

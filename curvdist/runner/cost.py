@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from curvdist.math import modes as M
 from curvdist.runner.plan import ITEMSIZE, Layout, Workload
 
 SOLVER_EFFICIENCY = 0.1
@@ -140,6 +141,22 @@ def eig_flops(d: int, k: int, device: str) -> tuple[float, float]:
     return 0.0, KRYLOV_PRODUCTS * (2.0 * d * d * b + 4.0 * d * basis * b)
 
 
+def sketch_flops(d: int, rank: int) -> tuple[float, float]:
+    """(solver FLOPs, 0) of one sketched factor's spectral step (:func:`curvdist.math.sketch.nystrom` and the Ritz
+    basis: the l×l core, the SVD of E (d×l) and the QR of [Y Ω] (d×2l), each ~2·d·c² FLOPs)."""
+    l = M.sketch_rank(rank, d)
+    return 2.0 * d * l * l * 2 + 2.0 * d * (2 * l) ** 2, 0.0
+
+
+def factor_row_flops(d: int, mode: str | None, rank: int) -> float:
+    """FLOPs per row that accumulate one factor: 2d² dense (Σ r rᵀ), 4·d·(l + s) sketched (r (rᵀ T))."""
+    if mode == "dense":
+        return 2.0 * d * d
+    if mode == "sketch":
+        return 4.0 * d * (M.sketch_rank(rank, d) + M.ERROR_COLUMNS)
+    return 0.0
+
+
 def stage_forward_flops(plan, stage, seq_len: int) -> tuple[float, list[float]]:
     """(F_j per token, per-block F per token of the stage's blocks in order)."""
     arch, item = plan.arch, ITEMSIZE[plan.dtype]
@@ -165,7 +182,6 @@ def estimate_cost(plan, layout: Layout, workload: Workload, throughput: Throughp
     hop = t * arch.hidden * max(4, ITEMSIZE[plan.dtype])  # one micro-batch's hidden states between stages
     n_bwd, n_f = workload.seeds(arch.logit_width)
     groups = max(len(s.passes) for s in plan.stages) or 1
-    budget = plan.factor_budget_bytes
     by_name = {l.name: l for l in plan.layers}
     fwd = [stage_forward_flops(plan, s, T) for s in plan.stages]
     F = [f for f, _ in fwd]
@@ -178,20 +194,25 @@ def estimate_cost(plan, layout: Layout, workload: Workload, throughput: Throughp
     for j, st in enumerate(plan.stages):
         mine = [by_name[n] for n in st.layers]
         first, last = j == 0, j == S - 1
-        factor = sum(2.0 * l.m * l.n + (2.0 * l.n * l.n if l.n * l.n * r <= budget else 0.0)
-                     + (n_f * 2.0 * l.m * l.m if l.m * l.m * r <= budget else 0.0) for l in mine)
+        factor = sum(2.0 * l.m * l.n + factor_row_flops(l.n, l.modes[0], l.rank)
+                     + n_f * factor_row_flops(l.m, l.modes[1], l.rank) for l in mine)
         stats.append(Work(forward=tokens * groups * (F[j] + n_bwd * Bk[j]), stat=tokens * factor,
                           sent=groups * mb * hop * ((0 if last else 1) + (0 if first else n_bwd)),
-                          reduced=ring * sum(l.factor_bytes(r, budget) for l in mine)))
+                          reduced=ring * sum(l.factor_bytes(r) for l in mine)))
+        # sketched factors: Z = C V in the projections pass, 4·d·p FLOPs per row, d·p numbers reduced
+        ritz = [(w, d * min(2 * M.sketch_rank(l.rank, d), d)) for l in mine
+                for d, w, mode in zip((l.n, l.m), (1, n_f), l.modes) if mode == "sketch"]
         proj.append(Work(forward=tokens * groups * (F[j] + n_f * Bk[j]),
-                         stat=tokens * sum(2.0 * K * (l.n + n_f * l.m) for l in mine),
+                         stat=tokens * (sum(2.0 * K * (l.n + n_f * l.m) for l in mine)
+                                        + sum(4.0 * w * dp for w, dp in ritz)),
                          sent=groups * mb * hop * ((0 if last else 1) + (0 if first else n_f)),
-                         reduced=ring * sum(3 * K * r for _ in mine)))
+                         reduced=ring * (sum(3 * K * r for _ in mine) + sum(dp * r for _, dp in ritz))))
         solver = prods = 0.0
         for l in mine:
             k = min(K, l.m, l.n)
             for a, b in [svd_flops(l.m, l.n, k, plan.stat_dtype, device)] + \
-                        [eig_flops(d, k, device) for d in (l.n, l.m) if d * d * r <= budget]:
+                        [eig_flops(d, k, device) if mode == "dense" else sketch_flops(d, l.rank)
+                         for d, mode in zip((l.n, l.m), l.modes) if mode is not None]:
                 solver, prods = solver + a, prods + b
         spec.append(Work(stat=prods, solver=solver))
         # exact: tangents of upstream layers (and this stage's own, unless it is the last) pass through here

@@ -8,7 +8,11 @@ no Ray, no IO).
 Per stage j, with B micro_batch, T seq_len, t = B·T tokens per micro-batch, M_r micro-batches per replica, F in flight:
 
     weights      the stage's parameters in the forward dtype (the plan's param_bytes: its checkpoint tensors)
-    factors      G (m·n), C_A (n²), C_δ (m²) in stat dtype of the largest pass group (LayerCost.factor_bytes)
+    factors      G (m·n), C_A (n²), C_δ (m²) in stat dtype of the largest pass group (LayerCost.factor_bytes); a
+                 sketched factor 2·d·(l + s) instead of d² (curvdist.math.modes)
+    ritz         projections pass, sketched factors: the Rayleigh–Ritz basis V and Z = C V (2·d·min(2l, d) each,
+                 LayerCost.ritz_bytes) of the largest group, plus the float64 Rayleigh–Ritz solve of the largest
+                 (5·d·p·8: V, Z, Q, C Q and the Ritz vectors)
     activations  per micro-batch: t · [blocks · (E_fwd · s + E_up · max(4, s)) + stage extras] + layer outputs
                  + recorded rows, held min(F − j, M_r) at once (1F1B)           (s: the forward dtype's itemsize)
     backward     one micro-batch's backward: gradients of about half a block's saved tensors at once and the
@@ -23,7 +27,7 @@ Per stage j, with B micro_batch, T seq_len, t = B·T tokens per micro-batch, M_r
 
     pass peaks   statistics  = weights + factors + held · activations + backward
                  spectral    = weights + factors + max(finalize, spectral)
-                 projections = weights + held · activations(projections) + backward
+                 projections = weights + ritz + held · activations(projections) + backward
                  exact       = weights + exact
                  (+ cached in every pass when the stage's device is the host, i.e. device=cpu)
 
@@ -57,6 +61,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from curvdist.math import modes as M
 from curvdist.runner.plan import ITEMSIZE, Arch, Layout, Workload
 
 PASSES = ("statistics", "spectral", "projections", "exact")
@@ -118,12 +123,14 @@ class StageMemory:
     finalize: int
     spectral: int
     exact: int
+    ritz: int = 0                  # projections pass: Rayleigh–Ritz bases and products of sketched factors
 
     def pass_peaks(self) -> dict[str, int]:
         c = self.cached if self.cached_on_device else 0
         return {"statistics": self.weights + self.factors + self.held * self.activations + self.backward + c,
                 "spectral": self.weights + self.factors + max(self.finalize, self.spectral) + c,
-                "projections": self.weights + self.held * self.activations_projections + self.backward + c,
+                "projections": self.weights + self.ritz + self.held * self.activations_projections + self.backward
+                + c,
                 "exact": self.weights + self.exact + c}
 
     @property
@@ -146,8 +153,9 @@ class StageMemory:
             return {"weights": self.weights, "factors": self.factors,
                     "spectral workspace": max(self.finalize, self.spectral), **c}
         if kind == "projections":
+            ritz = {"sketch Rayleigh-Ritz": self.ritz} if self.ritz else {}
             return {"weights": self.weights, f"activations ({self.held} in flight)":
-                    self.held * self.activations_projections, "backward": self.backward, **c}
+                    self.held * self.activations_projections, "backward": self.backward, **ritz, **c}
         return {"weights": self.weights, "exact workspace": self.exact, **c}
 
 
@@ -169,8 +177,19 @@ class MemoryPlan:
 
 
 # ------------------------------------------------------------------------------------------------- components
-def spectral_workspace(m: int, n: int, k: int, stat_dtype: str, device: str, *, factors: tuple[bool, bool] =
-                       (True, True), oversample: int = 10) -> int:
+def sketch_workspace(dim: int, rank: int) -> int:
+    """Bytes of the spectral step of one sketched factor (:func:`curvdist.math.sketch.nystrom`, float64): copies of
+    Y and [Ω Ψ], Y_ν, E and U, and the residual of the error columns, 8·d·(5l + 3s)."""
+    return 8 * dim * (5 * M.sketch_rank(rank, dim) + 3 * M.ERROR_COLUMNS)
+
+
+def ritz_solve_bytes(dim: int, rank: int) -> int:
+    """Bytes of :func:`curvdist.math.sketch.ritz_eigen` for one factor (float64 V, Z, Q, C Q, Ritz vectors)."""
+    return 8 * 5 * dim * min(2 * M.sketch_rank(rank, dim), dim)
+
+
+def spectral_workspace(m: int, n: int, k: int, stat_dtype: str, device: str, *, factors: tuple = (True, True),
+                       oversample: int = 10, rank: int = 1) -> int:
     """Bytes :mod:`curvdist.math.spectral` allocates for one layer beyond G and the factors themselves.
 
     SVD of G (m×n, r = min(m, n), l = k + oversample): dense (r at most the dense size, or 4l >= r) copies G for
@@ -180,6 +199,8 @@ def spectral_workspace(m: int, n: int, k: int, stat_dtype: str, device: str, *, 
     basis and its images, each grown by ``torch.cat`` into new tensors while the old ones are alive, 4·d·max_basis,
     plus a few blocks of b = k + 4 columns (≈ 5·d·b), max_basis = min(d/2, max(12b, k + 8b)).  The factors are
     solved one after the other; the peak is the larger.  Checked against the CPU allocator in tests/test_memory.py.
+    ``factors``: per factor (C_A, C_δ) True or "dense" (eigensolve), "sketch" (:func:`sketch_workspace` with
+    ``rank`` columns) or False/None (nothing).
     """
     w = ITEMSIZE[stat_dtype]
     r, l = min(m, n), min(min(m, n), k + oversample)
@@ -193,6 +214,9 @@ def spectral_workspace(m: int, n: int, k: int, stat_dtype: str, device: str, *, 
     eig = 0
     b = k + 4
     for d, on in ((n, factors[0]), (m, factors[1])):
+        if on == "sketch":
+            eig = max(eig, sketch_workspace(d, rank) // w)
+            continue
         if not on:
             continue
         if d <= eig_below or 4 * (k + b) >= d:
@@ -255,7 +279,6 @@ def memory_plan(plan, layout: Layout, workload: Workload, device: str) -> Memory
     blk = block_saved(arch, T)
     per_block = blk.bytes_per_token(s)
     width = 0 if arch.logits_per_sequence else arch.logit_width
-    budget = plan.factor_budget_bytes
     by_name = {l.name: l for l in plan.layers}
     last_index = len(plan.stages) - 1
     out = []
@@ -271,7 +294,10 @@ def memory_plan(plan, layout: Layout, workload: Workload, device: str) -> Memory
             per_token += 2 * h * s + norm_up + 3 * width * s - h * s
         act_autograd = t * per_token
         groups = [[by_name[n] for n in p] for p in st.passes] or [[]]
-        factors = max(sum(l.factor_bytes(r, budget) for l in g) for g in groups)
+        factors = max(sum(l.factor_bytes(r) for l in g) for g in groups)
+        ritz = max(sum(l.ritz_bytes(r) for l in g) + max((ritz_solve_bytes(d, l.rank) for l in g
+                                                           for d, mode in zip((l.n, l.m), l.modes) if mode == "sketch"),
+                                                          default=0) for g in groups)
         held_out = max(sum(l.m for l in g if plan.layer_types.get(l.name) not in _OUTPUT_SAVED) for g in groups)
         rows_stats = max(sum(l.n for l in g) for g in groups) * r
         rows_proj = max(len(g) for g in groups) * k * r
@@ -283,8 +309,7 @@ def memory_plan(plan, layout: Layout, workload: Workload, device: str) -> Memory
                                                         (t * max(l.m for l in mine) + big.m * big.n) * r)
         # input ids or hidden states, the attention mask, and on the last stage the targets
         cached = mb * t * ((8 if st.has_embedding else h * wire) + 8 + (8 if st.has_head else 0))
-        spectral = max((spectral_workspace(l.m, l.n, k, plan.stat_dtype, device,
-                                           factors=(l.n * l.n * r <= budget, l.m * l.m * r <= budget))
+        spectral = max((spectral_workspace(l.m, l.n, k, plan.stat_dtype, device, factors=l.modes, rank=l.rank)
                         for l in mine), default=0)
         exact_mine = [l for l in mine if workload.is_exact(l.name)]
         is_last = st.index == last_index
@@ -297,7 +322,7 @@ def memory_plan(plan, layout: Layout, workload: Workload, device: str) -> Memory
                                                  mb * t * h * s))
         out.append(StageMemory(st.index, layout.held(st.index, mb), st.param_bytes, factors, act_autograd, stats_act,
                                proj_act,
-                               backward, cached, device != "cuda", factors, spectral, exact))
+                               backward, cached, device != "cuda", factors, spectral, exact, ritz))
     return MemoryPlan(layout, device, out)
 
 

@@ -7,14 +7,19 @@ their layers — with the linear-partition dynamic programme (minimise the large
 bounds a worker's memory is as small as a contiguous split allows.
 
 Factor memory is the wall at scale (LLaMA-7B: ~60 GiB of fp32 factors), so each stage's layers are further grouped
-into *passes* whose factors fit ``worker_budget_bytes``; a layer whose own factors exceed the budget is kept alone
-and its over-budget factor is skipped (its status says so; sketch mode is the way to measure it).
+into *passes* whose statistics fit ``worker_budget_bytes``.  Each factor is held as its mode says
+(:mod:`curvdist.math.modes`, :func:`assign_modes`): ``factor_mode=dense`` skips a factor over the budget (its
+layer's status says so), ``sketch`` holds every factor as a streaming Nyström sketch (2·d·(l + 10) numbers instead of
+d²), and ``auto`` keeps factors dense where they fit, sketches those that do not, and then, stage by stage,
+sketches the largest dense factors until the stage needs no more passes than if every factor were sketched
+(:func:`fit_passes`): every extra pass re-streams the evaluation batch through the whole pipeline.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
+from curvdist.math import modes as M
 from curvdist.vocab import matches
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float64": 8, "float16": 2}
@@ -27,15 +32,49 @@ class LayerCost:
     m: int
     n: int
     side: str | None = None  # block-less layers: "embedding" (first stage) or "head" (last stage); None: by position
+    modes: tuple[str | None, str | None] = ("dense", "dense")   # (C_A, C_δ): dense, sketch, None (not measured)
+    rank: int = 1            # sketch_rank of sketched factors (set with the modes by assign_modes)
 
-    def factor_bytes(self, stat_bytes: int, budget: int | None = None) -> int:
-        """G (m·n) plus the dense C_A (n²) and C_δ (m²) that fit ``budget`` each."""
-        total = self.m * self.n * stat_bytes
-        for d in (self.n, self.m):
-            b = d * d * stat_bytes
-            if budget is None or b <= budget:
-                total += b
-        return total
+    def factor_bytes(self, stat_bytes: int) -> int:
+        """Statistics-pass bytes: G (m·n) plus C_A (n) and C_δ (m) as their modes hold them."""
+        return self.m * self.n * stat_bytes + sum(M.mode_bytes(mode, d, self.rank, stat_bytes)
+                                                  for mode, d in zip(self.modes, (self.n, self.m)))
+
+    def ritz_bytes(self, stat_bytes: int) -> int:
+        """Projections-pass bytes of the Rayleigh–Ritz step of its sketched factors."""
+        return sum(M.ritz_bytes(d, self.rank, stat_bytes) for mode, d in zip(self.modes, (self.n, self.m))
+                   if mode == "sketch")
+
+    @property
+    def sketched(self) -> bool:
+        return "sketch" in self.modes
+
+
+def assign_modes(layers: list[LayerCost], stat_bytes: int, budget: int | None, policy: str, rank: int) -> None:
+    """Each factor's mode under ``policy`` and the per-factor ``budget`` (:func:`curvdist.math.modes.choose`)."""
+    for l in layers:
+        l.rank = rank
+        l.modes = tuple(M.choose(policy, d, rank, stat_bytes, budget) for d in (l.n, l.m))
+
+
+def fit_passes(layers: list[LayerCost], stat_bytes: int, budget: int | None) -> None:
+    """``factor_mode=auto`` on one stage: sketch its largest dense factors (largest first, only where the sketch is
+    smaller) until its layers need as few passes as with every such factor sketched."""
+    if budget is None:
+        return
+    convertible = sorted(((d, i, l) for l in layers for i, (mode, d) in enumerate(zip(l.modes, (l.n, l.m)))
+                          if mode == "dense" and M.sketch_bytes(d, l.rank, stat_bytes) < M.dense_bytes(d, stat_bytes)),
+                         key=lambda x: -x[0])
+    dense = {id(l): l.modes for l in layers}
+    for _, i, l in convertible:
+        l.modes = tuple("sketch" if j == i else m for j, m in enumerate(l.modes))
+    target = len(group_passes(layers, stat_bytes, budget))
+    for l in layers:
+        l.modes = dense[id(l)]
+    for _, i, l in convertible:
+        if len(group_passes(layers, stat_bytes, budget)) <= target:
+            break
+        l.modes = tuple("sketch" if j == i else m for j, m in enumerate(l.modes))
 
 
 @dataclass
@@ -49,6 +88,7 @@ class StagePlan:
     factor_bytes: int
     layers: list[str] = field(default_factory=list)
     passes: list[list[str]] = field(default_factory=list)
+    modes: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)   # layer → (C_A, C_δ) modes
 
     @property
     def blocks(self) -> range:
@@ -57,7 +97,8 @@ class StagePlan:
     def as_dict(self) -> dict:
         return {"stage": self.index, "blocks": f"{self.first_block}-{self.last_block}",
                 "embedding": self.has_embedding, "head": self.has_head, "param_gb": self.param_bytes / 1e9,
-                "factor_gb": self.factor_bytes / 1e9, "layers": len(self.layers), "passes": len(self.passes)}
+                "factor_gb": self.factor_bytes / 1e9, "layers": len(self.layers), "passes": len(self.passes),
+                "sketched": sum(m == "sketch" for v in self.modes.values() for m in v)}
 
 
 def partition(costs: list[float], n_parts: int) -> list[tuple[int, int]]:
@@ -95,7 +136,7 @@ def group_passes(layers: list[LayerCost], stat_bytes: int, budget: int | None) -
         return [[l.name for l in layers]] if layers else []
     passes, cur, used = [], [], 0
     for l in layers:
-        b = l.factor_bytes(stat_bytes, budget)
+        b = l.factor_bytes(stat_bytes)
         if cur and used + b > budget:
             passes.append(cur)
             cur, used = [], 0
@@ -108,13 +149,16 @@ def group_passes(layers: list[LayerCost], stat_bytes: int, budget: int | None) -
 
 def plan_stages(block_bytes: list[int], n_stages: int, *, embed_bytes: int = 0, head_bytes: int = 0,
                 layers: list[LayerCost] | None = None, stat_bytes: int = 4,
-                factor_budget_bytes: int | None = None, worker_budget_bytes: int | None = None) -> list[StagePlan]:
-    """Plan ``n_stages`` contiguous stages over the blocks.
+                factor_budget_bytes: int | None = None, worker_budget_bytes: int | None = None,
+                factor_mode: str = "dense", sketch_rank: int = 1) -> list[StagePlan]:
+    """Plan ``n_stages`` contiguous stages over the blocks, and the mode of every factor (:func:`assign_modes`
+    with ``factor_budget_bytes``, then :func:`fit_passes` per stage for ``auto``).
 
     ``layers`` with ``block=None`` belong to the first stage when ``side="embedding"``, to the last when
     ``side="head"``; without a side, to the first when listed before any block layer, otherwise to the last.
     """
     layers = layers or []
+    assign_modes(layers, stat_bytes, factor_budget_bytes, factor_mode, sketch_rank)
     nb = len(block_bytes)
     per_block: list[list[LayerCost]] = [[] for _ in range(nb)]
     pre, post = [], []
@@ -126,19 +170,20 @@ def plan_stages(block_bytes: list[int], n_stages: int, *, embed_bytes: int = 0, 
         else:
             seen_block = True
             per_block[l.block].append(l)
-    cost = [block_bytes[b] + sum(l.factor_bytes(stat_bytes, factor_budget_bytes) for l in per_block[b])
-            for b in range(nb)]
-    cost[0] += embed_bytes + sum(l.factor_bytes(stat_bytes, factor_budget_bytes) for l in pre)
-    cost[-1] += head_bytes + sum(l.factor_bytes(stat_bytes, factor_budget_bytes) for l in post)
+    cost = [block_bytes[b] + sum(l.factor_bytes(stat_bytes) for l in per_block[b]) for b in range(nb)]
+    cost[0] += embed_bytes + sum(l.factor_bytes(stat_bytes) for l in pre)
+    cost[-1] += head_bytes + sum(l.factor_bytes(stat_bytes) for l in post)
     plans = []
     bounds = partition(cost, n_stages)
     for i, (a, b) in enumerate(bounds):
         first, last = i == 0, i == len(bounds) - 1
         mine = (pre if first else []) + [l for blk in range(a, b + 1) for l in per_block[blk]] + (post if last else [])
         pbytes = sum(block_bytes[a:b + 1]) + (embed_bytes if first else 0) + (head_bytes if last else 0)
-        fbytes = sum(l.factor_bytes(stat_bytes, factor_budget_bytes) for l in mine)
+        if factor_mode == "auto":
+            fit_passes(mine, stat_bytes, worker_budget_bytes)
+        fbytes = sum(l.factor_bytes(stat_bytes) for l in mine)
         plans.append(StagePlan(i, a, b, first, last, pbytes, fbytes, [l.name for l in mine],
-                               group_passes(mine, stat_bytes, worker_budget_bytes)))
+                               group_passes(mine, stat_bytes, worker_budget_bytes), {l.name: l.modes for l in mine}))
     return plans
 
 

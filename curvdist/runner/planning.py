@@ -16,7 +16,8 @@ Both routes fill the same ``CheckpointIndex`` fields and go through the same siz
 layer list (``CheckpointIndex.matrix_layers``), so a plan made on a laptop from config.json equals the plan the
 driver makes next to the weights.  Parameter bytes are counted in the forward dtype (``model.dtype``: what a
 stage holds after casting on load), statistics in ``stat_dtype``; ``factor_budget_gb`` is both the budget of one
-dense factor (a larger C_A or C_δ is skipped, its layer's status says so) and of one pass of one stage.
+factor and of one pass of one stage, and ``factor_mode`` says how each factor is held (dense, a Nyström sketch, or
+not at all: :mod:`curvdist.math.modes`, :func:`curvdist.runner.plan.assign_modes`).
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ class Plan:
     layer_types: dict[str, str]
     stages: list[StagePlan]
     arch: Arch | None = None           # sizes behind activation memory and FLOPs (None: not a supported family)
+    factor_mode: str = "dense"         # the policy that set each LayerCost's modes
 
     @property
     def stat_bytes(self) -> int:
@@ -68,8 +70,8 @@ class Plan:
         return sum(s.factor_bytes for s in self.stages)
 
     def pass_bytes(self, stage: StagePlan) -> list[int]:
-        """Statistics bytes (G and the dense factors within budget) of each pass of ``stage``."""
-        cost = {l.name: l.factor_bytes(self.stat_bytes, self.factor_budget_bytes) for l in self.layers}
+        """Statistics bytes (G and the factors, dense or sketched) of each pass of ``stage``."""
+        cost = {l.name: l.factor_bytes(self.stat_bytes) for l in self.layers}
         return [sum(cost[n] for n in p) for p in stage.passes]
 
     def worker_bytes(self, stage: StagePlan) -> int:
@@ -78,9 +80,12 @@ class Plan:
         return stage.param_bytes + max(self.pass_bytes(stage), default=0)
 
     def over_budget(self) -> list[str]:
-        """Layers with a dense factor larger than the factor budget (measured without it)."""
-        b = self.factor_budget_bytes
-        return [l.name for l in self.layers if max(l.m, l.n) ** 2 * self.stat_bytes > b]
+        """Layers with a factor that no mode fits in the factor budget (measured without it)."""
+        return [l.name for l in self.layers if None in l.modes]
+
+    def sketched(self) -> list[str]:
+        """Layers with a factor held as a Nyström sketch."""
+        return [l.name for l in self.layers if l.sketched]
 
     def as_dict(self) -> dict:
         stages = []
@@ -95,7 +100,8 @@ class Plan:
                 "layers": len(self.layers), "param_gb": self.total_param_bytes / 1e9,
                 "factor_gb": self.total_factor_bytes / 1e9,
                 "worker_gb": max((s["worker_gb"] for s in stages), default=0.0),
-                "over_budget": self.over_budget(), "stages": stages,
+                "over_budget": self.over_budget(), "factor_mode": self.factor_mode,
+                "sketched_factors": sum(m == "sketch" for l in self.layers for m in l.modes), "stages": stages,
                 "arch": None if self.arch is None else dataclasses.asdict(self.arch)}
 
 
@@ -326,10 +332,11 @@ def plan_from_index(index: ckpt.CheckpointIndex, cfg: RunConfig, source: str = "
     budget = int(cfg.factor_budget_gb * 2**30)
     stat = ITEMSIZE[cfg.stat_dtype]
     stages = plan_stages(idx.block_bytes, cfg.stages, embed_bytes=idx.embed_bytes, head_bytes=idx.head_bytes,
-                         layers=layers, stat_bytes=stat, factor_budget_bytes=budget, worker_budget_bytes=budget)
+                         layers=layers, stat_bytes=stat, factor_budget_bytes=budget, worker_budget_bytes=budget,
+                         factor_mode=cfg.factor_mode, sketch_rank=cfg.sketch_rank)
     return Plan(model or str(index.path), source, idx.family, idx.num_blocks, cfg.model.dtype, cfg.stat_dtype, budget,
                 idx.block_bytes, idx.embed_bytes, idx.head_bytes, layers, types, stages,
-                arch_from_config(index.config, idx.family, index.architecture))
+                arch_from_config(index.config, idx.family, index.architecture), cfg.factor_mode)
 
 
 def plan_from_config(cfg: RunConfig) -> Plan:

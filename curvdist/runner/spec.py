@@ -26,7 +26,8 @@ def measurement(cfg: RunConfig) -> Measurement:
     return Measurement(loss=cfg.loss, fisher=cfg.fisher, mc_samples=cfg.mc_samples, top_k=cfg.top_k,
                        seed=cfg.data.seed, exact=cfg.exact, gn=cfg.gn,
                        exact_layers=tuple(cfg.exact_layers) if cfg.exact_layers is not None else None,
-                       gradient_labels=cfg.gradient_labels, exact_dtype=cfg.exact_dtype)
+                       gradient_labels=cfg.gradient_labels, exact_dtype=cfg.exact_dtype,
+                       sketch_rank=cfg.sketch_rank)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ class WorkerSpec:
     threads: int                      # torch threads of this actor
     attn_implementation: str
     factor_budget_bytes: int
+    factor_mode: str                  # the policy (config factor_mode), for layers the plan gave no modes
+    factor_modes: tuple[tuple[str, str | None, str | None], ...]   # (layer, mode of C_A, mode of C_δ) from the plan
     measurement: Measurement
     collective: str = "gloo"          # replicas' all-reduce: nccl (a GPU per worker) or gloo (CPU, shared GPUs)
     fault: str | None = None          # test hook, see FAULT_ENV
@@ -70,6 +73,8 @@ class WorkerSpec:
                    first_block=plan.first_block, last_block=plan.last_block, has_embedding=plan.has_embedding,
                    has_head=plan.has_head, layers=tuple(layers), dtype=cfg.model.dtype, stat_dtype=cfg.stat_dtype,
                    device=device, threads=int(threads), attn_implementation=cfg.model.attn_implementation,
-                   factor_budget_bytes=int(cfg.factor_budget_gb * 2**30), measurement=measurement(cfg),
+                   factor_budget_bytes=int(cfg.factor_budget_gb * 2**30), factor_mode=cfg.factor_mode,
+                   factor_modes=tuple((n, *plan.modes[n]) for n in layers if n in plan.modes),
+                   measurement=measurement(cfg),
                    collective="nccl" if device == "cuda" and gpus_per_worker >= 1 else "gloo",
                    fault=os.environ.get(FAULT_ENV) or None, sleep_s=float(os.environ.get(SLEEP_ENV) or 0.0))

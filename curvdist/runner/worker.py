@@ -153,17 +153,21 @@ class Worker(ExactSteps):
 
     # ------------------------------------------------------------------ statistics and projections passes
     def begin_pass(self, kind: str) -> None:
-        """``kind`` = "stats" (G, C_A, C_δ) or "projections" (Rayleigh quotients and h^SoP along the directions)."""
+        """``kind`` = "stats" (G, C_A, C_δ, each dense or sketched as the plan says) or "projections" (Rayleigh
+        quotients and h^SoP along the directions, and the Rayleigh–Ritz products of sketched factors)."""
         self._pass, self._busy, self._count = kind, 0.0, 0
         self._t_pass = time.perf_counter()
         if kind == "stats":
             self._inputs, self._targets, self._n_terms = {}, {}, {}
-            self.collector = StatisticsCollector(self.layers, stat_dtype=self.stat_dtype,
-                                                 factor_budget_bytes=self.spec.factor_budget_bytes, device=self.device)
+            self.collector = StatisticsCollector(
+                self.layers, stat_dtype=self.stat_dtype, factor_budget_bytes=self.spec.factor_budget_bytes,
+                factor_mode=self.spec.factor_mode, factor_modes={n: (a, d) for n, a, d in self.spec.factor_modes},
+                sketch_rank=self.m.sketch_rank, seed=self.m.seed, device=self.device)
         else:
             dirs = {n: sp.directions for n, sp in self.spectra.items() if sp.directions is not None}
+            bases = {n: self.spectra[n].bases for n in dirs if self.spectra[n].bases}
             self.collector = StatisticsCollector({n: self.layers[n] for n in dirs}, stat_dtype=self.stat_dtype,
-                                                 dense=False, directions=dirs, device=self.device)
+                                                 dense=False, directions=dirs, bases=bases, device=self.device)
         self.collector.attach()
 
     def _input(self, x) -> torch.Tensor:
