@@ -66,6 +66,8 @@ __all__ = ["LM_TYPES", "NEAR_2", "THRESHOLD", "claims", "connect", "export_snaps
 ROOT = Path(__file__).resolve().parents[2]
 
 
+EARLIER = "(earlier checkpoint)"
+
 # per-layer aggregates of the directions table (every run, every layer): χ level, h ≤ 0 count, stability, floor
 DIRSTATS = ("SELECT run_id, layer, count(*) AS n_dirs, count(h) AS n_h, count(*) FILTER (WHERE h <= 0) AS n_h_nonpos, "
             "median(h / h_kron) FILTER (WHERE h > 0 AND h_kron > 0) AS chi_median, "
@@ -119,8 +121,17 @@ def export_snapshot(out: str | Path, snap: str | Path, carry: bool = True) -> Pa
         if name == "training" and carry and (snap / "training.parquet").exists():
             # checkpoints of an earlier invocation that are not on disk now keep their metrics
             prev = pq.read_table(snap / "training.parquet").to_pylist()
-            have = set(t.column("model").to_pylist()) if t.num_rows else set()
-            rows = t.to_pylist() + [r for r in prev if r["model"] not in have]
+            now = t.to_pylist()
+            have = {r["model"] for r in now}
+            rows = now + [r for r in prev if r["model"] not in have]
+            # a retrained checkpoint whose metrics differ (thread scheduling): the runs carried from the snapshot
+            # were measured on the earlier one, whose metrics stay beside it as "<model> (earlier checkpoint)"
+            cur = {(r["model"], r["key"]): r["value"] for r in now}
+            for m in sorted(have):
+                old = [r for r in prev if r["model"] == m]
+                if old and f"{m} {EARLIER}" not in {r["model"] for r in prev} and any(
+                        r["key"] != "train_s" and cur.get((m, r["key"]), r["value"]) != r["value"] for r in old):
+                    rows += [{**r, "model": f"{m} {EARLIER}"} for r in old]
             t = pa.Table.from_pylist(rows, schema=t.schema if t.num_rows else None)
         store.atomic_write(snap / f"{name}.parquet", lambda p, t=t: pq.write_table(t, p))
     return snap

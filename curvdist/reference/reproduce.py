@@ -85,6 +85,9 @@ PROFILES = {
                                                                                                   "step200")],
                 *[(f"lm-{ck}-b64", ck, ["data.sequences=64", "data.micro_batch=32"])
                   for ck in ("step20", "step80", "step200")],
+                # step 20's noise scale is ~40-75 sequences: exact h at 128 is the smallest batch with grad_snr > 2
+                ("lm-step20-b128", "step20", ["data.sequences=128"]),
+                ("lm-step20-null-b128", "step20", ["data.sequences=128", "gradient_labels=sampled"]),
                 *[(f"{p}-kron-b{n}", ck, [f"data.sequences={n}", "exact=false"])
                   for p, ck in (("lm-epoch1", "epoch1"), ("lm", "lm")) for n in (256, 512, 1024, 2048)],
                 *[(f"{p}-null-kron-b2048", ck, ["data.sequences=2048", "exact=false", "gradient_labels=sampled"])

@@ -26,8 +26,10 @@ def sweep_runs(prefix: str) -> list[tuple[str, str]]:
 
 
 NULLS = [(p, f"{p}-{kind}", f"{p}-null-{kind}") for p, _ in CHECKPOINTS for kind in ("b64", "kron-b2048")]
+NULLS.insert(0, ("lm-step20", "lm-step20-b128", "lm-step20-null-b128"))
 # early training: (checkpoint, training-metrics model name, exact run, Kronecker run on all sequences)
-EARLY = [("step 20", "lm-step20", "lm-step20-b64", "lm-step20-kron-b2048"),
+EARLY = [("step 20", "lm-step20", "lm-step20-b128", "lm-step20-kron-b2048"),
+         ("step 20", "lm-step20", "lm-step20-b64", "lm-step20-kron-b2048"),
          ("step 80", "lm-step80", "lm-step80-b64", "lm-step80-kron-b2048"),
          ("step 200", "lm-step200", "lm-step200-b64", "lm-step200-kron-b2048"),
          ("epoch 1", "lm-epoch1", "lm-epoch1-b64", "lm-epoch1-kron-b2048"),
@@ -143,7 +145,7 @@ def null(con) -> list[str]:
     pairs = [(p, a, b) for p, a, b in NULLS if has_run(con, a) and has_run(con, b)]
     if not pairs:
         return []
-    label = dict(CHECKPOINTS)
+    label = {**dict(CHECKPOINTS), "lm-step20": "LM after 20 steps"}
     body = []
     for p, a, b in pairs:
         for t in TYPES:
