@@ -125,3 +125,41 @@ def test_smollm2_batch_check_matches_the_snapshot():
     assert ("does **not** change" in stated) == (not changes) and ("**changes**" in stated) == changes
     assert (f"exact α < {report.THRESHOLD} in {c['exact'][0]['below']} of 3 → {c['exact'][1]['below']} of 3"
             in stated)
+
+
+@committed
+def test_signal_or_noise_sections_match_the_snapshot():
+    """Issue 12 item 8: the real-model answers are qualified by grad_snr (no bold verdict from a noise-dominated
+    batch), the checks' shifts are added per type, and every LM run with grad_snr appears in the sweep."""
+    from curvdist.reference import sections, signalcheck
+    from curvdist.reference.queries import PAPER
+
+    con = report.connect(SNAP)
+    text = DOC.read_text()
+    for run, types in (("smollm2", ("mlp_gate", "mlp_up", "mlp_down")), ("minilm", ("mlp_up", "mlp_down"))):
+        c = signalcheck.qualify(con, run, types)
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"**{report.MODEL_OF[run]}** — MLP layers"))
+        assert f"median n_valid {c['nv']:.0f} of 20" in line and f"median R² {c['r2']:.2f}" in line
+        if c.get("snr") is None:
+            assert "grad_snr was not measured" in line
+        elif c["noise"]:
+            assert "**not decided by this measurement**" in line and "Answer: **no**" not in line
+        else:
+            assert "Answer: **" in line
+        if c.get("n_h"):
+            assert f"{c['h_nonpos']} of {c['n_h']} exact directions with h ≤ 0" in line
+    # shifts of the checks are summed per type and set against that type's gap
+    reading = text.split("**Reading the checks.**", 1)[1].split("\n- ", 2)[1]
+    checks = {"K": sections._k_shifts(con, "lm"), "half": sections._type_shift(con, "lm", "lm-b128"),
+              "epoch": sections._type_shift(con, "lm-b128", "lm-epoch1-b128"),
+              "all": sections._type_shift(con, "lm", "lm-kron-b2048", "alpha_kron")}
+    for t in report.LM_TYPES:
+        ours = con.execute("SELECT avg(alpha) FROM layers WHERE run_id = 'lm' AND layer_type = ?", [t]).fetchone()[0]
+        gap = ours - float(PAPER[("lm", t)])
+        total = sum(v.get(t, 0.0) for v in checks.values())
+        assert f"{t} {gap:.2f} vs {total:.2f}" in reading, t
+    for prefix, _ in signalcheck.CHECKPOINTS:
+        for run, _ in signalcheck.sweep_runs(prefix):
+            if report.has_run(con, run) and con.execute(
+                    "SELECT count(grad_snr) FROM layers WHERE run_id = ?", [run]).fetchone()[0]:
+                assert f"| `{run}` |" in text, run

@@ -40,15 +40,30 @@ TYPE_ORDER = "[" + ", ".join(f"'{t}'" for t in LAYER_TYPES) + "]"
 
 LAYER_COLS = ("run_id, layer, layer_type, block, family, m, n, rows, n_terms, fisher, alpha, r2_alpha, alpha_kron, "
                "r2_alpha_kron, beta, phi, chi_slope, gamma, s, triangle_rel_error, n_valid, n_valid_kron, status, "
-               "t_exact_s")
+               "t_exact_s, n_units, grad_snr, noise_scale, stable_directions, alpha_se, alpha_half_a, alpha_half_b")
+
+
+# columns of issue 12 that older snapshots lack (read as null)
+SIGNAL_COLS = {"layers": [("n_units", "BIGINT"), ("grad_snr", "DOUBLE"), ("noise_scale", "DOUBLE"),
+                          ("stable_directions", "INTEGER"), ("alpha_se", "DOUBLE"), ("alpha_half_a", "DOUBLE"),
+                          ("alpha_half_b", "DOUBLE")],
+               "directions": [("stability", "DOUBLE"), ("kron_floor_ratio", "DOUBLE")],
+               "runs": [("created_at", "TIMESTAMP WITH TIME ZONE")]}
 
 
 def connect(snap: str | Path) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
     con.execute("SET threads = 1")
-    for name in ("layers", "directions", "runs", "phases", "training"):
-        path = str((Path(snap) / f"{name}.parquet").resolve()).replace("'", "''")
-        con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{path}')")
+    for name in ("layers", "directions", "runs", "phases", "training", "dirstats"):
+        path = Path(snap) / f"{name}.parquet"
+        if name == "dirstats" and not path.exists():
+            continue
+        path = str(path.resolve()).replace("'", "''")
+        src = f"read_parquet('{path}', union_by_name=true)"
+        have = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {src}").fetchall()}
+        extra = "".join(f", CAST(NULL AS {typ}) AS {col}" for col, typ in SIGNAL_COLS.get(name, ())
+                        if col not in have)   # a snapshot written before these columns existed
+        con.execute(f"CREATE VIEW {name} AS SELECT *{extra} FROM {src}")
     return con
 
 

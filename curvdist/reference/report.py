@@ -14,11 +14,12 @@ import argparse
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curvdist.io import store
 
-from . import batchcheck
+from . import batchcheck, signalcheck
 from .queries import (
     LAYER_COLS,
     LLAMA_TYPES,
@@ -26,6 +27,7 @@ from .queries import (
     MAIN_DIRS,
     MODEL_OF,
     NEAR_2,
+    PAPER,
     THRESHOLD,
     claims,
     connect,
@@ -64,25 +66,73 @@ __all__ = ["LM_TYPES", "NEAR_2", "THRESHOLD", "claims", "connect", "export_snaps
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def export_snapshot(out: str | Path, snap: str | Path) -> Path:
-    """Write layers / directions / runs / phases / training parquet files of the rows the report uses."""
+EARLIER = "(earlier checkpoint)"
+
+# per-layer aggregates of the directions table (every run, every layer): χ level, h ≤ 0 count, stability, floor
+DIRSTATS = ("SELECT run_id, layer, count(*) AS n_dirs, count(h) AS n_h, count(*) FILTER (WHERE h <= 0) AS n_h_nonpos, "
+            "median(h / h_kron) FILTER (WHERE h > 0 AND h_kron > 0) AS chi_median, "
+            "max(stability) FILTER (WHERE k = 1) AS stab1, avg(stability) FILTER (WHERE k <= 5) AS stab5, "
+            "median(kron_floor_ratio) AS floor_median, min(kron_floor_ratio) AS floor_min "
+            "FROM {src} GROUP BY run_id, layer ORDER BY run_id, layer")
+
+
+def export_snapshot(out: str | Path, snap: str | Path, carry: bool = True) -> Path:
+    """Write layers / directions / runs / dirstats / phases / training parquet files of the rows the report uses.
+
+    With ``carry``, runs that are in the snapshot already but not in ``out`` are kept (rows of an earlier invocation
+    whose dataset is gone: a later invocation that reruns only some phases adds to the document instead of
+    dropping what it did not rerun); a run in ``out`` replaces its snapshot rows.  ``runs.created_at`` is null for
+    rows carried from a snapshot written before it was exported."""
     out, snap = Path(out), Path(snap)
     snap.mkdir(parents=True, exist_ok=True)
+    old = {n: pq.read_table(snap / f"{n}.parquet") for n in ("layers", "directions", "runs", "dirstats")
+           if carry and (snap / f"{n}.parquet").exists()}
     con = store.open(out)
     con.execute("SET threads = 1")
     dirs = ", ".join(f"'{r}'" for r in MAIN_DIRS)
     queries = {
-        "layers": f"SELECT {LAYER_COLS} FROM layers ORDER BY run_id, layer",
-        "directions": f"SELECT d.run_id, d.layer, d.k, d.sigma, d.h, d.h_kron FROM directions d JOIN layers l "
-                      f"USING (run_id, layer) WHERE d.run_id IN ({dirs}) AND l.alpha IS NOT NULL "
-                      f"ORDER BY d.run_id, d.layer, d.k",
-        "runs": "SELECT run_id, config_json, timings_json, status FROM runs ORDER BY run_id",
+        "layers": f"SELECT {LAYER_COLS} FROM layers",
+        "directions": f"SELECT d.run_id, d.layer, d.k, d.sigma, d.h, d.h_kron, d.stability, d.kron_floor_ratio "
+                      f"FROM directions d JOIN layers l USING (run_id, layer) WHERE d.run_id IN ({dirs}) "
+                      f"AND l.alpha IS NOT NULL",
+        "runs": "SELECT run_id, created_at, config_json, timings_json, status FROM runs",
+        "dirstats": DIRSTATS.format(src="directions"),
     }
+    order = {"layers": "run_id, layer", "directions": "run_id, layer, k", "runs": "run_id", "dirstats": "run_id, layer"}
+    new_runs = "SELECT DISTINCT run_id FROM layers UNION SELECT run_id FROM runs"
     for name, sql in queries.items():
-        t = store.arrow(con.sql(sql))
+        if name == "dirstats" and "directions" in old and "dirstats" not in old:
+            con.register("old_directions", old["directions"])     # a snapshot from before dirstats existed
+            con.register("old_dirstats", store.arrow(con.sql(DIRSTATS.format(
+                src="(SELECT *, NULL::DOUBLE AS stability, NULL::DOUBLE AS kron_floor_ratio FROM old_directions "
+                    "WHERE true)"))))
+            have_old = True
+        else:
+            have_old = name in old
+            if have_old:
+                con.register(f"old_{name}", old[name])
+        if have_old:
+            sql = (f"SELECT * FROM ({sql}) UNION ALL BY NAME SELECT * FROM old_{name} "
+                   f"WHERE run_id NOT IN ({new_runs})")
+        t = store.arrow(con.sql(f"SELECT * FROM ({sql}) ORDER BY {order[name]}"))
         store.atomic_write(snap / f"{name}.parquet", lambda p, t=t: pq.write_table(t, p))
     for name, src in (("phases", "reproduce_meta.parquet"), ("training", "training.parquet")):
         t = pq.read_table(out / src)
+        if name == "training" and carry and (snap / "training.parquet").exists():
+            # checkpoints of an earlier invocation that are not on disk now keep their metrics
+            prev = pq.read_table(snap / "training.parquet").to_pylist()
+            now = t.to_pylist()
+            have = {r["model"] for r in now}
+            rows = now + [r for r in prev if r["model"] not in have]
+            # a retrained checkpoint whose metrics differ (thread scheduling): the runs carried from the snapshot
+            # were measured on the earlier one, whose metrics stay beside it as "<model> (earlier checkpoint)"
+            cur = {(r["model"], r["key"]): r["value"] for r in now}
+            for m in sorted(have):
+                old = [r for r in prev if r["model"] == m]
+                if old and f"{m} {EARLIER}" not in {r["model"] for r in prev} and any(
+                        r["key"] != "train_s" and cur.get((m, r["key"]), r["value"]) != r["value"] for r in old):
+                    rows += [{**r, "model": f"{m} {EARLIER}"} for r in old]
+            t = pa.Table.from_pylist(rows, schema=t.schema if t.num_rows else None)
         store.atomic_write(snap / f"{name}.parquet", lambda p, t=t: pq.write_table(t, p))
     return snap
 
@@ -194,6 +244,10 @@ def render(snap: str | Path) -> str:
                           ("lm-b128", "lm-epoch1-b128", "5 epochs → 1 epoch", (*LM_TYPES, "head")),
                           ("lm", "lm-kron-b2048", "Kronecker part, all held-out sequences", LM_TYPES)]),
         "",
+        *signalcheck.sweep(con),
+        *signalcheck.null(con),
+        *signalcheck.early(con),
+        *signalcheck.chi_levels(con),
     ]
     parts += _discussion(con, c)
     parts += [
@@ -244,6 +298,7 @@ def render(snap: str | Path) -> str:
         *([batchcheck.sentence(con), ""] if batchcheck.claim(con) else []),
         _answer(con, "minilm", ("mlp_up", "mlp_down")),
         "",
+        *signalcheck.table2(con, {t: PAPER[("lm", t)] for t in LM_TYPES}),
         "## Figures",
         "",
         ("- `reproduction/h_vs_sigma_<run>.png`: h_k and h^Kron_k against σ_k (log–log) with the fitted lines, one "

@@ -55,7 +55,10 @@ class Profile:
     smollm2: list | None     # runner overrides, None: skip
     minilm: dict | None      # pairs, window, exact blocks; None: skip
     batch: int = 64
+    lm_early: tuple = ()     # optimiser steps of the same LM run saved as checkpoints lm-step<k> (early training)
     smollm2_checks: list = field(default_factory=list)   # (run_id, runner overrides of smollm2.yaml)
+    signal: list = field(default_factory=list)   # signal-or-noise runs of the LM: (run_id, checkpoint, overrides)
+    signal_real: list = field(default_factory=list)   # Kronecker-only reruns of the real models for grad_snr
     extra: dict = field(default_factory=dict)
 
 
@@ -68,12 +71,33 @@ PROFILES = {
                  ("lm-type2", "lm", ["data.sequences=256", "exact=false", "fisher=type2"])],
         lm_checks=[("lm-b128", "lm", ["data.sequences=128"]),
                    ("lm-epoch1-b128", "lm-epoch1", ["data.sequences=128"])],
+        lm_early=(20, 80, 200),
         eval_n=2048, small_runs=[("", 2048, "empirical", True), ("-b1024", 1024, "empirical", True),
                                  ("-mc", 2048, "mc", False), ("-type2", 2048, "type2", False)],
         micro_batch=256,
         smollm2=[],
         smollm2_checks=[("smollm2-b1024", ["data.sequences=16", "exact_layers=[model.layers.29.*]"])],
-        minilm={"pairs": 32, "window": 32, "micro": 32, "exact_blocks": [0, 1, 2, 3, 4, 5]}),
+        minilm={"pairs": 32, "window": 32, "micro": 32, "exact_blocks": [0, 1, 2, 3, 4, 5]},
+        # issue 12 item 8, cheapest first: the Kronecker part (exact=false) from 256 up to all 2048 held-out sequences,
+        # its null run (labels sampled from the model), the early-training checkpoints, then exact h on small
+        # batches (micro-batches halve the batch at least once, so split-half stability exists at every size)
+        signal=[*[(f"lm-{ck}-kron-b2048", ck, ["data.sequences=2048", "exact=false"]) for ck in ("step20", "step80",
+                                                                                                  "step200")],
+                *[(f"lm-{ck}-b64", ck, ["data.sequences=64", "data.micro_batch=32"])
+                  for ck in ("step20", "step80", "step200")],
+                # step 20's noise scale is ~40-75 sequences: exact h at 128 is the smallest batch with grad_snr > 2
+                ("lm-step20-b128", "step20", ["data.sequences=128"]),
+                ("lm-step20-null-b128", "step20", ["data.sequences=128", "gradient_labels=sampled"]),
+                *[(f"{p}-kron-b{n}", ck, [f"data.sequences={n}", "exact=false"])
+                  for p, ck in (("lm-epoch1", "epoch1"), ("lm", "lm")) for n in (256, 512, 1024, 2048)],
+                *[(f"{p}-null-kron-b2048", ck, ["data.sequences=2048", "exact=false", "gradient_labels=sampled"])
+                  for p, ck in (("lm-epoch1", "epoch1"), ("lm", "lm"))],
+                *[(f"{p}-b{n}", ck, [f"data.sequences={n}", f"data.micro_batch={n // 2}"])
+                  for p, ck in (("lm-epoch1", "epoch1"), ("lm", "lm")) for n in (32, 64)],
+                *[(f"{p}-null-b64", ck, ["data.sequences=64", "data.micro_batch=32", "gradient_labels=sampled"])
+                  for p, ck in (("lm-epoch1", "epoch1"), ("lm", "lm"))],
+                ("lm-epoch1-b128", "epoch1", ["data.sequences=128"]), ("lm-b128", "lm", ["data.sequences=128"])],
+        signal_real=[("smollm2-kron", ["exact=false", "data.micro_batch=2"]), ("minilm-kron", None)]),
     "tiny": Profile(
         size="tiny", lm_train=256, cls_train=256, epochs=2, lm_eval=32,
         lm_runs=[("lm", "lm", ["data.sequences=16", "top_k=5"])], lm_checks=[],
@@ -87,7 +111,8 @@ class Phases:
     """Wall time and load average of each phase of each invocation of the command (one row per phase that did work
     in an invocation, or that never did); earlier invocations' rows are kept, so a resumed command adds rows."""
 
-    ORDER = ("train", "lm", "small", "smollm2", "minilm", "lm_checks", "smollm2_checks", "report")
+    ORDER = ("train", "lm", "small", "smollm2", "minilm", "lm_checks", "smollm2_checks", "signal", "signal_real",
+             "report")
 
     def __init__(self, out: Path):
         self.out = out
@@ -113,6 +138,13 @@ class Phases:
         def key(r):
             return r["invocation"], self.ORDER.index(r["phase"]) if r["phase"] in self.ORDER else 99
 
+        # rows another invocation wrote meanwhile (a concurrent resume) are kept: merged by (invocation, phase)
+        p = self.out / META
+        mine = {(r["invocation"], r["phase"]) for r in self.rows}
+        if p.exists():
+            self.rows += [r for r in pq.read_table(p).to_pylist()
+                          if r.get("invocation", "") != self.invocation and (r.get("invocation", ""), r["phase"])
+                          not in mine and r.get("did_work", True)]
         rows = sorted(self.rows, key=key)
         store.atomic_write(self.out / META, lambda p: pq.write_table(pa.Table.from_pylist(rows), p))
 
@@ -123,9 +155,10 @@ def phase_train(out: Path, prof: Profile, log=print) -> bool:
     did = False
     size = models.SIZES[prof.size]
     task = tasks.MarkovLM(copy_len=6 if size["lm"]["seq_len"] >= 32 else 4)
-    if train.load_metrics(ck / "lm") is None or train.load_metrics(ck / "lm-epoch1") is None:
+    early = {k: ck / f"lm-step{k}" for k in prof.lm_early}
+    if any(train.load_metrics(p) is None for p in (ck / "lm", ck / "lm-epoch1", *early.values())):
         train.train_lm(ck / "lm", size=size["lm"], task=task, n_train=prof.lm_train, n_eval=prof.lm_eval,
-                       epochs=prof.epochs, batch=prof.batch, epoch1_dst=ck / "lm-epoch1", log=log)
+                       epochs=prof.epochs, batch=prof.batch, epoch1_dst=ck / "lm-epoch1", early=early, log=log)
         did = True
     for kind in ("cnn", "mlp"):
         if train.load_metrics(ck / kind) is None:
@@ -231,13 +264,13 @@ def minilm_batches(tokenizer, pairs: int, window: int, micro: int) -> list:
              torch.arange(min(micro, pairs - i))) for i in range(0, pairs, micro)]
 
 
-def phase_minilm(out: Path, prof: Profile) -> bool:
+def phase_minilm(out: Path, prof: Profile, run_id: str = "minilm", exact: bool = True) -> bool:
     from transformers import AutoModel, AutoTokenizer
 
     import curvdist
     from curvdist.io.checkpoint import minilm_path
 
-    if store.is_dataset(out) and store.run_exists(out, "minilm"):
+    if store.is_dataset(out) and store.run_exists(out, run_id):
         return False
     path = minilm_path()
     if path is None:
@@ -248,12 +281,36 @@ def phase_minilm(out: Path, prof: Profile) -> bool:
     model = models.ContrastiveEncoder(enc).eval()
     m = prof.minilm
     data = minilm_batches(tok, m["pairs"], m["window"], m["micro"])
-    exact = [f"encoder.encoder.layer.{b}.*" for b in m["exact_blocks"]]
-    res = curvdist.analyze(model, data, "cross_entropy", top_k=20, fisher="empirical", exact=True,
-                           layers=["encoder.encoder.layer.*"], exact_layers=exact)
-    _write_analysis(out, "minilm", res, {"model": "all-MiniLM-L6-v2", "objective": "in-batch contrastive, scale 20",
-                                         **m, "top_k": 20, "fisher": "empirical"})
+    if not exact:   # the Kronecker part only, the same single micro-batch (its negatives define the loss)
+        m = {**m, "exact_blocks": []}
+    res = curvdist.analyze(model, data, "cross_entropy", top_k=20, fisher="empirical", exact=exact,
+                           layers=["encoder.encoder.layer.*"],
+                           **({"exact_layers": [f"encoder.encoder.layer.{b}.*" for b in m["exact_blocks"]]}
+                              if exact else {}))
+    _write_analysis(out, run_id, res, {"model": "all-MiniLM-L6-v2", "objective": "in-batch contrastive, scale 20",
+                                       **m, "top_k": 20, "fisher": "empirical", "exact": exact})
     return True
+
+
+def _checkpoint(ck: str) -> str:
+    """A checkpoint directory name from the short names of ``Profile.signal`` (step<k> → lm-step<k>)."""
+    return {"epoch1": "lm-epoch1"}.get(ck, f"lm-{ck}" if ck.startswith("step") else ck)
+
+
+def phase_signal(out: Path, prof: Profile) -> bool:
+    """The LM's signal-or-noise runs (issue 12): each a run of the runner, skipped when complete."""
+    return phase_lm(out, prof, [(r, _checkpoint(ck), ov) for r, ck, ov in prof.signal])
+
+
+def phase_signal_real(out: Path, prof: Profile) -> bool:
+    """Kronecker-only reruns of SmolLM2 (runner) and MiniLM (in process) for grad_snr and split-half stability."""
+    did = False
+    for run_id, ov in prof.signal_real:
+        if run_id.startswith("smollm2"):
+            did |= _runner("smollm2.yaml", [*(prof.smollm2 or []), *ov], run_id, out)
+        elif prof.minilm is not None:
+            did |= phase_minilm(out, prof, run_id, exact=False)
+    return did
 
 
 def phase_report(out: Path, docs: Path, prof: Profile) -> bool:
@@ -261,7 +318,7 @@ def phase_report(out: Path, docs: Path, prof: Profile) -> bool:
 
     ck = out / "checkpoints"
     rows = []
-    for name in ("lm", "lm-epoch1", "cnn", "mlp"):
+    for name in ("lm", "lm-epoch1", *(f"lm-step{k}" for k in prof.lm_early), "cnn", "mlp"):
         m = train.load_metrics(ck / name) or {}
         rows += [{"model": name, "key": k, "value": float(v)} for k, v in m.items() if isinstance(v, (int, float))]
     store.atomic_write(out / "training.parquet", lambda p: pq.write_table(pa.Table.from_pylist(rows), p))
@@ -294,6 +351,10 @@ def run(out: Path, docs: Path, prof: Profile, only=None) -> None:
         steps.append(("lm_checks", lambda: phase_lm(out, prof, prof.lm_checks)))
     if prof.smollm2 is not None and prof.smollm2_checks:
         steps.append(("smollm2_checks", lambda: phase_smollm2_checks(out, prof)))
+    if prof.signal:
+        steps.append(("signal", lambda: phase_signal(out, prof)))
+    if prof.signal_real and prof.smollm2 is not None:
+        steps.append(("signal_real", lambda: phase_signal_real(out, prof)))
     steps.append(("report", lambda: phase_report(out, docs, prof)))
     for name, fn in steps:
         if only is None or name in only:

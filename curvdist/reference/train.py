@@ -56,8 +56,10 @@ def load_metrics(path: Path) -> dict | None:
 
 def _fit(model: nn.Module, step_loss: Callable[[torch.Tensor], torch.Tensor], n: int, *, epochs: int,
          batch: int, lr: float, seed: int, on_epoch: Callable[[int, float], None] | None = None,
-         weight_decay: float = 0.01) -> float:
-    """Minimise ``step_loss(idx)`` over shuffled mini-batches of indices; returns the mean loss of the last epoch."""
+         weight_decay: float = 0.01, on_step: Callable[[int, float], None] | None = None) -> float:
+    """Minimise ``step_loss(idx)`` over shuffled mini-batches of indices; returns the mean loss of the last epoch.
+    ``on_step(step, loss)`` is called after every optimiser step (global step count from 1); it must not draw from
+    torch's random generators (the run stays the same with or without it)."""
     g = torch.Generator().manual_seed(seed)
     steps_per_epoch = max(1, n // batch)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -75,6 +77,8 @@ def _fit(model: nn.Module, step_loss: Callable[[torch.Tensor], torch.Tensor], n:
             opt.step()
             sched.step()
             total += loss.item()
+            if on_step is not None:
+                on_step(ep * steps_per_epoch + s + 1, loss.item())
         last = total / steps_per_epoch
         if on_epoch is not None:
             on_epoch(ep + 1, last)
@@ -126,9 +130,13 @@ def eval_lm(model: nn.Module, ids: torch.Tensor, chunk: int = 256) -> dict:
 
 def train_lm(dst: Path, *, size: dict, task: tasks.MarkovLM, n_train: int, n_eval: int = 2048, epochs: int = 5,
              batch: int = 64, lr: float = 3e-3, seed: int = 0, epoch1_dst: Path | None = None,
-             log: Callable[[str], None] = print) -> dict:
-    """Train the GPT-2 LM on ``n_train`` sequences of ``task``; also save the epoch-1 model to ``epoch1_dst``."""
-    if load_metrics(dst) is not None and (epoch1_dst is None or load_metrics(epoch1_dst) is not None):
+             early: dict[int, Path] | None = None, log: Callable[[str], None] = print) -> dict:
+    """Train the GPT-2 LM on ``n_train`` sequences of ``task``; also save the epoch-1 model to ``epoch1_dst`` and
+    the model after each optimiser step ``k`` of ``early`` ({step: directory}) to that directory (the same run:
+    saving does not change the training).  Their metrics carry ``steps`` (optimiser steps taken)."""
+    early = dict(early or {})
+    wanted = [dst, *([epoch1_dst] if epoch1_dst is not None else []), *early.values()]
+    if all(load_metrics(p) is not None for p in wanted):
         return load_metrics(dst)
     t0 = time.perf_counter()
     T = size["seq_len"]
@@ -142,17 +150,30 @@ def train_lm(dst: Path, *, size: dict, task: tasks.MarkovLM, n_train: int, n_eva
         z = model(input_ids=x).logits
         return nn.functional.cross_entropy(z.reshape(-1, z.shape[-1]), lm_targets(x).reshape(-1), ignore_index=-100)
 
+    steps_per_epoch = max(1, n_train // batch)
+
     def on_epoch(ep, tl):
         log(f"lm epoch {ep}/{epochs}: train loss {tl:.4f} ({time.perf_counter() - t0:.0f} s)")
         if ep == 1 and epoch1_dst is not None:
-            m = {"model": "gpt2-lm", "epochs": 1, "train_loss": tl, **eval_lm(model, held),
+            m = {"model": "gpt2-lm", "epochs": 1, "steps": steps_per_epoch, "train_loss": tl, **eval_lm(model, held),
                  "n_params": sum(p.numel() for p in model.parameters()), "n_train": n_train,
                  "train_s": time.perf_counter() - t0}
             save(model, epoch1_dst, m)
             model.train()
 
-    tl = _fit(model, step, n_train, epochs=epochs, batch=batch, lr=lr, seed=seed, on_epoch=on_epoch)
-    m = {"model": "gpt2-lm", "epochs": epochs, "train_loss": tl, **eval_lm(model, held),
+    def on_step(k, loss):
+        if k in early:
+            m = {"model": "gpt2-lm", "epochs": k / steps_per_epoch, "steps": k, "train_loss": loss,
+                 **eval_lm(model, held), "n_params": sum(p.numel() for p in model.parameters()),
+                 "n_train": n_train, "train_s": time.perf_counter() - t0}
+            save(model, early[k], m)
+            log(f"lm step {k}: saved {early[k].name} (eval loss {m['eval_loss']:.4f})")
+            model.train()
+
+    tl = _fit(model, step, n_train, epochs=epochs, batch=batch, lr=lr, seed=seed, on_epoch=on_epoch,
+              on_step=on_step if early else None)
+    m = {"model": "gpt2-lm", "epochs": epochs, "steps": epochs * steps_per_epoch, "train_loss": tl,
+         **eval_lm(model, held),
          "n_params": sum(p.numel() for p in model.parameters()), "n_train": n_train,
          "train_s": time.perf_counter() - t0}
     save(model, dst, m)
