@@ -163,3 +163,13 @@ def test_gradient_labels_key_hash_and_null_pairs(tmp_path):
     legacy.pop("gradient_labels")                       # a run written before the key existed
     pairs = null_pairs({"t": to_dict(cfg), "n": to_dict(null), "o": legacy})
     assert pairs == {"t": "n"}
+
+
+def test_null_pairs_tolerates_in_process_runs():
+    """A dataset mixing runner runs with runs written in process (curvdist.analyze: ``model`` is a plain string)."""
+    from curvdist.config import null_pairs
+
+    runs = {"a": {"model": {"path": "m"}, "top_k": 5}, "a-null": {"model": {"path": "m"}, "top_k": 5,
+                                                                  "gradient_labels": "sampled"},
+            "minilm": {"model": "all-MiniLM-L6-v2", "top_k": 20}}
+    assert null_pairs(runs) == {"a": "a-null"}
