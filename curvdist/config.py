@@ -452,9 +452,10 @@ def _measured(d: dict, drop: Sequence[str] = ()) -> dict:
     for key in (*HASH_EXCLUDE, *drop):
         *parents, last = key.split(".")
         sub = d
-        for p in parents:
-            sub = sub.get(p) or {}
-        sub.pop(last, None)
+        for p in parents:   # a run written in process (curvdist.analyze) may hold a plain value there
+            sub = (sub.get(p) if isinstance(sub, dict) else None) or {}
+        if isinstance(sub, dict):
+            sub.pop(last, None)
     return d
 
 

@@ -181,3 +181,13 @@ def test_factor_mode_and_sketch_rank_keys():
                                                           ["sketch_rank=256"])}
     assert len(hashes) == 4
     assert config_hash(load_config(None, ["factor_budget_gb=1"])) == config_hash(cfg)   # where, not what
+
+
+def test_null_pairs_tolerates_in_process_runs():
+    """A dataset mixing runner runs with runs written in process (curvdist.analyze: ``model`` is a plain string)."""
+    from curvdist.config import null_pairs
+
+    runs = {"a": {"model": {"path": "m"}, "top_k": 5}, "a-null": {"model": {"path": "m"}, "top_k": 5,
+                                                                  "gradient_labels": "sampled"},
+            "minilm": {"model": "all-MiniLM-L6-v2", "top_k": 20}}
+    assert null_pairs(runs) == {"a": "a-null"}

@@ -90,16 +90,17 @@ def export_snapshot(out: str | Path, snap: str | Path, carry: bool = True) -> Pa
     con = store.open(out)
     con.execute("SET threads = 1")
     dirs = ", ".join(f"'{r}'" for r in MAIN_DIRS)
+    done = "SELECT run_id FROM runs WHERE status LIKE 'complete%'"   # an interrupted run is left out
     queries = {
-        "layers": f"SELECT {LAYER_COLS} FROM layers",
+        "layers": f"SELECT {LAYER_COLS} FROM layers WHERE run_id IN ({done})",
         "directions": f"SELECT d.run_id, d.layer, d.k, d.sigma, d.h, d.h_kron, d.stability, d.kron_floor_ratio "
-                      f"FROM directions d JOIN layers l USING (run_id, layer) WHERE d.run_id IN ({dirs}) "
+                      f"FROM directions d JOIN layers l USING (run_id, layer) WHERE d.run_id IN ({dirs}) AND d.run_id IN ({done}) "
                       f"AND l.alpha IS NOT NULL",
         "runs": "SELECT run_id, created_at, config_json, timings_json, status FROM runs",
-        "dirstats": DIRSTATS.format(src="directions"),
+        "dirstats": DIRSTATS.format(src=f"(SELECT * FROM directions WHERE run_id IN ({done}))"),
     }
     order = {"layers": "run_id, layer", "directions": "run_id, layer, k", "runs": "run_id", "dirstats": "run_id, layer"}
-    new_runs = "SELECT DISTINCT run_id FROM layers UNION SELECT run_id FROM runs"
+    new_runs = done
     for name, sql in queries.items():
         if name == "dirstats" and "directions" in old and "dirstats" not in old:
             con.register("old_directions", old["directions"])     # a snapshot from before dirstats existed

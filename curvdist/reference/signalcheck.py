@@ -187,7 +187,7 @@ def early(con) -> list[str]:
             if not (e.get("n") or k.get("n")):
                 continue
             body.append([label, f(m.get("steps"), 0) if m.get("steps") is not None else "—", f(m.get("eval_loss")),
-                         f"`{t}`", f(e.get("alpha")), _g(e.get("snr")), f(e.get("stable"), 1), _g(e.get("chi")),
+                         f"`{t}`", f(_sequences(con, ex)) if e.get("n") else "—", f(e.get("alpha")), _g(e.get("snr")), f(e.get("stable"), 1), _g(e.get("chi")),
                          f(k.get("alpha_kron")), _g(k.get("snr")), _g(k.get("noise_scale"), 0), f(k.get("stable"), 1)])
     ex_sizes = sorted({f(_sequences(con, e[2])) for e in rows if e[2] and has_run(con, e[2])})
     return [
@@ -200,7 +200,7 @@ def early(con) -> list[str]:
          "is far from its minimum the mean gradient is large against its sampling noise, so this is where α "
          "measures the network rather than the batch."),
         "",
-        table(["checkpoint", "steps", "eval loss", "type", "mean α (exact)", "median grad_snr (exact batch)",
+        table(["checkpoint", "steps", "eval loss", "type", "exact batch (seq.)", "mean α (exact)", "median grad_snr (exact batch)",
                "median stable dirs", "median χ", "mean α_Kron (all seq.)", "median grad_snr (all seq.)",
                "median noise_scale (seq.)", "median stable dirs (all seq.)"], body),
         "",
