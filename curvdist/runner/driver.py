@@ -28,7 +28,7 @@ from curvdist.io import store, summary
 from curvdist.io.checkpoint import CheckpointIndex
 from curvdist.runner import cluster
 from curvdist.runner.plan import StagePlan
-from curvdist.runner.schedule import exact_pass, stream
+from curvdist.runner.schedule import WAIT_S, exact_pass, stream
 from curvdist.runner.spec import FAULT_ENV
 from curvdist.runner.supervise import WorkerPool, drop_orphans, fault_point
 
@@ -240,7 +240,9 @@ def _write_rows(ctx: GroupContext, workers: list, phase: str, first: int = 0) ->
 
     pending = {a.rows.remote(phase): first + i for i, a in enumerate(workers)}
     while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_S)
+        if not ready:
+            continue
         j = pending.pop(ready[0])
         rows = ray.get(ready[0])
         if rows.layers:

@@ -22,6 +22,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 
+# ray.wait blocks in native code; with a timeout the driver's main thread returns to Python between waits, so a
+# Ctrl-C or SIGTERM (KeyboardInterrupt) is handled at once even while no call finishes (a stage that is stuck)
+WAIT_S = 1.0
+
+
 @dataclass(frozen=True)
 class Op:
     """One call of a pass: ``kind`` F (forward), L (last stage: loss and backward), B (backward)."""
@@ -174,7 +179,9 @@ def stream(pipelines: list[list], batches: list, in_flight: int, progress=None, 
                     final.append(ref)
     pending = list(final)
     while pending:
-        done, pending = ray.wait(pending, num_returns=1)
+        done, pending = ray.wait(pending, num_returns=1, timeout=WAIT_S)
+        if not done:
+            continue
         ray.get(done)
         if progress is not None:
             progress.advance(task)
@@ -245,7 +252,9 @@ def exact_pass(pipelines: list[list], microbatches: int, *, in_flight: int, chun
     combine_ready()
     remaining = list(stage_of)
     while remaining:
-        done, remaining = ray.wait(remaining, num_returns=1)
+        done, remaining = ray.wait(remaining, num_returns=1, timeout=WAIT_S)
+        if not done:
+            continue
         ray.get(done)
         if progress is not None:
             progress.advance(task)
