@@ -20,6 +20,7 @@ import io
 import json
 import math
 import os
+import signal
 import sys
 from typing import Annotated, Any
 
@@ -102,6 +103,9 @@ def run(config: Config, overrides: Overrides = None,
     with boundary(debug):
         cfg = _load(config, [*(overrides or []), *([f"out={out}"] if out else [])], trust_remote_code)
         from curvdist.runner.driver import main
+        # Ctrl-C stops the run even when the parent process ignores SIGINT (a job started in the background, or
+        # by a parent that ignores it: children inherit an ignored SIGINT, and Python then installs no handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             run_id = main(cfg)
         except KeyboardInterrupt:   # the driver stopped the actors and said what was kept
