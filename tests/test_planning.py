@@ -154,7 +154,7 @@ def test_factor_modes_of_the_70b_config():
         assert p.over_budget() == []
     assert groups == {(): 1, ("factor_mode=dense",): 3, ("stat_dtype=float64",): 2,
                       ("stat_dtype=float64", "factor_mode=dense"): 9}
-    cfg, p = plan("stat_dtype=float64")
+    _, p = plan("stat_dtype=float64")
     three = next(s for s in p.stages if len(s.blocks) == 3)
     by = {l.name: l for l in p.layers}
     assert sum(by[n].m * by[n].n * 8 for n in three.layers) > p.factor_budget_bytes   # G alone needs two passes
