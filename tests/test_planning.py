@@ -143,18 +143,17 @@ def test_factor_modes_of_the_70b_config():
     idx = planning.index_from_hf_config(planning.read_hf_config(ROOT / "configs" / "models" / "llama2-70b.json"))
 
     def plan(*o):
-        cfg = load_config(ROOT / "configs" / "llama2-70b.yaml", list(o))
-        return cfg, planning.plan_from_index(idx, cfg, "config.json")
+        return planning.plan_from_index(idx, load_config(ROOT / "configs" / "llama2-70b.yaml", list(o)), "config.json")
 
     groups = {}
     for o in [(), ("factor_mode=dense",), ("stat_dtype=float64",), ("stat_dtype=float64", "factor_mode=dense")]:
-        cfg, p = plan(*o)
+        p = plan(*o)
         groups[o] = max(len(s.passes) for s in p.stages)
         assert all(b <= p.factor_budget_bytes for s in p.stages for b in p.pass_bytes(s))
         assert p.over_budget() == []
     assert groups == {(): 1, ("factor_mode=dense",): 3, ("stat_dtype=float64",): 2,
                       ("stat_dtype=float64", "factor_mode=dense"): 9}
-    _, p = plan("stat_dtype=float64")
+    p = plan("stat_dtype=float64")
     three = next(s for s in p.stages if len(s.blocks) == 3)
     by = {l.name: l for l in p.layers}
     assert sum(by[n].m * by[n].n * 8 for n in three.layers) > p.factor_budget_bytes   # G alone needs two passes
