@@ -73,12 +73,12 @@ def bench(d: int, rank: int, k: int, rows: int, dtype, device) -> dict:
     ritz = sketch.RangeSketch(V, dtype)
     ritz.update(R[:1])
     t_ritz, _ = timed(lambda: ritz.update(R), device, 2)
-    del dense, R
+    dense = R = None                                      # free the rows and the dense factor
     lam = torch.arange(1, d + 1, dtype=torch.float64) ** -1.0
     C = torch.zeros(d, d, dtype=dtype, device=device)
     C.diagonal().copy_(lam)
     t_eig, (lam_dense, _) = timed(lambda: top_eigen(C, k, seed=0), device)
-    del C
+    C = None
     T = sketch.test_matrix(0, "bench", "A", d, l + ERROR_COLUMNS, dtype, device)
     f = sketch.SketchedFactor((lam.to(device=device, dtype=dtype)[:, None] * T), T, l)
 
@@ -130,7 +130,9 @@ def main() -> None:
                   f"{available_bytes() / 1e9:.1f} GB available")
             continue
         r = bench(d, a.rank, a.k, a.rows, dtype, device)
-        x = lambda s, dn: f"{s:.3g} ({s / dn:.2g}×)"   # noqa: E731
+        def x(s, dn):
+            return f"{s:.3g} ({s / dn:.2g}×)"
+
         print(f"{d:>6} | {r['dense_us']:>24.3g} {x(r['sketch_us'], r['dense_us']):>16} "
               f"{x(r['ritz_us'], r['dense_us']):>16} | {r['dense_eig_s']:>19.3g} "
               f"{x(r['sketch_eig_s'], r['dense_eig_s']):>16} | {r['dense_gb']:>16.3g} "
