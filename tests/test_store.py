@@ -197,3 +197,29 @@ def test_torch_and_numpy_columns(tmp_path):
                                      "n_valid": np.int64(3), "beta": np.float32(2.0)}]).to_pylist()[0]
     assert (row["alpha"], row["n_valid"], row["beta"]) == (1.5, 3, 2.0)
     assert os.fspath(store.partition_dir(tmp_path, "spectra", "r")).endswith(os.path.join("spectra", "run_id=r"))
+
+
+def test_factor_modes_and_error_estimates_are_stored_and_summarised(tmp_path):
+    """layers: factor_mode_A/_delta and lambda_rel_err_*; spectra: factor_mode and eigenvalue_err per λ_k; the
+    summary counts the sketched layers of each type beside their largest error estimate."""
+    rows = _layers(n=3)
+    rows[0].update(factor_mode_A="dense", factor_mode_delta="sketch", lambda_rel_err_delta=0.004)
+    rows[1].update(factor_mode_A="sketch", factor_mode_delta="sketch", lambda_rel_err_A=0.02,
+                   lambda_rel_err_delta=0.01)
+    rows[2].update(factor_mode_A="dense", factor_mode_delta="dense")
+    store.write_part(tmp_path, "layers", "r1", "p", rows)
+    store.write_part(tmp_path, "spectra", "r1", "p", [
+        {"layer": rows[0]["layer"], "factor": "delta", "k": 1, "eigenvalue": 2.0, "factor_mode": "sketch",
+         "eigenvalue_err": 0.008},
+        {"layer": rows[0]["layer"], "factor": "A", "k": 1, "eigenvalue": 3.0, "factor_mode": "dense"}])
+    con = store.open(tmp_path)
+    assert con.sql("SELECT factor_mode, eigenvalue_err FROM spectra ORDER BY factor").fetchall() == [
+        ("dense", None), ("sketch", 0.008)]
+    s = summary.summary(con, "r1").to_pylist()
+    assert sum(r["n_sketched"] for r in s) == 2
+    assert max(r["lambda_rel_err_max"] or 0 for r in s) == pytest.approx(0.02)
+    text = summary.format_summary(summary.summary(con, "r1"))
+    assert "sketched (max λ err)" in text and "2.0e-02" in text and "Nyström sketch" in text
+    plain = tmp_path / "plain"
+    store.write_part(plain, "layers", "r1", "p", _layers(n=2))
+    assert "sketched" not in summary.format_summary(summary.summary(store.open(plain), "r1"))

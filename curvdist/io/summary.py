@@ -38,7 +38,9 @@ def null_runs(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
 
 def summary(con: duckdb.DuckDBPyConnection, run_id: str | None = None) -> pa.Table:
     """α, α_Kron, β, φ by (run_id, layer_type): ``<q>_mean, <q>_median, <q>_std, <q>_n`` (non-null count), plus
-    ``n_layers``; ``grad_snr_median`` and ``stable_directions_median`` with ``low_snr`` (median grad_snr below
+    ``n_layers``; ``n_sketched`` (layers with a factor held as a Nyström sketch) and ``lambda_rel_err_max`` (the
+    largest relative error estimate of their eigenvalues); ``grad_snr_median`` and ``stable_directions_median`` with
+    ``low_snr`` (median grad_snr below
     :data:`curvdist.vocab.GRAD_SNR_FLOOR`); and, for a run whose null run (:func:`null_runs`) is in the dataset,
     ``null_run_id``, ``alpha_null_mean`` and ``alpha_minus_null`` (mean over the layers of both of α − α_null).
     ``run_id=None`` summarises every run in the dataset."""
@@ -47,6 +49,12 @@ def summary(con: duckdb.DuckDBPyConnection, run_id: str | None = None) -> pa.Tab
                      f"count({q}) AS {q}_n" for q in SUMMARY_QUANTITIES)
     for q in ("grad_snr", "stable_directions"):   # datasets written before these columns existed: nulls
         aggs += f", median({q if q in have else 'CAST(NULL AS DOUBLE)'}) AS {q}_median"
+    if "factor_mode_A" in have:                    # sketch mode: how many layers, and their worst λ error estimate
+        aggs += (", count(*) FILTER (WHERE factor_mode_A = 'sketch' OR factor_mode_delta = 'sketch') AS n_sketched"
+                 ", max(greatest(coalesce(lambda_rel_err_A, 0), coalesce(lambda_rel_err_delta, 0))) FILTER (WHERE "
+                 "factor_mode_A = 'sketch' OR factor_mode_delta = 'sketch') AS lambda_rel_err_max")
+    else:
+        aggs += ", CAST(0 AS BIGINT) AS n_sketched, CAST(NULL AS DOUBLE) AS lambda_rel_err_max"
     pairs = [(r, n) for r, n in null_runs(con).items() if run_id is None or r == run_id]
     values = ", ".join(f"($r{i}, $n{i})" for i in range(len(pairs))) or "(CAST(NULL AS VARCHAR), CAST(NULL AS VARCHAR))"
     params = {f"r{i}": r for i, (r, _) in enumerate(pairs)} | {f"n{i}": n for i, (_, n) in enumerate(pairs)}
@@ -71,6 +79,10 @@ SNR_NOTE = (f"! = median grad_snr < {GRAD_SNR_FLOOR:g}: at least half of these l
             "with a gradient_labels=sampled run)")
 
 
+SKETCH_NOTE = ("sketched = layers with C_A or C_δ held as a Nyström sketch (factor_mode); in brackets the largest "
+               "relative error estimate of their λ_k (spectra.eigenvalue_err / eigenvalue), which β and φ inherit")
+
+
 def format_summary(table: pa.Table) -> str:
     """A plain-text rendering of ``summary`` (mean ± std, median, n per quantity; grad_snr and stable directions
     beside α, ``!`` on a low-SNR layer type; α − α_null where a null run exists)."""
@@ -79,8 +91,10 @@ def format_summary(table: pa.Table) -> str:
 
     rows = table.to_pylist()
     nulls = any(r.get("null_run_id") for r in rows)
+    sketched = any(r.get("n_sketched") for r in rows)
     head = (["run_id", "layer_type", "n"] + [f"{q} (mean±std / median)" for q in SUMMARY_QUANTITIES]
-            + ["grad_snr", "stable"] + (["alpha-alpha_null"] if nulls else []))
+            + ["grad_snr", "stable"] + (["alpha-alpha_null"] if nulls else [])
+            + (["sketched (max λ err)"] if sketched else []))
     lines = []
     for r in rows:
         cells = [str(r["run_id"]), str(r["layer_type"]), str(r["n_layers"])]
@@ -88,7 +102,12 @@ def format_summary(table: pa.Table) -> str:
         cells += [f(r.get("grad_snr_median")) + (" !" if r.get("low_snr") else ""),
                   "—" if r.get("stable_directions_median") is None else f"{r['stable_directions_median']:g}"]
         cells += [f(r.get("alpha_minus_null"))] if nulls else []
+        if sketched:
+            n = r.get("n_sketched") or 0
+            err = r.get("lambda_rel_err_max")
+            cells.append(f"{n}/{r['n_layers']}" + (f" ({err:.1e})" if n and err is not None else ""))
         lines.append(cells)
     widths = [max(len(c) for c in col) for col in zip(head, *lines)]
     text = "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *lines])
-    return text + ("\n" + SNR_NOTE if any(r.get("low_snr") for r in rows) else "")
+    text += "\n" + SNR_NOTE if any(r.get("low_snr") for r in rows) else ""
+    return text + ("\n" + SKETCH_NOTE if sketched else "")

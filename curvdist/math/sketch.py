@@ -33,20 +33,22 @@ eigenvectors' Rayleigh quotients q̂_jᵀ C q̂_j lie in [λ̂_j, λ̂_j + ‖C 
 
 **Accuracy, and the Rayleigh–Ritz step.**  No one-pass sketch of d×l numbers resolves the K-th eigenvalue of a
 slowly decaying spectrum to high relative accuracy: the error scales with the tail the sketch cannot hold
-(Frequent Directions' lower bound, Ghashami et al. 2016: relative error ε on the tail needs ~K/ε rows).  Measured
-at d = 4096, K = 20, l = 256 (tests/test_sketch.py): λ_j ∝ j^-1 leaves the Nyström λ̂_K ~30 % low, j^-0.5 ~60 %.
+(Ghashami, Liberty, Phillips & Woodruff 2016: a streaming covariance sketch with error ε‖A − A_K‖²_F needs
+Ω(d·K/ε) numbers).  Measured at d = 4096, K = 20, l = 256 (tests/test_sketch.py): λ_j ∝ j^-1 leaves the Nyström
+λ̂_K ~25 % low, j^-0.5 ~55 %.
 Every layer with directions goes through the projections pass anyway (Rayleigh quotients and h^SoP), so the
 sketch adds one more product there: Z = C V for the orthonormal basis V of span[Y_Ω, Ω] (p = 2l columns, a block
-Krylov space of degree one), and :func:`ritz_eigen` returns the Rayleigh–Ritz pairs of C on span V
-(Halko, Martinsson & Tropp 2011, §5.5; Saad, Numerical Methods for Large Eigenvalue Problems, §4.3):
+Krylov space of degree one), and :func:`ritz_eigen` returns the Rayleigh–Ritz pairs of C on span V (Saad,
+Numerical Methods for Large Eigenvalue Problems, ch. 4; on a randomized basis, Halko, Martinsson & Tropp 2011):
 
     T = Vᵀ C V = S Θ Sᵀ,   x_j = V s_j,   θ_j = x_jᵀ C x_j ≤ λ_j  (Cauchy interlacing),
     error estimate e_j = ‖C x_j − θ_j x_j‖ (exact: C x_j = Z s_j)
 
 By Weyl's (Bauer–Fike's) theorem for symmetric matrices some eigenvalue of C lies within e_j of θ_j; it is λ_j
 whenever the Ritz values are resolved to within their gaps (then the error is ~e_j²/gap, far below e_j).  So e_j
-estimates λ_j − θ_j from above without a guarantee; measured margins are 3–60× (tests).  Accuracy at d = 4096,
-l = 256: j^-1 ~1 %, j^-0.5 ~5 % in λ_K; λ_1..λ_5 to 1e-3 and better; exact (to rounding) when rank(C) ≤ l.
+estimates λ_j − θ_j from above without a guarantee; the smallest measured margin is 3× (j^-0.5, l = 256), 20–30×
+on j^-1.  Largest relative error of λ_1..λ_20 at d = 4096: j^-1 8e-3 (l = 256), 1.1e-3 (l = 512; 2.6e-3 at
+d = 28672, benchmarks/bench_sketch.py); j^-0.5 6e-2 (l = 256); exact to rounding when rank(C) ≤ l.
 """
 from __future__ import annotations
 

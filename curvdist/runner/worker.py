@@ -264,6 +264,8 @@ class Worker(ExactSteps):
             self.timings["spectral_s"] = time.perf_counter() - t0
         else:
             self.projections = col.projections()
+            for sp in self.spectra.values():   # the Ritz bases served their pass: free them before the exact pass
+                sp.bases = {}
         return PassReport(self.spec.stage, self.spec.replica, self._pass, self._busy, wall, self._count)
 
     # ------------------------------------------------------------------ results
