@@ -235,13 +235,15 @@ def refined_eigenvalues(V: Tensor, Z: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
     The eigenvalues of the Nyström approximation of C with test matrix V (module docstring, "power step"):
     Ĉ_V = Z (Vᵀ Z)⁺ Zᵀ with Z = C V, computed as the eigenvalues of Fᵀ F for F = Z Q W^-½ (Vᵀ Z = Q W Qᵀ, its
-    eigenvalues below p · eps of Z's dtype dropped).  The error estimate is the Rayleigh–Ritz residual e_j of
+    eigenvalues below √eps of the largest dropped, eps of Z's dtype: rounding δ in Z reaches F as δ/√w, so a
+    smaller w would let the summation order of the rows (replicas, micro-batches) change λ̂; dropping makes Ĉ_V
+    smaller, never larger than C).  The error estimate is the Rayleigh–Ritz residual e_j of
     :func:`ritz_eigen`: θ_j ≤ λ̂_j ≤ λ_j, so λ_j − λ̂_j ≤ λ_j − θ_j ≤ e_j."""
     theta, _, err = ritz_eigen(V, Z, k)
     Vd, Zd = V.double(), Z.to(device=V.device, dtype=torch.float64)
     B = Vd.T @ Zd
     w, Q = torch.linalg.eigh((B + B.T) / 2)
-    keep = w > w.max() * B.shape[0] * torch.finfo(Z.dtype).eps
+    keep = w > w.max() * math.sqrt(torch.finfo(Z.dtype).eps)   # rounding in Z grows by at most eps^-¼ in F
     Wq = Q[:, keep] / w[keep].sqrt()
     M = Wq.T @ (Zd.T @ Zd) @ Wq
     lam = torch.linalg.eigvalsh((M + M.T) / 2).flip(0)[:theta.shape[0]]
