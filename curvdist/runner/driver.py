@@ -199,8 +199,10 @@ def run_group(ctx: GroupContext, actors: list) -> None:
         _write_rows(ctx, pipelines[0], "kronecker")
         if ctx.cfg.exact:
             t0 = time.perf_counter()
+            from curvdist.math.sequence import exact_microbatches
+            subset = exact_microbatches(len(ctx.batches), ctx.cfg.data.exact_microbatches, ctx.cfg.data.seed)
             reports = exact_pass(pipelines, len(ctx.batches), in_flight=pl.in_flight, chunk=ctx.exact_chunk,
-                                 progress=progress,
+                                 progress=progress, subset=subset,
                                  on_stage_done=lambda j: _write_rows(ctx, [pipelines[0][j]], "exact", first=j))
             wall = time.perf_counter() - t0
             ctx.timings["exact_s"] = ctx.timings.get("exact_s", 0.0) + wall
