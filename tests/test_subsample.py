@@ -131,16 +131,34 @@ def test_units_for_target_error():
 
 
 def test_teacher_alpha_from_an_eighth_of_the_batch():
-    """Signal regime (teacher labels, N = 4096 in 64 micro-batches): for 4 seeded subsets of 8 micro-batches, α with
+    """Signal regime (teacher labels, N = 4096 in 64 micro-batches): for 2 seeded subsets of 8 micro-batches, α with
     exact h from the subset lies within 2·alpha_se of the full-batch α, and its error is of the size alpha_se_h
     predicts (within 3·alpha_se_h for every subset)."""
     model, data = softmax_toy(4096, "teacher", micro_batch=64)
     full = curvdist.analyze(model, data, top_k=20).layer("0")
     assert full["grad_snr"] > 10 and full["alpha_se_h"] == 0.0
-    for seed in range(4):
+    for seed in range(2):
         keys = exact_microbatches(len(data), len(data) // 8, seed)
         row = curvdist.analyze(model, data, top_k=20, exact_data={b: data[b] for b in keys}).layer("0")
         assert row["exact_units"] == 8 and row["alpha_se_h"] > 0
         assert abs(row["alpha"] - full["alpha"]) <= 2 * row["alpha_se"], (seed, row["alpha"], full["alpha"])
         assert abs(row["alpha"] - full["alpha"]) <= 3 * row["alpha_se_h"], (seed, row["alpha_se_h"])
         assert row["grad_snr"] == pytest.approx(full["grad_snr"])   # the statistics: the full batch
+
+
+def test_bad_exact_subsets_are_refused():
+    """data.exact_sequences out of range names the key and the fix; analyze refuses an empty or oversized
+    exact_data, and a population smaller than the sample."""
+    from curvdist import config as C
+    with pytest.raises(C.ConfigError, match=r"'data.exact_sequences'.*more than data.sequences=8.*null for all"):
+        C.load_config(None, ["data.exact_sequences=9"])
+    with pytest.raises(C.ConfigError, match=r"'data.exact_sequences': must be > 0"):
+        C.load_config(None, ["data.exact_sequences=0"])
+    model, data = mlp_and_data(M=4)
+    with pytest.raises(ValueError, match="exact_data is empty"):
+        curvdist.analyze(model, data, top_k=2, exact_data=[])
+    with pytest.raises(ValueError, match="exact_data holds 8 micro-batches, data only 4"):
+        curvdist.analyze(model, data, top_k=2, exact_data=data + data)
+    with pytest.raises(ValueError, match="population=1 is smaller than the 2"):
+        exact_curvature(model, data[:2], "cross_entropy", {"4": (torch.eye(4, dtype=DT)[:1], torch.eye(9, dtype=DT)[:1])},
+                        layers={"4": model[4]}, population=1)
