@@ -13,7 +13,7 @@ Micro-batches are keyed 0, 1, 2, … in data order (their key decides their half
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -56,8 +56,15 @@ def analyze(model: nn.Module, data: Iterable, loss: str = "cross_entropy", *, to
             dtype: torch.dtype | None = None, stat_dtype: torch.dtype | None = None,
             factor_budget_bytes: int | None = None, mc_samples: int = 1, seed: int = 0,
             gradient_labels: str = "true", exact_dtype: str = "model", factor_mode: str = "auto",
-            sketch_rank: int = 512) -> Result:
+            sketch_rank: int = 512, exact_data=None) -> Result:
     """Measure every selected layer of ``model`` on the evaluation batch ``data``.
+
+    Exact h from a subsample (issue 16): the directions need a batch much larger than the gradient noise scale,
+    but h along fixed directions is a mean over micro-batches, so ``exact_data`` can be a seeded sample of
+    ``data``'s micro-batches, e.g. ``{b: batches[b] for b in curvdist.math.sequence.exact_microbatches(len(batches),
+    8, seed)}`` (what the Ray runner's ``data.exact_sequences`` picks).  The ``directions`` rows then carry
+    ``h_se``/``h_gn_se``, their standard errors as estimates of the full-batch values, and the layer rows
+    ``alpha_se_h`` (:mod:`curvdist.math.subsample`, :func:`curvdist.math.fit.summarize_layer`).
 
     Args:
         model: any ``nn.Module``; Hugging Face models are called with keyword inputs.
@@ -78,6 +85,10 @@ def analyze(model: nn.Module, data: Iterable, loss: str = "cross_entropy", *, to
         gradient_labels: ``"true"`` (the data's targets) or ``"sampled"``: every target replaced by one draw from the
             model's predictive distribution (:func:`curvdist.math.losses.sampled_targets`, seeded by ``seed`` and the
             micro-batch), so that E G = 0 — the null measurement to compare a run with.
+        exact_data: the micro-batches of the exact pass (h and h^GN): None (default: ``data``), an iterable of
+            ``(inputs, targets)`` or a mapping key → micro-batch (a key decides the micro-batch's half, like the
+            position in ``data``); read as a simple random sample of ``data``'s micro-batches, whose number is the
+            population of the standard errors.  Directions, σ and the Kronecker quantities always use ``data``.
         exact_dtype: minimum precision of the exact HVPs: ``"model"`` (the model's dtype, the in-process default),
             ``"float32"`` or ``"float64"`` (the parameters are upcast for the exact pass and restored after); the
             Ray runner defaults to float32 (config key ``exact_dtype``), since bfloat16 HVPs are off by percent.
@@ -94,6 +105,17 @@ def analyze(model: nn.Module, data: Iterable, loss: str = "cross_entropy", *, to
                for x, y in data]
     if not batches:
         raise ValueError("data is empty: pass at least one (inputs, targets) micro-batch")
+    exact_keys, exact_batches = None, batches
+    if exact_data is not None:
+        items = list(exact_data.items()) if isinstance(exact_data, Mapping) else list(enumerate(exact_data))
+        if not items:
+            raise ValueError("exact_data is empty: pass at least one micro-batch, or None to use data")
+        if len(items) > len(batches):
+            raise ValueError(f"exact_data holds {len(items)} micro-batches, data only {len(batches)}: exact_data "
+                             "must be a sample of data's micro-batches")
+        exact_keys = [k for k, _ in items]
+        exact_batches = [(forward.to_device(x, device, mdtype),
+                          forward.to_device(y, device, mdtype if loss == "mse" else None)) for _, (x, y) in items]
     family = families.detect_family(model)
     selected = families.select_layers(model, layers, family)
     timings: dict = {}
@@ -105,6 +127,12 @@ def analyze(model: nn.Module, data: Iterable, loss: str = "cross_entropy", *, to
                 with torch.no_grad():
                     batches = [(x, sampled_targets(forward.model_logits(model, x), y, loss, label_generator(seed, b)))
                                for b, (x, y) in enumerate(batches)]
+                    if exact_keys is None:
+                        exact_batches = batches
+                    else:   # a micro-batch's sampled labels are a function of its key: the same as in data
+                        exact_batches = [(x, sampled_targets(forward.model_logits(model, x), y, loss,
+                                                             label_generator(seed, b)))
+                                         for b, (x, y) in zip(exact_keys, exact_batches)]
             t0 = time.perf_counter()
             stats = collect_statistics(model, batches, loss, fisher=fisher, layers=selected, stat_dtype=stat_dtype,
                                        factor_budget_bytes=factor_budget_bytes, mc_samples=mc_samples, seed=seed,
@@ -124,8 +152,9 @@ def analyze(model: nn.Module, data: Iterable, loss: str = "cross_entropy", *, to
             t0 = time.perf_counter()
             exact_live = {n: selected[n] for n in exact_layer_names(spectra, m)}
             with forward.parameters_in(model, forward.exact_torch_dtype(exact_dtype, mdtype)):
-                curv = exact_curvature(model, batches, loss, {n: directions[n] for n in exact_live},
-                                       layers=exact_live, hessian=True, gn=gn) if exact_live else {}
+                curv = exact_curvature(model, exact_batches, loss, {n: directions[n] for n in exact_live},
+                                       layers=exact_live, hessian=True, gn=gn, keys=exact_keys,
+                                       population=len(batches)) if exact_live else {}
             timings["exact_s"] = time.perf_counter() - t0
     finally:
         model.train(was_training)

@@ -129,13 +129,17 @@ def plan(config: Config, overrides: Overrides = None,
         from curvdist.runner.planning import plan_from_config
         cfg = _load(config, overrides, trust_remote_code)
         check_plan(cfg)
+        from curvdist.runner.sizing import suggest_sizes
         p = plan_from_config(cfg)
         est = estimate(cfg, p)
+        sizes = suggest_sizes(cfg)
     if fmt == "json":
-        typer.echo(json.dumps(p.as_dict() | est.as_dict(), indent=1))
+        import dataclasses
+        typer.echo(json.dumps(p.as_dict() | est.as_dict() | {
+            "sizes": None if sizes is None else dataclasses.asdict(sizes)}, indent=1))
     else:
         from curvdist.planview import print_plan
-        print_plan(console(), cfg, p, est)
+        print_plan(console(), cfg, p, est, sizes)
     with boundary(debug):
         est.check()
 

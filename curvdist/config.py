@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -201,9 +202,21 @@ class DataConfig(_Config):
     seq_len: int = _f(128, "tokens per sequence")
     micro_batch: int = _f(4, "sequences per micro-batch (one forward/backward)")
     seed: int = _f(0, "seed that chooses the windows of the token stream (and synthetic tokens)")
+    exact_sequences: int | None = _f(None, "sequences of the exact pass (h, h^GN): a seeded sample of whole "
+                                           "micro-batches (rounded up to a multiple of micro_batch) of the "
+                                           "evaluation batch, with standard errors h_se; directions, σ and the "
+                                           "Kronecker quantities use every sequence (null: all)")
+
+    @property
+    def exact_microbatches(self) -> int | None:
+        """Micro-batches the exact pass samples (None: all of them)."""
+        return None if self.exact_sequences is None else math.ceil(self.exact_sequences / self.micro_batch)
 
     def _validate(self) -> None:
-        self._positive("sequences", "seq_len", "micro_batch")
+        self._positive("sequences", "seq_len", "micro_batch", "exact_sequences")
+        if self.exact_sequences is not None and self.exact_sequences > self.sequences:
+            raise ConfigError("exact_sequences", f"is {self.exact_sequences}, more than data.sequences="
+                                                 f"{self.sequences}: use at most that many, or null for all")
         if self.seq_len < 2:
             raise ConfigError("seq_len", f"must be >= 2 (one input and one target token), got {self.seq_len}")
         if self.source in FILE_SOURCES and not self.path:

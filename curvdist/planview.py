@@ -32,7 +32,7 @@ def _flops(f: float) -> str:
     return f"{f / 1e15:.3g}"
 
 
-def print_plan(c: Console, cfg: RunConfig, p, est) -> None:
+def print_plan(c: Console, cfg: RunConfig, p, est, sizes=None) -> None:
     lay, work = est.layout, est.workload
     gpus = (f"{lay.gpus:g} GPUs ({lay.gpus_per_stage:g} per stage)" if lay.gpus_per_stage else "CPU only")
     c.print(f"[bold]{escape(p.model)}[/]: {p.family}, {p.num_blocks} blocks, {len(p.layers)} analysed layers "
@@ -44,6 +44,37 @@ def print_plan(c: Console, cfg: RunConfig, p, est) -> None:
     _stages(c, cfg, p)
     _memory(c, est)
     _cost(c, est)
+    _sizes(c, cfg, est, sizes)
+
+
+def _sizes(c: Console, cfg: RunConfig, est, s) -> None:
+    """The statistics pass over N and the exact pass over n, and (``s``: runner.sizing.SizeSuggestion) the N and n
+    a previous run of the model suggests."""
+    work, rate = est.workload, est.cost.throughput
+    by = {p.name: p for p in est.cost.passes}
+    n_x = min(work.sequences, work.exact_microbatches * work.micro_batch)
+
+    def t(*names: str) -> str:
+        if rate is None:
+            return "—"
+        return duration(sum(by[n].seconds(rate, "pipelined") for n in names if n in by))
+
+    line = (f"statistics over N = {work.sequences} sequences ({work.sequences * work.seq_len:,} tokens; statistics, "
+            f"spectral and projections passes): {t('statistics', 'spectral', 'projections')}")
+    if work.exact:
+        line += (f"; exact pass over n = {n_x} sequences ({work.exact_microbatches} of {work.microbatches} "
+                 f"micro-batches{', data.exact_sequences' if work.exact_sequences is not None else ''}): "
+                 f"{t('exact')}")
+    c.print(line + ".")
+    if s is None:
+        return
+    msg = (f"previous run {escape(s.run_id)} of this model: median noise_scale {s.noise_scale:,.0f} sequences "
+           f"(largest layer {s.noise_scale_max:,.0f}); for the signal regime set data.sequences={s.sequences} "
+           f"(10 × noise_scale)")
+    if s.exact_sequences is not None:
+        msg += (f" and data.exact_sequences={s.exact_sequences} (h to ~5 % relative standard error: per-micro-batch "
+                f"relative SD of h {s.h_unit_rel_sd:.2g}, 90th percentile over layers)")
+    c.print(msg + ".")
 
 
 def _stages(c: Console, cfg: RunConfig, p) -> None:

@@ -38,10 +38,14 @@ STAGE_MODELS_TEXT = ("Llama-like decoders (model_type llama, mistral, qwen2, qwe
 # one row per (layer, k) of the ``directions`` table, in order (the store's schema adds run_id, schema_version)
 DIRECTION_COLUMNS = ("layer", "k", "sigma", "h", "h_gn", "h_kron", "h_sop", "rayleigh_delta", "rayleigh_A",
                      "lambda_delta", "lambda_A", "rho_delta", "rho_A", "phi", "Lambda", "chi", "stability",
-                     "kron_floor_ratio")
+                     "kron_floor_ratio",
+                     "h_se", "h_gn_se")   # standard errors of h, h^GN from a subsample of micro-batches
 # the layer's gradient signal and noise (curvdist.math.noise), columns of the ``layers`` table
 NOISE_COLUMNS = ("n_units", "grad_mean_sq", "grad_trace_cov", "grad_snr", "noise_scale", "stable_directions",
                  "alpha_half_a", "alpha_half_b")
+# exact h from a subsample of the micro-batches (curvdist.math.subsample), columns of the ``layers`` table: how many
+# micro-batches were measured, and the per-micro-batch relative SD of h (median over k), the planner's input
+EXACT_SUBSET_COLUMNS = ("exact_units", "h_unit_rel_sd")
 # A layer type whose median grad_snr is below this is flagged by summaries: there E‖G‖² is at most twice its noise
 # part tr Σ / U, i.e. at least half of ‖G‖²_F is expected sampling noise (grad_snr ≈ 1: pure noise).  grad_snr sees
 # all m·n entries; stable_directions says whether the leading directions, which α is fitted on, are reproduced.

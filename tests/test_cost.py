@@ -89,3 +89,14 @@ def test_time_at_a_stated_throughput():
     assert est.cost.total_s("sequential") > est.cost.total_s("pipelined")
     _, none = _est("hardware.gpu=null")
     assert none.cost.throughput is None and none.cost.total_s("pipelined") is None
+
+
+def test_exact_pass_over_a_sample_of_the_sequences():
+    """data.exact_sequences: the exact pass costs n/N of the full one (whole micro-batches, rounded up); the
+    statistics and projections passes do not change."""
+    _, est = _est()
+    _, sub = _est("data.exact_sequences=7")        # 64 sequences in micro-batches of 2: 7 → 4 of 32 micro-batches
+    assert sub.workload.exact_microbatches == 4
+    assert _pass(sub, "exact").flops == pytest.approx(_pass(est, "exact").flops / 8, rel=1e-12)
+    for name in ("statistics", "projections"):
+        assert _pass(sub, name).flops == _pass(est, name).flops

@@ -27,7 +27,7 @@ def ray_local(tmp_path_factory):
     ray.shutdown()
 
 
-def in_process(cfg):
+def in_process(cfg, exact_keys=None):
     from transformers import AutoModelForCausalLM
     ck = sources.resolve_checkpoint(cfg.model)
     # loaded as stored (float32) and cast, as the stages do: transformers computes rotary frequencies at
@@ -37,7 +37,8 @@ def in_process(cfg):
     return curvdist.analyze(model, batches, top_k=cfg.top_k, dtype=torch.float64, fisher=cfg.fisher, exact=cfg.exact,
                             mc_samples=cfg.mc_samples, exact_layers=cfg.exact_layers, seed=cfg.data.seed,
                             gradient_labels=cfg.gradient_labels, factor_mode=cfg.factor_mode,
-                            sketch_rank=cfg.sketch_rank)
+                            sketch_rank=cfg.sketch_rank,
+                            exact_data=None if exact_keys is None else {b: batches[b] for b in exact_keys})
 
 
 def read(out, run_id):
@@ -126,6 +127,40 @@ def test_distributed_equals_in_process(ray_local, gpt2_v48, tmp_path, model, sta
                and any(d["h"] is not None for (ln, _), d in dirs.items() if ln == n)}
     assert exact_pass["sweeps"] == len(sources) * timings["layout"]["microbatches"]
     assert exact_pass["exact_dtype"] == "float64" and (exact_pass["sent_bytes"] > 0) == bool(sources)
+
+
+def test_exact_subset_distributed_equals_in_process(ray_local, tmp_path):
+    """data.exact_sequences: exact h from a seeded sample of 3 of the 6 micro-batches, 2 stages × 2 replicas, gives
+    the in-process numbers of analyze(exact_data=the same micro-batches): h, h^GN, their standard errors, α with
+    alpha_se and alpha_se_h, α of each half (on the sampled micro-batches), to 1e-9 in float64."""
+    from curvdist.math.sequence import exact_microbatches
+    over = COMMON + ["model.name=tiny-gpt2", "stages=2", "replicas=2", f"out={tmp_path}", "data.sequences=12",
+                     "data.micro_batch=2", "data.exact_sequences=5", EXACT_SOME]
+    cfg = C.load_config(None, over)
+    assert cfg.data.exact_microbatches == 3   # 5 sequences: rounded up to whole micro-batches of 2
+    run_id = driver.main(cfg)
+    layers, dirs = read(tmp_path, run_id)
+    keys = exact_microbatches(6, 3, cfg.data.seed)
+    assert keys != (0, 1, 2)
+    ref = in_process(cfg, exact_keys=keys)
+    measured = 0
+    for r in ref.layers.to_pylist():
+        got = layers[r["layer"]]
+        for key in ("alpha", "alpha_se", "alpha_se_h", "h_unit_rel_sd", "exact_units", "alpha_half_a",
+                    "alpha_half_b"):
+            rel = 1e-7 if key.startswith("alpha_half") else 1e-9
+            assert close(r[key], got[key], rel), (r["layer"], key, r[key], got[key])
+        measured += r["exact_units"] == 3
+    assert measured >= 3
+    for r in ref.directions.to_pylist():
+        d = dirs[(r["layer"], r["k"])]
+        for key in ("sigma", "h", "h_gn", "h_se", "h_gn_se"):
+            assert close(r[key], d[key], 1e-9), (r["layer"], r["k"], key, r[key], d[key])
+    with_se = [d for d in dirs.values() if d["h_se"] is not None]
+    assert with_se and all(d["h_se"] > 0 for d in with_se)
+    timings = json.loads(store.read_run(tmp_path, run_id)["timings_json"])
+    exact_pass = next(p for p in timings["passes"] if p["kind"] == "exact")
+    assert exact_pass["sweeps"] == 3   # one source stage below the last, 3 sampled micro-batches
 
 
 def test_sketch_mode_distributed_equals_in_process(ray_local, tmp_path):

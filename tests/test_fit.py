@@ -9,7 +9,7 @@ import torch
 
 from curvdist.math.fit import LayerSummary, fit_exponents, ols, rank_model_bics, summarize_layer
 
-LAYER_FIELDS = ["alpha", "r2_alpha", "alpha_se", "alpha_kron", "r2_alpha_kron", "beta", "phi", "chi_slope", "gamma", "r2_gamma",
+LAYER_FIELDS = ["alpha", "r2_alpha", "alpha_se", "alpha_se_h", "alpha_kron", "r2_alpha_kron", "beta", "phi", "chi_slope", "gamma", "r2_gamma",
                 "s", "r2_s", "n_valid", "n_valid_kron", "pr_h", "pr_grad", "triangle_error", "triangle_rel_error",
                 "rank_model", "bic_power_law", "bic_exponential", "bic_lognormal", "status"]
 

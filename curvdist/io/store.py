@@ -60,7 +60,7 @@ def _fields(required: Sequence[tuple[str, pa.DataType]], optional: Sequence[tupl
             + [pa.field("schema_version", _i32, nullable=False)])
 
 
-_FIT = ["alpha", "r2_alpha", "alpha_se", "alpha_kron", "r2_alpha_kron", "beta", "phi", "chi_slope", "gamma", "r2_gamma",
+_FIT = ["alpha", "r2_alpha", "alpha_se", "alpha_se_h", "alpha_kron", "r2_alpha_kron", "beta", "phi", "chi_slope", "gamma", "r2_gamma",
         "s", "r2_s"]
 _SCHEMAS: dict[str, pa.Schema] = {
     "runs": pa.schema(_fields(
@@ -81,7 +81,7 @@ _SCHEMAS: dict[str, pa.Schema] = {
            ("noise_scale", _f64), ("stable_directions", _i32), ("alpha_half_a", _f64), ("alpha_half_b", _f64),
            ("exact_dtype", _str), ("phase", _str), ("exact_pending", pa.bool_()), ("part", _str),
            ("factor_mode_A", _str), ("factor_mode_delta", _str), ("lambda_rel_err_A", _f64),
-           ("lambda_rel_err_delta", _f64)])),
+           ("lambda_rel_err_delta", _f64), ("exact_units", _i64), ("h_unit_rel_sd", _f64)])),
     "directions": pa.schema(_fields(
         [("run_id", _str), ("layer", _str), ("k", _i32)],
         [(c, _f64) for c in DIRECTION_COLUMNS[2:]] + [("part", _str)])),

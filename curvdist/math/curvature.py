@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 
 from curvdist.math import layers as L
-from curvdist.math import noise
+from curvdist.math import noise, subsample
 from curvdist.math.forward import model_logits, second_order_attention, to_device
 from curvdist.math.losses import hessian_quadratic, loss_terms
 from curvdist.math.stage_tangents import layer_param_tangent
@@ -71,11 +71,21 @@ from curvdist.math.stage_tangents import layer_param_tangent
 class Curvature:
     """Per-layer result: ``h`` (K,) exact Hessian quotients, ``h_gn`` (K,) Gauss–Newton quotients (None if not asked),
     ``h_half`` (2, K): h of the micro-batches of each half (:func:`curvdist.math.noise.half_of`), each over its own
-    loss terms (None when a half is empty or h was not asked)."""
+    loss terms (None when a half is empty or h was not asked).  ``moments``: the additive per-micro-batch sums
+    (:class:`curvdist.math.subsample.ExactMoments`) and ``population`` the micro-batches of the whole batch, from
+    which :attr:`subset` gives the standard errors of h and h^GN as estimates of the full-batch values."""
 
     h: Tensor | None
     h_gn: Tensor | None
     h_half: Tensor | None = None
+    moments: subsample.ExactMoments | None = None
+    population: int | None = None
+
+    @property
+    def subset(self) -> subsample.SubsetEstimate | None:
+        if self.moments is None or self.population is None:
+            return None
+        return subsample.estimate(self.moments, self.population)
 
 
 def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
@@ -95,7 +105,8 @@ def _check_directions(directions, layers) -> None:
 def exact_curvature(model: nn.Module, data: Iterable, loss: str,
                     directions: Mapping[str, tuple[Tensor, Tensor]], *, layers: Mapping[str, nn.Module],
                     hessian: bool = True, gn: bool = True, chunk_size: int | None = None,
-                    method: str = "auto", keys: Iterable | None = None) -> dict[str, Curvature]:
+                    method: str = "auto", keys: Iterable | None = None,
+                    population: int | None = None) -> dict[str, Curvature]:
     """Exact h_k and h^GN_k of every layer in ``directions`` (name → (U (K, m), V (K, n))), over all micro-batches.
 
     ``data``: iterable of ``(inputs, targets)`` micro-batches (see :mod:`curvdist.math.forward`); floating inputs are
@@ -110,6 +121,8 @@ def exact_curvature(model: nn.Module, data: Iterable, loss: str,
     the Kronecker factors are; ``method="param"`` gives the Hessian w.r.t. the shared tensor instead (all uses).
     The model is evaluated in its current mode (``model.eval()`` switches dropout off).  ``keys``: the micro-batch
     keys of ``data`` (default 0, 1, 2, … in order), which decide the half of each micro-batch for ``h_half``.
+    ``population``: the micro-batches of the whole evaluation batch when ``data`` is a sample of them (default:
+    as many as ``data`` holds), for the standard errors (:mod:`curvdist.math.subsample`).
     Returns name → :class:`Curvature` with float64 CPU tensors (K,).
     """
     if not (hessian or gn):
@@ -124,6 +137,8 @@ def exact_curvature(model: nn.Module, data: Iterable, loss: str,
     acc_gn = {k: torch.zeros(U.shape[0], dtype=torch.float64) for k, (U, _) in dirs.items()}
     acc_half = {k: torch.zeros(2, U.shape[0], dtype=torch.float64) for k, (U, _) in dirs.items()}
     n_half, half = [0, 0], [0]
+    mom = {k: subsample.ExactMoments.zeros(U.shape[0]) for k, (U, _) in dirs.items()}
+    cur: dict[str, list] = {}     # this micro-batch's (h_b, h^GN_b) per layer
     keys = None if keys is None else list(keys)
     pnames = {k: _weight_names(model, layers[k]) for k in names}
     # A weight tied to another module (GPT-2's lm_head and wte) is measured in its use by THIS module, as G and the
@@ -145,6 +160,7 @@ def exact_curvature(model: nn.Module, data: Iterable, loss: str,
         return hook
 
     def add(name, nb, hb, gnb):
+        cur[name] = [hb, gnb]
         if hb is not None:
             acc_h[name] += nb * hb.detach().double().cpu()
             acc_half[name][half[0]] += nb * hb.detach().double().cpu()
@@ -176,6 +192,9 @@ def exact_curvature(model: nn.Module, data: Iterable, loss: str,
                 add(k, nb, hb, gnb)
             n_total += nb
             n_half[half[0]] += nb
+            for k in names:
+                hb, gnb = cur.pop(k, (None, None))
+                mom[k] = mom[k] + subsample.ExactMoments.of_unit(nb, hb, gnb, dirs[k][0].shape[0])
     finally:
         active[0] = False
         for h in handles:
@@ -186,8 +205,12 @@ def exact_curvature(model: nn.Module, data: Iterable, loss: str,
             v.clear()
     if n_total == 0:
         raise ValueError("data yielded no micro-batches")
+    units = int(round(next(iter(mom.values())).units)) if mom else 0
+    if population is not None and population < units:
+        raise ValueError(f"population={population} is smaller than the {units} micro-batches measured")
     return {k: Curvature(acc_h[k] / n_total if hessian else None, acc_gn[k] / n_total if gn else None,
-                         noise.half_means(acc_half[k], n_half) if hessian else None) for k in names}
+                         noise.half_means(acc_half[k], n_half) if hessian else None, mom[k],
+                         units if population is None else population) for k in names}
 
 
 def _weight_names(model: nn.Module, module: nn.Module) -> list[str]:

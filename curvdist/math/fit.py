@@ -92,6 +92,33 @@ def slope_se(x, y) -> float:
     return math.sqrt(rss / (x.size - 2) / sxx)
 
 
+def alpha_se_from_h(sigma, h, h_cov) -> float:
+    """Standard error of α (the OLS slope of log h on log σ over V_α) due to the error of h alone, by the delta
+    method: α̂ = Σ_k c_k log h_k with c_k = (x_k − x̄)/Σ(x − x̄)², x = log σ, and Cov(log h_k, log h_l) ≈
+    C_kl / (h_k h_l) (C: the covariance of the h estimates, :func:`curvdist.math.subsample.estimate`), so
+
+        alpha_se_h² = Σ_kl c_k c_l C_kl / (h_k h_l)        over k, l ∈ V_α.
+
+    First order in the relative error of h (read it as such when h_se/h is not small).  NaN with fewer than 3
+    valid directions or a C with no finite entry."""
+    sigma, h = _vec(sigma), _vec(h)
+    C = np.array(h_cov, dtype=np.float64).reshape(h.size, h.size) if not hasattr(h_cov, "detach") else \
+        h_cov.detach().cpu().double().numpy().reshape(h.size, h.size)
+    va = _pos(sigma) & _pos(h)
+    if va.sum() < MIN_VALID:
+        return math.nan
+    x = np.log(sigma[va])
+    xc = x - x.mean()
+    sxx = float(xc @ xc)
+    if sxx == 0.0:
+        return math.nan
+    c = xc / sxx / h[va]
+    Cv = C[np.ix_(va, va)]
+    if not np.isfinite(Cv).all():
+        return math.nan
+    return math.sqrt(max(float(c @ Cv @ c), 0.0))
+
+
 def _slope(x, y) -> tuple[float | None, float | None]:
     b, _, r2 = ols(x, y)
     return _num(b), _num(r2)
@@ -224,7 +251,9 @@ def rank_model_bics(sigma) -> dict:
 class LayerSummary:
     """All exponents of one layer, one row of the ``layers`` table (fields as in SPEC §1).
 
-    alpha, r2_alpha, alpha_se, n_valid: over V_α (equals :func:`fit_exponents`, the seed paper's α);
+    alpha, r2_alpha, n_valid: over V_α (equals :func:`fit_exponents`, the seed paper's α);
+    alpha_se_h: the part of α's standard error due to the error of h (:func:`alpha_se_from_h`; 0 when h is the
+    full-batch value, null when not known); alpha_se = √(OLS scatter SE² + alpha_se_h²) (:func:`summarize_layer`);
     alpha_kron, r2_alpha_kron (slope of log h^Kron on log σ), beta (log Λ on log σ), phi (log Φ on log σ),
     chi_slope (log(h/h^Kron) on log σ), n_valid_kron: all over the common set V_c, so α_Kron = β + φ and
     α = α_Kron + χ-slope hold to rounding whenever the terms are reported;
@@ -235,6 +264,7 @@ class LayerSummary:
     alpha: float | None = None
     r2_alpha: float | None = None
     alpha_se: float | None = None
+    alpha_se_h: float | None = None
     alpha_kron: float | None = None
     r2_alpha_kron: float | None = None
     beta: float | None = None
@@ -260,8 +290,19 @@ class LayerSummary:
         return asdict(self)
 
 
-def summarize_layer(sigma, h=None, h_kron=None, Lambda=None, Phi=None, *, status: str | None = None) -> LayerSummary:
+def summarize_layer(sigma, h=None, h_kron=None, Lambda=None, Phi=None, *, status: str | None = None,
+                    h_cov=None) -> LayerSummary:
     """Every exponent of one layer (see :class:`LayerSummary` and the module docstring for the index sets).
+
+    ``h_cov`` (K, K): the covariance of the h estimates when h comes from a subsample of the batch
+    (:mod:`curvdist.math.subsample`).  Estimator: α stays the OLS slope on logs, the seed paper's, and its
+    standard error takes h's uncertainty in, alpha_se = √(se_OLS² + alpha_se_h²).  Why not weighted least squares
+    with delta-method weights 1/Var(log h_k): the weights depend on the subsample size, so α's estimand would move
+    with n (WLS tilts towards the directions measured best, the top ones), and the Spectral Alignment
+    Decomposition needs one weighting for every fit; subsampling noise in log h is unbiased to first order, so it
+    costs OLS variance, not bias, and that variance is what alpha_se_h reports.  Adding it to the scatter SE is
+    conservative (the residual scatter already holds part of the same noise); alpha_se_h alone is the error of α
+    with respect to the full-batch α along the same directions.
 
     ``h=None`` (exact curvature off): α, χ-slope, s and the triangle fields are null.  ``h_kron=None``: α_Kron, β,
     φ and χ-slope are null; ``Lambda``/``Phi`` None (or all NaN): β / φ null, the rest still fitted.
@@ -304,6 +345,11 @@ def summarize_layer(sigma, h=None, h_kron=None, Lambda=None, Phi=None, *, status
                               f"(alpha = alpha_kron + chi_slope needs one index set)")
         elif status == "ok":
             status = Status.TOO_FEW_VALID_KRON.with_reason(f"n_valid_kron={n_kron} < {MIN_VALID}")
+    if h_cov is not None and h is not None and e.alpha is not None:
+        se_h = _num(alpha_se_from_h(sigma, h, h_cov))
+        out["alpha_se_h"] = se_h
+        if se_h is not None and out["alpha_se"] is not None:
+            out["alpha_se"] = math.hypot(out["alpha_se"], se_h)
     if e.alpha is not None and e.gamma is not None and e.s is not None:
         err = abs(e.s - e.alpha * e.gamma)
         out["triangle_error"] = err

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from curvdist.math import fit, noise, sketch, spectral
-from curvdist.vocab import NO_DIRECTION_STATUSES, NOISE_COLUMNS, VOIDING, Status, status_code
+from curvdist.vocab import EXACT_SUBSET_COLUMNS, NO_DIRECTION_STATUSES, NOISE_COLUMNS, VOIDING, Status, status_code
 
 
 @dataclass
@@ -157,6 +157,7 @@ def layer_rows(sp: LayerSpectra, *, layer_type: str, block: int | None, fisher: 
             "n_terms": sp.n_terms, "fisher": fisher}
     base.update(extra or {})
     base.update(dict.fromkeys(NOISE_COLUMNS))
+    base.update(dict.fromkeys(EXACT_SUBSET_COLUMNS))
     directions, spectra_rows = [], []
     summary = None
     lam = {f: _eigenvalues(sp, projections, f) for f in ("A", "delta")}
@@ -177,11 +178,18 @@ def layer_rows(sp: LayerSpectra, *, layer_type: str, block: int | None, fisher: 
             sigma, ray_d if ray_d is not None else nan, ray_a if ray_a is not None else nan,
             lambda_delta=lam["delta"][0], lambda_A=lam["A"][0], h=h, h_sop=_np(h_sop)).items()}
         cols["h_gn"] = _np(h_gn)
+        sub = getattr(curvature, "subset", None)     # standard errors of h from a subsample (math.subsample)
+        if sub is not None:
+            cols["h_se"], cols["h_gn_se"] = sub.h_se, (sub.h_gn_se if h_gn is not None else None)
+            base["exact_units"] = sub.units
+            rel = sub.unit_rel_sd[torch.isfinite(sub.unit_rel_sd)]
+            base["h_unit_rel_sd"] = _nullable(rel.median()) if rel.numel() else None
         cols["stability"] = _np(sp.stability)
         if fisher == "empirical" and sp.rows > 0:   # the Cauchy–Schwarz floor (module docstring)
             cols["kron_floor_ratio"] = cols["h_kron"] / ((sp.n_terms / sp.rows) * sigma ** 2)
         names = ["sigma", "h", "h_gn", "h_kron", "h_sop", "rayleigh_delta", "rayleigh_A", "lambda_delta",
-                 "lambda_A", "rho_delta", "rho_A", "phi", "Lambda", "chi", "stability", "kron_floor_ratio"]
+                 "lambda_A", "rho_delta", "rho_A", "phi", "Lambda", "chi", "stability", "kron_floor_ratio", "h_se",
+                 "h_gn_se"]
         for i in range(sp.k):
             row = {"layer": sp.name, "k": i + 1}
             for c in names:
@@ -191,7 +199,7 @@ def layer_rows(sp: LayerSpectra, *, layer_type: str, block: int | None, fisher: 
         summary = fit.summarize_layer(
             sigma.numpy(), h=None if h is None else h.numpy(), h_kron=cols["h_kron"].numpy(),
             Lambda=cols["Lambda"].numpy(), Phi=cols["phi"].numpy(),
-            status=sp.status if _hard(sp.status) else None)
+            status=sp.status if _hard(sp.status) else None, h_cov=None if sub is None else sub.h_cov.numpy())
         h_half = getattr(curvature, "h_half", None)
         if sp.sigma_half is not None and h_half is not None and not _hard(sp.status):
             for i, col in enumerate(("alpha_half_a", "alpha_half_b")):   # α of each half, full-batch directions

@@ -18,6 +18,10 @@ What it fixes, so that every route and every layout computes the same numbers:
   (the true seed consumes no random numbers), so its Rayleigh quotients equal diag(U C_δ Uᵀ) exactly.
 - **Exact-layer selection.**  Exact h and h^GN are measured for the layers with at least one direction that
   ``exact_layers`` selects (:func:`curvdist.vocab.matches`).
+- **Exact subset.**  Exact h and h^GN may be measured on a seeded simple random sample of the micro-batches
+  (:func:`exact_microbatches`, a function of (number of micro-batches, sample size, seed) alone), the same in
+  process and on every stage and replica; directions, σ and the Kronecker quantities always come from all of
+  them (:mod:`curvdist.math.subsample` for the estimates and their standard errors).
 - **Row assembly.**  :func:`curvdist.math.measure.layer_rows` per layer, in the spectra's order.
 """
 from __future__ import annotations
@@ -72,6 +76,20 @@ def microbatch_generator(seed: int, microbatch: int) -> torch.Generator:
     # an odd-multiplier mix of both (no two (seed, micro-batch) pairs of practical size share a stream)
     return torch.Generator().manual_seed((int(seed) * 0x9E3779B97F4A7C15 + (int(microbatch) + 1) * 0xBF58476D1CE4E5B9)
                                          % (2**63 - 1))
+
+
+def exact_microbatches(total: int, count: int | None, seed: int) -> tuple[int, ...]:
+    """The micro-batches (indices into the batch's 0..total−1, ascending) that the exact pass measures: all of
+    them when ``count`` is None or ≥ total, else ``count`` drawn without replacement by a CPU generator seeded with
+    ``seed`` alone (so every route and layout picks the same ones)."""
+    if total < 1:
+        raise ValueError(f"the batch has {total} micro-batches: nothing to choose exact micro-batches from")
+    if count is None or count >= total:
+        return tuple(range(total))
+    if count < 1:
+        raise ValueError(f"exact micro-batches: count={count} must be ≥ 1 (or None for all {total})")
+    g = torch.Generator().manual_seed(int(seed) * 0x2545F4914F6CDD1D % (2**63 - 1) + 17)
+    return tuple(sorted(int(i) for i in torch.randperm(total, generator=g)[:count]))
 
 
 def seed_kinds(fisher: str, pass_kind: str) -> tuple[str, ...]:

@@ -178,6 +178,8 @@ def estimate_cost(plan, layout: Layout, workload: Workload, throughput: Throughp
     mb = math.ceil(workload.microbatches / R)
     t = workload.tokens_per_microbatch
     tokens = mb * t                                   # one replica's tokens
+    mb_x = math.ceil(workload.exact_microbatches / R)  # the exact pass may measure a sample (data.exact_sequences)
+    tokens_x = mb_x * t
     K, T, r = workload.top_k, workload.seq_len, ITEMSIZE[plan.stat_dtype]
     hop = t * arch.hidden * max(4, ITEMSIZE[plan.dtype])  # one micro-batch's hidden states between stages
     n_bwd, n_f = workload.seeds(arch.logit_width)
@@ -217,18 +219,18 @@ def estimate_cost(plan, layout: Layout, workload: Workload, throughput: Throughp
         spec.append(Work(stat=prods, solver=solver))
         # exact: tangents of upstream layers (and this stage's own, unless it is the last) pass through here
         through = [l for l in exact_layers if owner[l.name] < j or (owner[l.name] == j and not last)]
-        fl = tokens * len(through) * (3.0 + 4.0 * K) * F[j]
-        sent = mb * hop * sum((0 if last else K) + (1 + K if owner[l.name] < j else 0) for l in through)
+        fl = tokens_x * len(through) * (3.0 + 4.0 * K) * F[j]
+        sent = mb_x * hop * sum((0 if last else K) + (1 + K if owner[l.name] < j else 0) for l in through)
         if last:
             local = [l for l in exact_layers if owner[l.name] == j]
             if local:
                 down = [_downstream(fwd[j], F[j], st.first_block, l) for l in local]
-                fl += tokens * (3.0 * F[j] + sum(K * (2.0 * d + 2.0 * (l.m + l.n)) for d, l in zip(down, local)))
+                fl += tokens_x * (3.0 * F[j] + sum(K * (2.0 * d + 2.0 * (l.m + l.n)) for d, l in zip(down, local)))
         exact.append(Work(forward=fl, sent=sent, reduced=ring * 2 * K * 8 * len([l for l in exact_layers
                                                                                    if owner[l.name] == j])))
     passes = [PassCost("statistics", stats, mb), PassCost("spectral", spec, 1), PassCost("projections", proj, mb)]
     if workload.exact:
-        passes.append(PassCost("exact", exact, mb))
+        passes.append(PassCost("exact", exact, mb_x))
     return CostPlan(layout, passes, throughput)
 
 

@@ -26,6 +26,7 @@ from curvdist import __version__
 from curvdist import config as C
 from curvdist.io import store, summary
 from curvdist.io.checkpoint import CheckpointIndex
+from curvdist.math.sequence import exact_microbatches
 from curvdist.runner import cluster, transport
 from curvdist.runner.plan import StagePlan
 from curvdist.runner.schedule import WAIT_S, exact_pass, stream
@@ -204,8 +205,9 @@ def run_group(ctx: GroupContext, actors: list) -> None:
         _write_rows(ctx, pipelines[0], "kronecker")
         if ctx.cfg.exact:
             t0 = time.perf_counter()
+            subset = exact_microbatches(len(ctx.batches), ctx.cfg.data.exact_microbatches, ctx.cfg.data.seed)
             reports = exact_pass(pipelines, len(ctx.batches), in_flight=pl.in_flight, chunk=ctx.exact_chunk,
-                                 progress=progress, transport=pl.transport,
+                                 progress=progress, subset=subset, transport=pl.transport,
                                  on_stage_done=lambda j: _write_rows(ctx, [pipelines[0][j]], "exact", first=j))
             wall = time.perf_counter() - t0
             ctx.timings["exact_s"] = ctx.timings.get("exact_s", 0.0) + wall

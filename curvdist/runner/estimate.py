@@ -79,7 +79,8 @@ def workload_of(cfg: RunConfig) -> Workload:
     """What ``cfg`` streams and measures."""
     d = cfg.data
     return Workload(d.sequences, d.seq_len, d.micro_batch, cfg.top_k, cfg.fisher, cfg.mc_samples, cfg.exact,
-                    None if cfg.exact_layers is None else tuple(cfg.exact_layers), cfg.exact_chunk)
+                    None if cfg.exact_layers is None else tuple(cfg.exact_layers), cfg.exact_chunk,
+                    d.exact_sequences)
 
 
 def device_kind(cfg: RunConfig) -> str:

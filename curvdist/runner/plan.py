@@ -260,10 +260,18 @@ class Workload:
     exact: bool = True
     exact_layers: tuple[str, ...] | None = None
     exact_chunk: int | None = None       # directions per exact sweep (None: all of a source stage's)
+    exact_sequences: int | None = None   # sequences of the exact pass (None: all), whole micro-batches
 
     @property
     def microbatches(self) -> int:
         return math.ceil(self.sequences / self.micro_batch)
+
+    @property
+    def exact_microbatches(self) -> int:
+        """Micro-batches the exact pass measures (data.exact_sequences rounded up; all of them by default)."""
+        if self.exact_sequences is None:
+            return self.microbatches
+        return min(self.microbatches, math.ceil(self.exact_sequences / self.micro_batch))
 
     @property
     def tokens_per_microbatch(self) -> int:

@@ -189,7 +189,8 @@ def stream(pipelines: list[list], batches: list, in_flight: int, progress=None, 
 
 
 def exact_pass(pipelines: list[list], microbatches: int, *, in_flight: int, chunk: int | None, progress=None,
-               on_stage_done=None, transport: str = "object_store") -> list[dict]:
+               on_stage_done=None, subset: Sequence[int] | None = None,
+               transport: str = "object_store") -> list[dict]:
     """Exact curvature by stacked sweeps (:mod:`curvdist.runner.tangents`), every replica over the micro-batches it
     held in the statistics pass; returns each worker's figures (``finish_exact``).
 
@@ -199,20 +200,23 @@ def exact_pass(pipelines: list[list], microbatches: int, *, in_flight: int, chun
     call is submitted after the call it depends on, and every actor runs its calls in submission order.  The
     last stage measures its own layers first, in one go with the in-process route.  When every sweep of stage j's
     layers is done, its replicas combine their sums (``end_exact``, all at once; queued after every sweep call) and
-    ``on_stage_done(j)`` is called (the driver commits that stage's exact rows)."""
+    ``on_stage_done(j)`` is called (the driver commits that stage's exact rows).  ``subset``: the sampled
+    micro-batches the pass measures (:func:`curvdist.math.sequence.exact_microbatches`; None: all of them)."""
     import ray
 
     R, S = len(pipelines), len(pipelines[0])
     last = S - 1
     send = call_options(transport)
-    chunks = ray.get([a.begin_exact.remote(chunk) for actors in pipelines for a in actors])[:S]
+    measured = list(range(microbatches)) if subset is None else sorted(subset)
+    chunks = ray.get([a.begin_exact.remote(chunk, None if subset is None else tuple(measured), microbatches)
+                      for actors in pipelines for a in actors])[:S]
     live = ray.get([a.live_layers.remote() for a in pipelines[0]])   # the same on every replica
     owned: dict[int, list] = {j: [] for j in range(S) if live[j]}
     if live[last]:
         owned[last] = [actors[last].exact_local.remote(live[last]) for actors in pipelines]
     orders = []
     for r in range(R):
-        mine = [b for b in range(microbatches) if replica_of(b, R) == r]
+        mine = [b for b in measured if replica_of(b, R) == r]
         orders.append([(b, j, c) for b in mine for j in range(last) for c in range(chunks[j])])
     task = progress.add_task("pass exact", total=sum(len(o) for o in orders) + len(owned.get(last, []))) \
         if progress is not None else None

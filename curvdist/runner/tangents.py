@@ -17,7 +17,10 @@ the cached stage inputs.  Every stage input was cached by the statistics pass, s
 The HVPs run in ``exact_dtype`` (the parameters are upcast for the pass, then cast back losslessly).
 
 With R replicas each replica measures its own micro-batches; :meth:`ExactSteps.end_exact` adds the sums N_b·h_b
-and N_b over the replicas before dividing, so R replicas give the numbers of one.
+and N_b over the replicas before dividing, so R replicas give the numbers of one.  The exact pass may measure a
+seeded sample of the micro-batches (``data.exact_sequences``, :func:`curvdist.math.sequence.exact_microbatches`);
+each replica then measures the sampled ones among its own, and the per-micro-batch moments
+(:class:`curvdist.math.subsample.ExactMoments`) are all-reduced with the sums, for h_se and h_gn_se.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from curvdist.math import losses, noise
+from curvdist.math import losses, noise, subsample
 from curvdist.math.curvature import Curvature, exact_curvature
 from curvdist.math.forward import exact_torch_dtype, parameters_in
 from curvdist.math.stage_tangents import (
@@ -62,12 +65,23 @@ class ExactSteps:
         self._pert: PerturbedStage | None = None
         self._exact_ctx = None
         self._busy_exact, self._sent_bytes, self._sweeps = 0.0, 0, 0
+        self._per_mb: dict[str, dict[int, list]] = {}  # layer → micro-batch → [N_b, h_b (K,), h^GN_b (K,)]
+        self._exact_mbs: frozenset[int] | None = None   # the sampled micro-batches (None: all)
+        self._population: int | None = None            # micro-batches of the whole batch
+
+    def _measured(self, mbs) -> list[int]:
+        """This replica's micro-batches that the exact pass measures, ascending."""
+        return sorted(b for b in mbs if self._exact_mbs is None or b in self._exact_mbs)
 
     # ------------------------------------------------------------------ pass bracket
-    def begin_exact(self, chunk: int | None) -> int:
+    def begin_exact(self, chunk: int | None, microbatches: tuple[int, ...] | None = None,
+                    population: int | None = None) -> int:
         """Upcast the parameters to the exact dtype, hook ε onto this stage's exact layers (a non-last stage), cut
-        their directions into slices of at most ``chunk`` tangents.  Returns the number of slices (chunks)."""
+        their directions into slices of at most ``chunk`` tangents.  ``microbatches``: the sampled micro-batches
+        the pass measures (None: all), out of ``population`` in the batch.  Returns the number of slices."""
         self.reset_exact()
+        self._exact_mbs = None if microbatches is None else frozenset(int(b) for b in microbatches)
+        self._population = population
         self._xdtype = exact_torch_dtype(self.m.exact_dtype, self.dtype)
         self._exact_ctx = parameters_in(self.module, self._xdtype)
         self._exact_ctx.__enter__()
@@ -174,10 +188,18 @@ class ExactSteps:
     def _accumulate(self, mb: int, sl, h: torch.Tensor, msg: dict) -> None:
         """Per (layer, k): N_b·h_b, N_b·h^GN_b, per half, and N_b (a layer's directions may span chunks)."""
         n_b, half = float(msg["n_terms"]), noise.half_of(mb)
-        h = h.double().cpu() * n_b
-        h_gn = torch.as_tensor(msg["h_gn"]).double() * n_b if msg["h_gn"] is not None else torch.zeros_like(h)
+        h_raw = h.double().cpu()
+        gn_raw = torch.as_tensor(msg["h_gn"]).double() if msg["h_gn"] is not None else None
+        h = h_raw * n_b
+        h_gn = gn_raw * n_b if gn_raw is not None else torch.zeros_like(h)
         for t, (layer, k) in enumerate(sl.entries):
             K = self.spectra[layer].k
+            unit = self._per_mb.setdefault(layer, {}).setdefault(
+                mb, [n_b, torch.zeros(K, dtype=torch.float64), None if gn_raw is None else
+                     torch.zeros(K, dtype=torch.float64)])
+            unit[1][k] = h_raw[t]
+            if gn_raw is not None:
+                unit[2][k] = gn_raw[t]
             acc = self._h.setdefault(layer, {"n": torch.zeros(3, K, dtype=torch.float64),
                                              "h": torch.zeros(3, K, dtype=torch.float64),
                                              "h_gn": torch.zeros(K, dtype=torch.float64)})
@@ -191,7 +213,7 @@ class ExactSteps:
         per micro-batch, one create_graph backward, a double backward per layer from the layer outputs) on the
         cached stage inputs of this replica's micro-batches.  Returns how many micro-batches it measured."""
         t0 = time.perf_counter()
-        mbs = sorted(self._inputs)
+        mbs = self._measured(self._inputs)
         self._local, self._n_local = {}, sum(self._n_terms[b] for b in mbs)
         if layers and mbs:
             data = []
@@ -201,7 +223,8 @@ class ExactSteps:
                 data.append((inputs, torch.as_tensor(self._targets[mb]).to(self.device)))
             dirs = {n: (self.spectra[n].U, self.spectra[n].V) for n in layers}
             self._local = exact_curvature(self.module, data, self.m.loss, dirs,
-                                          layers={n: self.layers[n] for n in layers}, gn=self.m.gn, keys=mbs)
+                                          layers={n: self.layers[n] for n in layers}, gn=self.m.gn, keys=mbs,
+                                          population=self._population)
         self._busy_exact += time.perf_counter() - t0
         self.timings["exact_local_s"] = time.perf_counter() - t0
         return len(mbs)
@@ -213,10 +236,17 @@ class ExactSteps:
         (N, N_a, N_b) × K, (N·h, N_a·h_a, N_b·h_b) and N·h^GN.  The driver calls it when every sweep of this
         stage's layers is done (later sweeps of upstream stages may still pass through).  Returns the layers."""
         names = self.live_layers()
-        n_half_local = [sum(n for b, n in self._n_terms.items() if noise.half_of(b) == i) for i in (0, 1)]
-        parts = []
+        mbs = self._measured(self._n_terms)
+        n_half_local = [sum(self._n_terms[b] for b in mbs if noise.half_of(b) == i) for i in (0, 1)]
+        parts, moments = [], []
         for n in names:
             K = self.spectra[n].k
+            mom = subsample.ExactMoments.zeros(K)
+            if n in self._local and self._local[n].moments is not None:
+                mom = self._local[n].moments
+            for n_b, h_b, gn_b in self._per_mb.get(n, {}).values():
+                mom = mom + subsample.ExactMoments.of_unit(n_b, h_b, gn_b, K)
+            moments += mom.to_tensors()
             n3 = torch.zeros(3, K, dtype=torch.float64)
             h3 = torch.zeros(3, K, dtype=torch.float64)
             h_gn = torch.zeros(K, dtype=torch.float64)
@@ -234,15 +264,19 @@ class ExactSteps:
                 a = self._h[n]
                 n3, h3, h_gn = a["n"], a["h"], a["h_gn"]
             parts += [n3, h3, h_gn]
-        parts = self.group.all_reduce_sum(parts)
+        parts = self.group.all_reduce_sum(parts + moments)
+        parts, moments = parts[:3 * len(names)], parts[3 * len(names):]
         self.curvature = {}
+        w = len(subsample.ExactMoments.zeros(1).to_tensors())
         for i, n in enumerate(names):
             n3, h3, h_gn = parts[3 * i:3 * i + 3]
             if float(n3[0].min()) > 0:
                 N = n3[0]
+                mom = subsample.ExactMoments.from_tensors(moments[w * i:w * (i + 1)])
                 self.curvature[n] = Curvature(h=h3[0] / N, h_gn=(h_gn / N) if self.m.gn else None,
-                                              h_half=noise.half_means(h3[1:], [float(n3[1, 0]), float(n3[2, 0])]))
-        self._h, self._local, self._n_local = {}, {}, 0
+                                              h_half=noise.half_means(h3[1:], [float(n3[1, 0]), float(n3[2, 0])]),
+                                              moments=mom, population=self._population or int(round(mom.units)))
+        self._h, self._local, self._n_local, self._per_mb = {}, {}, 0, {}
         return list(self.curvature)
 
     def finish_exact(self) -> dict:
