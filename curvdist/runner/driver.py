@@ -42,7 +42,7 @@ def make_plan(cfg: C.RunConfig, index: CheckpointIndex | None = None) -> tuple[C
     from curvdist.io.sources import resolve_checkpoint
     from curvdist.runner.planning import plan_from_index
 
-    index = index or CheckpointIndex.open(resolve_checkpoint(cfg.model))
+    index = index or CheckpointIndex.open(resolve_checkpoint(cfg.model), cfg.model.config_json)
     return index, plan_from_index(index, cfg).stages
 
 
@@ -73,7 +73,7 @@ def main(cfg: C.RunConfig) -> str:
     import ray
 
     from curvdist.io import data as D
-    from curvdist.io.sources import load_tokenizer
+    from curvdist.io.sources import load_tokenizer, tokenizer_dir
     from curvdist.preflight import check as preflight
 
     t_start = time.perf_counter()
@@ -93,7 +93,7 @@ def main(cfg: C.RunConfig) -> str:
         console.print(f"[bold]curvdist[/] run {run_id}: every layer is already written in {out}")
         _finish(cfg, out, run_id, base_run, timings, "complete (resumed: nothing left)", None)
         return run_id
-    tok = load_tokenizer(ckpt, trust_remote_code=cfg.model.trust_remote_code)
+    tok = load_tokenizer(tokenizer_dir(cfg.model, ckpt, index), trust_remote_code=cfg.model.trust_remote_code)
     vocab = index.hf_config().vocab_size
     batches = D.make_batches(cfg.data, tokenizer=tok, vocab_size=vocab)
     device = cluster.device_of(cfg)
