@@ -171,6 +171,12 @@ class ModelConfig(_Config):
                                        "without config.json beside it reads this one")
     tokenizer: str | None = _f(None, "a folder holding the tokenizer files; null: the checkpoint's own (for a "
                                      "DeepSpeed checkpoint: the folder of its config.json)")
+    checkpoints: list[str] | None = _f(  # noqa: RUF009
+        None, "a trajectory: checkpoints of one training run (paths, or globs such as run/global_step* or "
+              "out/checkpoint-*), each measured with the same settings into one dataset as run <run_id>-step<N>; "
+              "replaces `path`")
+    step: int | None = _f(None, "the training step of `path` (the `step` column); null: parsed from its name "
+                                "(global_step<N>, checkpoint-<N>, else its last number)")
     dtype: str = _f("float32", "dtype of the forward and backward pass", DTYPES)
     attn_implementation: str = _f("sdpa", "Hugging Face attention implementation; curvdist runs sdpa through "
                                   "its MATH kernel, which supports double backward and forward-mode AD and keeps "
@@ -181,9 +187,15 @@ class ModelConfig(_Config):
                                         "from a YAML file")
 
     def _validate(self) -> None:
+        if self.checkpoints is not None:
+            if not self.checkpoints:
+                raise ConfigError("checkpoints", "[] names no checkpoint; give paths or globs, or use model.path")
+            if self.path is not None:
+                raise ConfigError("checkpoints", "replaces model.path; set one of them, not both")
+            self.name = None
         if self.path is not None:
             self.name = None  # an explicit path replaces the default builtin name
-        if self.path is None and self.name is None:
+        if self.path is None and self.name is None and self.checkpoints is None:
             raise ConfigError("name", f"set model.path (a model directory) or model.name (one of: "
                                       f"{', '.join(BUILTIN_MODELS)})")
         if self.gguf_file is not None and self.path is None:

@@ -66,7 +66,6 @@ def consolidate(out: Path, family: str, tags: list[str]) -> None:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     model = make_model(family)
-    model.config.save_pretrained(out)
     for tag in tags:
         state = get_fp32_state_dict_from_zero_checkpoint(str(out), tag=tag)
         model.load_state_dict(state, strict=False)
@@ -89,6 +88,7 @@ def main(argv=None) -> None:
         port = s.getsockname()[1]
     import torch.multiprocessing as mp
     mp.start_processes(_rank, args=(args, port), nprocs=args.world, start_method="spawn")
+    make_model(args.family).config.save_pretrained(args.out)
     if not args.no_consolidate:
         consolidate(args.out, args.family, [f"global_step{s}" for s in sorted(args.save_at)])
 

@@ -75,7 +75,7 @@ def load_meta(file: Path):
             return torch.load(file, map_location="meta", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError or RuntimeError for the same refusals
         msg = str(e)
-        m = re.search(r"Unsupported global: GLOBAL (\S+)", msg)
+        m = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", msg)
         if m or "Weights only load failed" in msg:
             what = m.group(1) if m else "an object that is not a tensor or plain value"
             raise UnsafeCheckpointError(
@@ -143,8 +143,9 @@ class ZeroCheckpoint:
 
 
 def open_index(path: Path, config_json: str | os.PathLike | None = None):
-    """The :class:`curvdist.io.checkpoint.CheckpointIndex` of a DeepSpeed checkpoint: names and shapes from its metadata, config.json from ``config_json``,
-    else from ``path``, the tag folder or the folder above it (an HF Trainer ``checkpoint-N`` holds it)."""
+    """The :class:`curvdist.io.checkpoint.CheckpointIndex` of a DeepSpeed checkpoint: names and shapes from its
+    metadata; config.json from ``config_json``, else from ``path``, the tag folder or the folder above it (an HF
+    Trainer ``checkpoint-N`` holds it)."""
     from curvdist.io import checkpoint as ckpt
 
     zc = open_zero(path)

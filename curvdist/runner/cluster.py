@@ -43,8 +43,9 @@ def start_ray(cfg: C.RunConfig) -> tuple[float, float]:
             kw = {}
             if cfg.ray.object_store_gb:
                 kw["object_store_memory"] = int(cfg.ray.object_store_gb * 2**30)
-            # bound to loopback; the dashboard only when asked (it listens on a port)
-            ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=cfg.ray.dashboard,
+            # bound to loopback; the dashboard only when asked (it listens on a port); "local": a new cluster even
+            # when another one on this machine is recorded in /tmp/ray (ray.init would join it otherwise)
+            ray.init("local", num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=cfg.ray.dashboard,
                      _node_ip_address="127.0.0.1", log_to_driver=False, **kw)
     res = ray.cluster_resources()
     return res.get("CPU", 0.0), res.get("GPU", 0.0)

@@ -69,8 +69,13 @@ def main(cfg: C.RunConfig) -> str:
     """Run the measurement described by ``cfg``; returns the run id.  Prints the α-by-layer-type table.
 
     Dead workers are replaced and their group replayed (:mod:`curvdist.runner.supervise`); Ctrl-C stops the
-    workers and raises KeyboardInterrupt with every finished layer kept; a rerun into the same ``out`` resumes."""
+    workers and raises KeyboardInterrupt with every finished layer kept; a rerun into the same ``out`` resumes.
+    ``model.checkpoints`` runs each checkpoint in turn (:mod:`curvdist.runner.trajectory`; returns the last id)."""
     import ray
+
+    if cfg.model.checkpoints:
+        from curvdist.runner import trajectory
+        return trajectory.main(cfg)[-1]
 
     from curvdist.io import data as D
     from curvdist.io.sources import load_tokenizer, tokenizer_dir
@@ -88,7 +93,7 @@ def main(cfg: C.RunConfig) -> str:
     todo = {p.index: [n for n in p.layers if n not in done] for p in plans}
     n_todo = sum(len(v) for v in todo.values())
     base_run = {"created_at": None, "config_json": json.dumps(C.to_dict(cfg)), "config_hash": C.config_hash(cfg),
-                "versions_json": json.dumps(_versions()), "git_commit": _git_commit()}
+                "versions_json": json.dumps(_versions()), "git_commit": _git_commit(), "step": _step(cfg)}
     if n_todo == 0:
         console.print(f"[bold]curvdist[/] run {run_id}: every layer is already written in {out}")
         _finish(cfg, out, run_id, base_run, timings, "complete (resumed: nothing left)", None)
@@ -132,6 +137,14 @@ def main(cfg: C.RunConfig) -> str:
     timings["peak_rss_gb_per_worker"] = [round(i.peak_rss_bytes / 2**30, 3) for i in info]
     _finish(cfg, out, run_id, base_run, timings, "complete", cluster.hardware(device))
     return run_id
+
+
+def _step(cfg: C.RunConfig) -> int | None:
+    """The training step of the measured checkpoint: ``model.step``, else parsed from ``model.path``'s name."""
+    from curvdist.runner.trajectory import step_of
+    if cfg.model.step is not None or not cfg.model.path:
+        return cfg.model.step
+    return step_of(cfg.model.path)
 
 
 def _exact_chunk(cfg: C.RunConfig, index: CheckpointIndex) -> int | None:
@@ -247,7 +260,9 @@ def _write_rows(ctx: GroupContext, workers: list, phase: str, first: int = 0) ->
         rows = ray.get(ready[0])
         if rows.layers:
             part = store.part_name(phase, j, ctx.group)
-            store.write_result(ctx.out, ctx.run_id, part, {"layers": rows.layers, "directions": rows.directions,
+            step = _step(ctx.cfg)
+            layers = [dict(r, step=step) for r in rows.layers]
+            store.write_result(ctx.out, ctx.run_id, part, {"layers": layers, "directions": rows.directions,
                                                            "spectra": rows.spectra})
             fault_point(os.environ.get(FAULT_ENV), "driver", f"written-{phase}")
 
