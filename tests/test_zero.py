@@ -120,7 +120,8 @@ def test_run_on_deepspeed_equals_safetensors(ray_local, ds_runs, tmp_path, kind,
     for k, r in st_d.items():
         for key in ("sigma", "h", "h_kron"):
             assert same(r[key], ds_d[k][key]), (k, key, r[key], ds_d[k][key])
-    assert sum(r["h"] is not None for r in ds_d.values()) > 0
+    if kind == "zero2":   # the Llama measures exact h on block 1 (both routes; the GPT-2 run leaves h null in both)
+        assert sum(r["h"] is not None for r in ds_d.values()) > 0
 
 
 class _Evil:
