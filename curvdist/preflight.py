@@ -49,6 +49,7 @@ class MemoryCheckSkipped(UserWarning):
 def check(cfg: RunConfig):
     """Every check a run needs before Ray starts; raises PreflightError.  Materialises a builtin model (into the
     cache, atomically) as the run would.  Returns ``(checkpoint directory, CheckpointIndex)`` for the run to use."""
+    from curvdist.io import sources
     from curvdist.io.checkpoint import CheckpointIndex
     from curvdist.io.sources import resolve_checkpoint
 
@@ -64,12 +65,14 @@ def check(cfg: RunConfig):
             raise PreflightError(f"model.path={m.path!r} is a file, not a checkpoint directory; point it at the "
                                  f"directory that holds config.json, or convert it: `curvdist convert {m.path} DST`")
     ckpt = resolve_checkpoint(m)
-    check_checkpoint(ckpt, trust_remote_code=m.trust_remote_code)
-    index = CheckpointIndex.open(ckpt)
+    index = check_deepspeed(ckpt, m)
+    if index is None:
+        check_checkpoint(ckpt, trust_remote_code=m.trust_remote_code)
+        index = CheckpointIndex.open(ckpt)
     index.trust_remote_code = m.trust_remote_code
     check_architecture(index)
     plan = check_layers(index, cfg)
-    check_data(cfg, ckpt, index.config.get("vocab_size"))
+    check_data(cfg, sources.tokenizer_dir(m, ckpt, index), index.config.get("vocab_size"))
     check_memory(cfg, plan)
     return ckpt, index
 
@@ -164,6 +167,24 @@ def check_checkpoint(path: Path, *, trust_remote_code: bool = False, weights: bo
     if weights:
         for f in shard_files(path):
             check_shard(f)
+
+
+def check_deepspeed(path: Path, m):
+    """The index of a DeepSpeed checkpoint at ``path`` (its metadata read weights-only, its config.json supported
+    and asking for no remote code), or None when ``path`` holds safetensors or is no DeepSpeed checkpoint."""
+    from curvdist.io import zero
+    from curvdist.io.checkpoint import CheckpointIndex
+
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return None
+    try:
+        if zero.tag_folder(path) is None:
+            return None
+        index = CheckpointIndex.open(path, m.config_json)
+    except (FileNotFoundError, ValueError) as e:   # UnsafeCheckpointError included: nothing ran
+        raise PreflightError(str(e)) from None
+    _check_config(index.config, index.config_dir / "config.json", m.trust_remote_code)
+    return index
 
 
 def shard_files(path: Path) -> list[Path]:

@@ -12,7 +12,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import tiny
-import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -333,34 +332,6 @@ def test_transformers_never_runs_remote_code_by_default(model, monkeypatch):
     with pytest.raises(OSError):
         checkpoint.convert(ckpt, ckpt.parent / "converted")
     assert seen == [False, True, False, False]
-
-
-class _Payload:
-    def __reduce__(self):
-        return (print, ("pickled code ran",))
-
-
-def test_zero_checkpoint_loads_weights_only(tmp_path, monkeypatch):
-    import types
-
-    from curvdist.io import zero
-
-    def get_fp32(path, tag=None):  # what DeepSpeed's zero_to_fp32 does: torch.load(..., weights_only=False)
-        return torch.load(Path(path) / "state.pt", weights_only=False)
-
-    mod = types.ModuleType("deepspeed.utils.zero_to_fp32")
-    mod.get_fp32_state_dict_from_zero_checkpoint = get_fp32
-    for name in ("deepspeed", "deepspeed.utils"):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.setitem(sys.modules, "deepspeed.utils.zero_to_fp32", mod)
-    original = torch.load
-    torch.save({"w": torch.ones(2), "step": 3, "name": "x"}, tmp_path / "state.pt")
-    got = zero.read_zero_checkpoint(tmp_path)
-    assert torch.equal(got["w"], torch.ones(2)) and got["step"] == 3
-    torch.save({"w": _Payload()}, tmp_path / "state.pt")
-    with pytest.raises(Exception, match="[Ww]eights only"):
-        zero.read_zero_checkpoint(tmp_path)
-    assert torch.load is original  # restored
 
 
 def test_local_ray_is_loopback_without_dashboard(monkeypatch):

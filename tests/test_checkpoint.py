@@ -14,7 +14,6 @@ from transformers import (
 
 from curvdist.io import checkpoint as ckpt
 from curvdist.io import slice as slice_
-from curvdist.io import zero
 from curvdist.math import families
 
 MAKERS = tiny.makers(3)
@@ -223,16 +222,11 @@ def test_convert_tiny_model(tmp_path):
         ckpt.convert(tmp_path / "absent", tmp_path / "x")
 
 
-def test_bundled_weight_helpers_and_zero():
+def test_bundled_weight_helpers():
     p = ckpt.smollm2_gguf_path()
     assert p is None or (p.suffix == ".gguf" and p.exists())
     m = ckpt.minilm_path()
     assert m is None or (m / "config.json").exists()
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match=r"pip install curvdist\[deepspeed\]"):
-            zero.read_zero_checkpoint("/nonexistent")
 
 
 def test_unsupported_family_for_stages(tmp_path):

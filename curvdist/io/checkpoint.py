@@ -84,10 +84,12 @@ class CheckpointIndex:
     tied: dict[str, str] = field(default_factory=dict)  # canonical head tensor absent from the file → its source
     _hf_config: object = field(default=None, repr=False)
     trust_remote_code: bool = False    # passed to transformers (set by --trust-remote-code only)
+    zero: object = field(default=None, repr=False)  # a DeepSpeed checkpoint's reader (curvdist.io.zero)
+    config_dir: Path | None = None     # where config.json (and the tokenizer) lie when not in ``path``
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> CheckpointIndex:
-        return open_index(path)
+    def open(cls, path: str | os.PathLike, config_json: str | os.PathLike | None = None) -> CheckpointIndex:
+        return open_index(path, config_json)
 
     @property
     def total_bytes(self) -> int:
@@ -144,7 +146,7 @@ class CheckpointIndex:
         """The transformers config (parsed once; local files only)."""
         if self._hf_config is None:
             from transformers import AutoConfig
-            self._hf_config = AutoConfig.from_pretrained(str(self.path), local_files_only=True,
+            self._hf_config = AutoConfig.from_pretrained(str(self.config_dir or self.path), local_files_only=True,
                                                          trust_remote_code=self.trust_remote_code)
         return self._hf_config
 
@@ -202,14 +204,21 @@ def _is_base(architecture: str | None, family: str) -> bool:
     return architecture.endswith("Model") and not architecture.endswith(("LMHeadModel", "PreTrainedModel"))
 
 
-def open_index(path: str | os.PathLike) -> CheckpointIndex:
-    """Read a checkpoint directory's config and safetensors headers; nothing else is read."""
+def open_index(path: str | os.PathLike, config_json: str | os.PathLike | None = None) -> CheckpointIndex:
+    """Read a checkpoint directory's config and safetensors headers (or a DeepSpeed checkpoint's metadata, see
+    :mod:`curvdist.io.zero`: a folder without safetensors whose ``latest`` names a ``global_stepN``, or such a
+    folder itself); nothing else is read.  ``config_json`` (a file or a folder holding one) stands in for a
+    DeepSpeed checkpoint's missing config.json."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path}: no such directory")
     if not path.is_dir():
         raise NotADirectoryError(f"checkpoint {path}: not a directory (a GGUF or .bin file must be converted first: "
                                  f"`curvdist convert {path} DST`)")
+    if not any(path.glob("*.safetensors")):
+        from curvdist.io import zero
+        if zero.tag_folder(path) is not None:
+            return zero.open_index(path, config_json)
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"checkpoint {path}: no config.json; point model.path at a Hugging Face model "
@@ -243,12 +252,17 @@ def open_index(path: str | os.PathLike) -> CheckpointIndex:
     missing = [n for n in shard_of if n not in tensors]
     if missing:
         raise ValueError(f"checkpoint {path}: the index lists tensors absent from their shards: {missing[:5]}")
+    return _index(path, config, tensors)
+
+
+def _index(path: Path, config: dict, tensors: dict[str, TensorInfo], **extra) -> CheckpointIndex:
+    """The index of ``tensors`` (stored name → info) of a model described by ``config``."""
     family = families.detect_family(config)
     archs = config.get("architectures") or [None]
     arch = archs[0]
     is_base = _is_base(arch, family)
     names = {_canonical(n, family, is_base): n for n in tensors}
-    idx = CheckpointIndex(path, config, family, arch, is_base, tensors, names, 0, [], 0, 0)
+    idx = CheckpointIndex(path, config, family, arch, is_base, tensors, names, 0, [], 0, 0, **extra)
     for target, source in _TIED.get(family, {}).items():
         if target not in names and source in names and not is_base \
                 and (family != "bert" or (arch or "").endswith("ForMaskedLM")):
@@ -287,10 +301,17 @@ def load_tensors(index: CheckpointIndex, names: list[str], device: str | torch.d
     ``dtype`` when given.  Every read is counted in :data:`READS`."""
     from safetensors import safe_open
 
-    by_file: dict[str, list[str]] = {}
     for n in names:
         if n not in index.tensors:
             raise KeyError(f"checkpoint {index.path}: no tensor {n!r}")
+    if index.zero is not None:   # a DeepSpeed checkpoint: each tensor's fragments, read in place
+        out = {}
+        for n, t in index.zero.read(names).items():
+            READS[n] += 1
+            out[n] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).to(device)
+        return out
+    by_file: dict[str, list[str]] = {}
+    for n in names:
         by_file.setdefault(index.tensors[n].file, []).append(n)
     out: dict[str, torch.Tensor] = {}
     dev = torch.device(device)

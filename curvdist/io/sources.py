@@ -56,7 +56,7 @@ def resolve_checkpoint(model_cfg) -> Path:
             return dst
         if not p.exists():
             raise FileNotFoundError(f"model.path {p} does not exist; point it at a Hugging Face checkpoint "
-                                    "directory (config.json + *.safetensors)")
+                                    "directory (config.json + *.safetensors) or a DeepSpeed checkpoint folder")
         return p
     name = model_cfg.name
     if name in TINY:
@@ -73,6 +73,14 @@ def resolve_checkpoint(model_cfg) -> Path:
         return dst
     raise ValueError(f"model.name={name!r} cannot be analysed as a causal LM here; use model.path, or one of "
                      f"smollm2-135m, {', '.join(TINY)}")
+
+
+def tokenizer_dir(model_cfg, ckpt: Path, index=None) -> Path:
+    """Where the run's tokenizer lies: ``model.tokenizer``, else the folder of the checkpoint's config.json (a
+    DeepSpeed checkpoint's may be elsewhere), else the checkpoint directory."""
+    if model_cfg.tokenizer:
+        return Path(model_cfg.tokenizer).expanduser()
+    return Path(getattr(index, "config_dir", None) or ckpt)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",

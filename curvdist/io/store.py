@@ -67,7 +67,7 @@ _SCHEMAS: dict[str, pa.Schema] = {
         [("run_id", _str)],
         [("created_at", pa.timestamp("us", tz="UTC")), ("config_json", _str), ("config_hash", _str),
          ("versions_json", _str), ("git_commit", _str), ("hardware_json", _str), ("timings_json", _str),
-         ("status", _str)])),
+         ("status", _str), ("step", _i64)])),
     "layers": pa.schema(_fields(
         [("run_id", _str), ("layer", _str)],
         [("layer_type", _str), ("block", _i32), ("family", _str), ("m", _i64), ("n", _i64), ("rows", _i64),
@@ -81,7 +81,7 @@ _SCHEMAS: dict[str, pa.Schema] = {
            ("noise_scale", _f64), ("stable_directions", _i32), ("alpha_half_a", _f64), ("alpha_half_b", _f64),
            ("exact_dtype", _str), ("phase", _str), ("exact_pending", pa.bool_()), ("part", _str),
            ("factor_mode_A", _str), ("factor_mode_delta", _str), ("lambda_rel_err_A", _f64),
-           ("lambda_rel_err_delta", _f64), ("exact_units", _i64), ("h_unit_rel_sd", _f64)])),
+           ("lambda_rel_err_delta", _f64), ("exact_units", _i64), ("h_unit_rel_sd", _f64), ("step", _i64)])),
     "directions": pa.schema(_fields(
         [("run_id", _str), ("layer", _str), ("k", _i32)],
         [(c, _f64) for c in DIRECTION_COLUMNS[2:]] + [("part", _str)])),

@@ -43,7 +43,7 @@ def make_plan(cfg: C.RunConfig, index: CheckpointIndex | None = None) -> tuple[C
     from curvdist.io.sources import resolve_checkpoint
     from curvdist.runner.planning import plan_from_index
 
-    index = index or CheckpointIndex.open(resolve_checkpoint(cfg.model))
+    index = index or CheckpointIndex.open(resolve_checkpoint(cfg.model), cfg.model.config_json)
     return index, plan_from_index(index, cfg).stages
 
 
@@ -70,11 +70,16 @@ def main(cfg: C.RunConfig) -> str:
     """Run the measurement described by ``cfg``; returns the run id.  Prints the α-by-layer-type table.
 
     Dead workers are replaced and their group replayed (:mod:`curvdist.runner.supervise`); Ctrl-C stops the
-    workers and raises KeyboardInterrupt with every finished layer kept; a rerun into the same ``out`` resumes."""
+    workers and raises KeyboardInterrupt with every finished layer kept; a rerun into the same ``out`` resumes.
+    ``model.checkpoints`` runs each checkpoint in turn (:mod:`curvdist.runner.trajectory`; returns the last id)."""
     import ray
 
+    if cfg.model.checkpoints:
+        from curvdist.runner import trajectory
+        return trajectory.main(cfg)[-1]
+
     from curvdist.io import data as D
-    from curvdist.io.sources import load_tokenizer
+    from curvdist.io.sources import load_tokenizer, tokenizer_dir
     from curvdist.preflight import check as preflight
 
     t_start = time.perf_counter()
@@ -89,12 +94,12 @@ def main(cfg: C.RunConfig) -> str:
     todo = {p.index: [n for n in p.layers if n not in done] for p in plans}
     n_todo = sum(len(v) for v in todo.values())
     base_run = {"created_at": None, "config_json": json.dumps(C.to_dict(cfg)), "config_hash": C.config_hash(cfg),
-                "versions_json": json.dumps(_versions()), "git_commit": _git_commit()}
+                "versions_json": json.dumps(_versions()), "git_commit": _git_commit(), "step": _step(cfg)}
     if n_todo == 0:
         console.print(f"[bold]curvdist[/] run {run_id}: every layer is already written in {out}")
         _finish(cfg, out, run_id, base_run, timings, "complete (resumed: nothing left)", None)
         return run_id
-    tok = load_tokenizer(ckpt, trust_remote_code=cfg.model.trust_remote_code)
+    tok = load_tokenizer(tokenizer_dir(cfg.model, ckpt, index), trust_remote_code=cfg.model.trust_remote_code)
     vocab = index.hf_config().vocab_size
     batches = D.make_batches(cfg.data, tokenizer=tok, vocab_size=vocab)
     device = cluster.device_of(cfg)
@@ -134,6 +139,14 @@ def main(cfg: C.RunConfig) -> str:
     timings["peak_rss_gb_per_worker"] = [round(i.peak_rss_bytes / 2**30, 3) for i in info]
     _finish(cfg, out, run_id, base_run, timings, "complete", cluster.hardware(device))
     return run_id
+
+
+def _step(cfg: C.RunConfig) -> int | None:
+    """The training step of the measured checkpoint: ``model.step``, else parsed from ``model.path``'s name."""
+    from curvdist.runner.trajectory import step_of
+    if cfg.model.step is not None or not cfg.model.path:
+        return cfg.model.step
+    return step_of(cfg.model.path)
 
 
 def _exact_chunk(cfg: C.RunConfig, index: CheckpointIndex) -> int | None:
@@ -254,7 +267,9 @@ def _write_rows(ctx: GroupContext, workers: list, phase: str, first: int = 0) ->
         rows = ray.get(ready[0])
         if rows.layers:
             part = store.part_name(phase, j, ctx.group)
-            store.write_result(ctx.out, ctx.run_id, part, {"layers": rows.layers, "directions": rows.directions,
+            step = _step(ctx.cfg)
+            layers = [dict(r, step=step) for r in rows.layers]
+            store.write_result(ctx.out, ctx.run_id, part, {"layers": layers, "directions": rows.directions,
                                                            "spectra": rows.spectra})
             fault_point(os.environ.get(FAULT_ENV), "driver", f"written-{phase}")
 

@@ -239,6 +239,10 @@ def resolve_index(cfg: RunConfig) -> tuple[ckpt.CheckpointIndex, str]:
     path = Path(m.path).expanduser() if m.path else None
     if path is not None and _has_safetensors(path) and not m.gguf_file:
         return ckpt.CheckpointIndex.open(path), "checkpoint"
+    if path is not None and path.is_dir() and not _has_safetensors(path):
+        from curvdist.io import zero
+        if zero.tag_folder(path) is not None:   # DeepSpeed: names and shapes from its metadata
+            return ckpt.CheckpointIndex.open(path, m.config_json), "checkpoint"
     cached = _cached(m)
     if cached is not None:
         return ckpt.CheckpointIndex.open(cached), "checkpoint"

@@ -34,7 +34,7 @@ def measurement(cfg: RunConfig) -> Measurement:
 class WorkerSpec:
     """One stage worker: which slice of which checkpoint, which layers, on what device, measuring what."""
 
-    checkpoint: str                   # the safetensors directory (every worker reads only its own tensors)
+    checkpoint: str                   # the safetensors or DeepSpeed directory (every worker reads only its tensors)
     stage: int                        # position in the pipeline, 0 .. stages-1
     stages: int
     replica: int                      # which copy of the pipeline, 0 .. replicas-1 (replica 0 reports the rows)
@@ -53,6 +53,7 @@ class WorkerSpec:
     factor_mode: str                  # the policy (config factor_mode), for layers the plan gave no modes
     factor_modes: tuple[tuple[str, str | None, str | None], ...]   # (layer, mode of C_A, mode of C_δ) from the plan
     measurement: Measurement
+    config_json: str | None = None    # model.config_json: a DeepSpeed checkpoint's config.json kept elsewhere
     collective: str = "gloo"          # replicas' all-reduce: nccl (a GPU per worker) or gloo (CPU, shared GPUs)
     transport: str = "object_store"   # how this worker's outputs reach the next stage (curvdist.runner.transport)
     fault: str | None = None          # test hook, see FAULT_ENV
@@ -77,6 +78,6 @@ class WorkerSpec:
                    device=device, threads=int(threads), attn_implementation=cfg.model.attn_implementation,
                    factor_budget_bytes=int(cfg.factor_budget_gb * 2**30), factor_mode=cfg.factor_mode,
                    factor_modes=tuple((n, *plan.modes[n]) for n in layers if n in plan.modes),
-                   measurement=measurement(cfg),
+                   measurement=measurement(cfg), config_json=cfg.model.config_json,
                    collective="nccl" if device == "cuda" and gpus_per_worker >= 1 else "gloo", transport=transport,
                    fault=os.environ.get(FAULT_ENV) or None, sleep_s=float(os.environ.get(SLEEP_ENV) or 0.0))

@@ -93,7 +93,7 @@ class Worker(ExactSteps):
         self.dtype = DTYPES[spec.dtype]
         self.stat_dtype = DTYPES[spec.stat_dtype]
         t0 = time.perf_counter()
-        index = checkpoint.CheckpointIndex.open(spec.checkpoint)
+        index = checkpoint.CheckpointIndex.open(spec.checkpoint, spec.config_json)
         fault_point(spec.fault, spec.stage, "load")
         self.module = build_slice(index, spec.first_block, spec.last_block, has_embedding=spec.has_embedding,
                                   has_head=spec.has_head, dtype=self.dtype, device=self.device,
