@@ -295,7 +295,7 @@ def make_plots(out: str | os.PathLike, run_id: str | None = None) -> list[Path]:
                                  f"{', '.join(runs) or 'none'}")
             runs = [run_id]
         paths = [p for r in runs for p in plot_run(con, out, r)]
-        steps = con.sql("SELECT count(DISTINCT step) FROM runs WHERE step IS NOT NULL").fetchone()[0] \
+        steps = con.sql("SELECT count(DISTINCT step) FROM runs WHERE step IS NOT NULL").fetchall()[0][0] \
             if "step" in con.sql("SELECT * FROM runs LIMIT 0").columns else 0
     finally:
         con.close()

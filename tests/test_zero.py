@@ -115,13 +115,14 @@ def test_run_on_deepspeed_equals_safetensors(ray_local, ds_runs, tmp_path, kind,
     for n, r in st_l.items():
         for key in ("alpha", "alpha_kron", "beta", "phi", "gamma", "grad_snr"):
             assert same(r[key], ds_l[n][key]), (n, key, r[key], ds_l[n][key])
-    assert sum(r["alpha"] is not None for r in ds_l.values()) > 0
+    assert sum(r["alpha_kron"] is not None for r in ds_l.values()) > 0
     assert set(ds_d) == set(st_d)
     for k, r in st_d.items():
         for key in ("sigma", "h", "h_kron"):
             assert same(r[key], ds_d[k][key]), (k, key, r[key], ds_d[k][key])
-    if kind == "zero2":   # the Llama measures exact h on block 1 (both routes; the GPT-2 run leaves h null in both)
-        assert sum(r["h"] is not None for r in ds_d.values()) > 0
+    if kind == "zero2":   # the Llama measures exact h on block 1 (the trained GPT-2's block-1 h give too few valid
+        assert sum(r["h"] is not None for r in ds_d.values()) > 0   # points for α, in both routes)
+        assert sum(r["alpha"] is not None for r in ds_l.values()) > 0
 
 
 class _Evil:
