@@ -128,7 +128,8 @@ def _memory(c: Console, est) -> None:
     line = (f"activations: what autograd keeps per micro-batch (sdpa's MATH kernel: scores B·heads·T² in float32), "
             f"the layer outputs and input rows the collector keeps; spectral ws: the finalize copy of G and the "
             f"factors, or the SVD/eigensolver workspace; exact ws: forward-over-reverse with K = {est.workload.top_k} "
-            f"tangents for one micro-batch. ")
+            f"tangents for one micro-batch, in exact_dtype={est.workload.exact_dtype} (parameters upcast for the "
+            f"pass included). ")
     if dm.bytes is None:
         line += f"Device memory {dm.source}: not checked."
     else:
@@ -168,6 +169,7 @@ def _cost(c: Console, est) -> None:
     c.print(f"[bold]estimated time: {total('pipelined')} pipelined (this runner: 1F1B passes and exact sweeps"
             f"{f' of up to {chunk} directions' if chunk else ''}), {total('sequential')} one stage at a time[/] "
             f"(an estimate: compute only, at {rate.utilization:.0%} of {escape(rate.source)}'s dense peak, "
-            f"{rate.forward_tflops:g} TFLOP/s for the forward dtype and {rate.stat_tflops:g} for "
-            f"the statistics; dense SVD/eigh at {rate.solver_efficiency:.0%} of peak; transfers between stages and "
+            f"{rate.forward_tflops:g} TFLOP/s for the forward dtype, {rate.stat_tflops:g} for "
+            f"the statistics and {rate.exact_tflops or rate.forward_tflops:g} for the exact HVPs (exact_dtype="
+            f"{est.workload.exact_dtype}); dense SVD/eigh at {rate.solver_efficiency:.0%} of peak; transfers between stages and "
             f"replicas not included; pipelined: the slowest stage × (M + S − 1)/M per pass).")

@@ -100,3 +100,19 @@ def test_exact_pass_over_a_sample_of_the_sequences():
     assert _pass(sub, "exact").flops == pytest.approx(_pass(est, "exact").flops / 8, rel=1e-12)
     for name in ("statistics", "projections"):
         assert _pass(sub, name).flops == _pass(est, name).flops
+
+
+def test_exact_dtype_sets_the_exact_pass_rate_and_memory():
+    """A bfloat16 model with exact_dtype=float32 (the default): the exact pass runs at the device's float32 rate
+    and holds its parameters, activations and tangents in float32; exact_dtype=model at the bfloat16 rate.  At the
+    same directions per sweep, float32's exact workspace is larger by at least the upcast parameters, and the
+    other passes are unchanged."""
+    _, f32 = _est("exact_chunk=8")
+    _, bf16 = _est("exact_chunk=8", "exact_dtype=model")
+    assert f32.cost.throughput.exact_tflops == 67 and bf16.cost.throughput.exact_tflops == 989   # H100 data sheet
+    assert _pass(f32, "exact").flops == _pass(bf16, "exact").flops
+    for a, b in zip(_pass(f32, "exact").stages, _pass(bf16, "exact").stages):
+        assert a.seconds(f32.cost.throughput) == pytest.approx(b.seconds(bf16.cost.throughput) * 989 / 67, rel=1e-9)
+    for a, b in zip(f32.memory.stages, bf16.memory.stages):
+        assert a.exact >= 2 * b.exact - 1 and a.exact - 2 * b.exact >= a.weights - 1   # 2× in float32, + weights
+        assert (a.factors, a.activations) == (b.factors, b.activations)

@@ -59,6 +59,7 @@ class Throughput:
     stat_tflops: float
     utilization: float
     solver_efficiency: float = SOLVER_EFFICIENCY
+    exact_tflops: float | None = None   # the exact pass's dtype (exact_dtype; None: the forward's)
 
 
 @dataclass(frozen=True)
@@ -67,16 +68,18 @@ class Work:
     forward: float = 0.0        # matrix products in the forward dtype
     stat: float = 0.0           # products in stat dtype (factor updates, projections, iterative solvers)
     solver: float = 0.0         # dense factorisations (SVD, eigh) in stat dtype
+    exact: float = 0.0          # the exact pass's products, in exact_dtype
     sent: float = 0.0           # bytes to other stages
     reduced: float = 0.0        # bytes all-reduced with the other replicas, per participant
 
     @property
     def flops(self) -> float:
-        return self.forward + self.stat + self.solver
+        return self.forward + self.stat + self.solver + self.exact
 
     def seconds(self, rate: Throughput) -> float:
         u = rate.utilization * 1e12
         return (self.forward / (rate.forward_tflops * u) + self.stat / (rate.stat_tflops * u)
+                + self.exact / ((rate.exact_tflops or rate.forward_tflops) * u)
                 + self.solver / (rate.stat_tflops * rate.solver_efficiency * 1e12))
 
 
@@ -226,7 +229,7 @@ def estimate_cost(plan, layout: Layout, workload: Workload, throughput: Throughp
             if local:
                 down = [_downstream(fwd[j], F[j], st.first_block, l) for l in local]
                 fl += tokens_x * (3.0 * F[j] + sum(K * (2.0 * d + 2.0 * (l.m + l.n)) for d, l in zip(down, local)))
-        exact.append(Work(forward=fl, sent=sent, reduced=ring * 2 * K * 8 * len([l for l in exact_layers
+        exact.append(Work(exact=fl, sent=sent, reduced=ring * 2 * K * 8 * len([l for l in exact_layers
                                                                                    if owner[l.name] == j])))
     passes = [PassCost("statistics", stats, mb), PassCost("spectral", spec, 1), PassCost("projections", proj, mb)]
     if workload.exact:

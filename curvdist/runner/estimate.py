@@ -80,7 +80,7 @@ def workload_of(cfg: RunConfig) -> Workload:
     d = cfg.data
     return Workload(d.sequences, d.seq_len, d.micro_batch, cfg.top_k, cfg.fisher, cfg.mc_samples, cfg.exact,
                     None if cfg.exact_layers is None else tuple(cfg.exact_layers), cfg.exact_chunk,
-                    d.exact_sequences)
+                    d.exact_sequences, cfg.exact_dtype)
 
 
 def device_kind(cfg: RunConfig) -> str:
@@ -110,7 +110,10 @@ def throughput_of(cfg: RunConfig) -> Throughput | None:
         return Throughput("hardware.device_tflops", hw.device_tflops, hw.device_tflops, hw.utilization)
     if hw.gpu is not None:
         g = devices.GPUS[hw.gpu]
-        return Throughput(g.name, g.tflops(cfg.model.dtype), g.tflops(cfg.stat_dtype), hw.utilization)
+        exact = {"float32": "float32" if cfg.model.dtype in ("bfloat16", "float16") else cfg.model.dtype,
+                 "float64": "float64", "model": cfg.model.dtype}[cfg.exact_dtype]
+        return Throughput(g.name, g.tflops(cfg.model.dtype), g.tflops(cfg.stat_dtype), hw.utilization,
+                          exact_tflops=g.tflops(exact))
     return None
 
 

@@ -227,6 +227,12 @@ def spectral_workspace(m: int, n: int, k: int, stat_dtype: str, device: str, *, 
     return max(svd, eig) * w
 
 
+def exact_itemsize(exact_dtype: str, itemsize: int) -> int:
+    """Bytes per number in the exact pass: float32 at least (``exact_dtype: float32``; a wider model dtype is
+    kept), float64, or the model's (``model``)."""
+    return {"float32": max(4, itemsize), "float64": 8, "model": itemsize}[exact_dtype]
+
+
 def exact_route_bytes(act_autograd: int, tokens: int, arch: Arch, k: int, itemsize: int, *, last: bool,
                       owned_mn: int) -> int:
     """Workspace of forward-over-reverse through one stage for one micro-batch (``act_autograd``: its saved tensors).
@@ -314,12 +320,18 @@ def memory_plan(plan, layout: Layout, workload: Workload, device: str) -> Memory
         exact_mine = [l for l in mine if workload.is_exact(l.name)]
         is_last = st.index == last_index
         through = sweep_tangents(plan, workload, st.index)
+        # the exact pass computes in exact_dtype: parameters upcast in place (the model-dtype copy is freed),
+        # activations and tangents in that dtype
+        xs = exact_itemsize(workload.exact_dtype, s)
+        act_exact = act_autograd * xs // s
         exact = 0
         if through:   # stacked sweeps through this stage: ε tangents (T × T numbers on the source, no ṗ copies)
-            exact = exact_route_bytes(act_autograd, t, arch, through, s, last=is_last, owned_mn=0)
+            exact = exact_route_bytes(act_exact, t, arch, through, xs, last=is_last, owned_mn=0)
         if exact_mine and is_last:                   # the last stage's own layers: in-process route
-            exact = max(exact, exact_local_bytes(act_autograd, t, k, device, min(l.m for l in exact_mine),
-                                                 mb * t * h * s))
+            exact = max(exact, exact_local_bytes(act_exact, t, k, device, min(l.m for l in exact_mine),
+                                                 mb * t * h * xs))
+        if exact:
+            exact += st.param_bytes * (xs - s) // s
         out.append(StageMemory(st.index, layout.held(st.index, mb), st.param_bytes, factors, act_autograd, stats_act,
                                proj_act,
                                backward, cached, device != "cuda", factors, spectral, exact, ritz))
