@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import platform
+import signal
+import threading
 from dataclasses import dataclass
 
 from curvdist import config as C
@@ -30,24 +32,33 @@ def start_ray(cfg: C.RunConfig) -> tuple[float, float]:
     import ray
 
     if not ray.is_initialized():
-        if cfg.ray.address:
-            check_reachable(cfg.ray.address)
-            try:
-                ray.init(address=cfg.ray.address, log_to_driver=False)
-            except ConnectionError as e:   # the port answered, but not as a Ray GCS
-                raise ConnectionError(f"cannot reach the Ray cluster at {cfg.ray.address} ({e}); check ray.address "
-                                      "and that `ray start --head` runs there, or set ray.address to null for a "
-                                      "local Ray") from None
-        else:
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            kw = {}
-            if cfg.ray.object_store_gb:
-                kw["object_store_memory"] = int(cfg.ray.object_store_gb * 2**30)
-            # bound to loopback; the dashboard only when asked (it listens on a port)
-            ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=cfg.ray.dashboard,
-                     _node_ip_address="127.0.0.1", log_to_driver=False, **kw)
+        sigterm = signal.getsignal(signal.SIGTERM)   # ray.init replaces it with sys.exit; keep the caller's
+        _init(cfg)
+        if callable(sigterm) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)
     res = ray.cluster_resources()
     return res.get("CPU", 0.0), res.get("GPU", 0.0)
+
+
+def _init(cfg: C.RunConfig) -> None:
+    import ray
+
+    if cfg.ray.address:
+        check_reachable(cfg.ray.address)
+        try:
+            ray.init(address=cfg.ray.address, log_to_driver=False)
+        except ConnectionError as e:   # the port answered, but not as a Ray GCS
+            raise ConnectionError(f"cannot reach the Ray cluster at {cfg.ray.address} ({e}); check ray.address "
+                                  "and that `ray start --head` runs there, or set ray.address to null for a "
+                                  "local Ray") from None
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        kw = {}
+        if cfg.ray.object_store_gb:
+            kw["object_store_memory"] = int(cfg.ray.object_store_gb * 2**30)
+        # bound to loopback; the dashboard only when asked (it listens on a port)
+        ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=cfg.ray.dashboard,
+                 _node_ip_address="127.0.0.1", log_to_driver=False, **kw)
 
 
 @dataclass(frozen=True)

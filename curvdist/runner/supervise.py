@@ -17,6 +17,7 @@ record are dropped before a rerun) and a fast reachability check of a Ray addres
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -36,6 +37,21 @@ PING_TIMEOUT_S = 120.0   # a worker that answers no ping for this long after a f
 class ClusterError(RuntimeError):
     """The Ray cluster cannot run this plan (too few CPUs/GPUs, placement timed out) or its actors kept dying;
     the CLI reports it in one line."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what SLURM and Kubernetes send before a kill, on preemption or at the time limit): handled like
+    Ctrl-C (workers stopped, finished layers kept), and the CLI exits with :data:`EXIT_TERMINATED`."""
+
+
+EXIT_TERMINATED = 143   # 128 + SIGTERM, the shell's convention; Ctrl-C exits 130
+
+
+def raise_terminated(signum, frame) -> None:
+    """The SIGTERM handler of ``curvdist run``: raise :class:`Terminated` in the main thread.  Further SIGTERMs
+    are ignored so that stopping the workers is not cut short (a scheduler sends SIGKILL after its grace time)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated()
 
 
 class StageFailure(ClusterError):
