@@ -62,6 +62,25 @@ def test_lock_of_another_host_is_stale_only_when_its_heartbeat_stopped(tmp_path)
         L.RunLock(tmp_path, "r").acquire().release()
 
 
+def test_lock_of_an_earlier_incarnation_of_a_requeued_slurm_job_is_stale(tmp_path, monkeypatch):
+    _plant(tmp_path, host="node-elsewhere", pid=1, job="4242")
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")
+    with pytest.raises(L.RunLocked):            # another job's live lock
+        L.RunLock(tmp_path, "r").acquire()
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    with pytest.warns(L.StaleLockWarning, match="earlier incarnation of SLURM job 4242"):
+        L.RunLock(tmp_path, "r").acquire().release()
+
+
+def test_slurm_script_is_valid_bash_without_ray_stop_address():
+    """launch/slurm.sbatch parses, requeues itself, and no longer calls `ray stop --address` (not a ray option)."""
+    import pathlib
+    script = pathlib.Path(__file__).parents[1] / "launch" / "slurm.sbatch"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    assert "ray stop --address" not in text and "#SBATCH --requeue" in text and "scontrol requeue" in text
+
+
 def test_reused_pid_is_stale(tmp_path):
     _plant(tmp_path, pid_start="1")      # our own pid, but a process that started at another time
     with pytest.warns(L.StaleLockWarning, match="pid now belongs to another process"):

@@ -11,7 +11,9 @@ every :data:`HEARTBEAT_S`.  A lock is stale, and is taken over with a warning, w
 * its owner ran on this host and that process is gone (its pid is not running, or is running but started at
   another time: the pid was reused), or
 * its owner ran on another host (whose processes cannot be seen from here) and the file has not been touched
-  for :data:`STALE_OTHER_HOST_S` (the owner's heartbeat stopped: the owner or its node died).
+  for :data:`STALE_OTHER_HOST_S` (the owner's heartbeat stopped: the owner or its node died), or
+* its owner ran on another host in the same SLURM job (``SLURM_JOB_ID``): the job was requeued (preemption, time
+  limit), and SLURM never runs two incarnations of one job at once.
 
 Hidden names (a leading ``.``) are skipped by every reader of the dataset.
 """
@@ -49,6 +51,7 @@ class LockOwner:
     pid: int
     pid_start: str | None      # the process's start time (Linux /proc), to tell a reused pid apart
     started_at: str            # ISO 8601, UTC
+    job: str | None = None     # SLURM_JOB_ID: a requeued job runs again under the same id
 
     def describe(self) -> str:
         return f"pid {self.pid} on host {self.host}, started {self.started_at}"
@@ -87,6 +90,8 @@ def stale_reason(owner: LockOwner, age_s: float, host: str | None = None) -> str
         if owner.pid_start and now and now != owner.pid_start:
             return f"process {owner.pid} is no longer running (its pid now belongs to another process)"
         return None
+    if owner.job and owner.job == os.environ.get("SLURM_JOB_ID"):
+        return f"it is an earlier incarnation of SLURM job {owner.job} (requeued)"
     if age_s > STALE_OTHER_HOST_S:
         return f"its heartbeat stopped {age_s / 60:.0f} min ago (limit {STALE_OTHER_HOST_S / 60:.0f} min)"
     return None
@@ -118,7 +123,7 @@ class RunLock:
             self.out.mkdir(parents=True)
             self._created_out = True
         me = LockOwner(self.run_id, socket.gethostname(), os.getpid(), _pid_start(os.getpid()),
-                       dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+                       dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), os.environ.get("SLURM_JOB_ID"))
         # the check-and-take of a stale lock is serialised between takers on this file system
         with _guard(self.out):
             try:
