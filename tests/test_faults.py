@@ -245,13 +245,15 @@ READER = r"""
 import json, subprocess, sys, time
 from pathlib import Path
 import curvdist
+from curvdist.io.summary import summary
+from curvdist.io.verify import verify
 out, stop, top_k = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 # layers with status ok whose direction rows are not exactly k = 1..min(top_k, m, n), and directions of no layer
 SQL = (f"select l.layer from layers l left join (select run_id, layer, count(*) c, min(k) lo, max(k) hi "
        f"from directions group by all) d using (run_id, layer) where l.status = 'ok' and "
        f"(coalesce(d.c, 0) != least({top_k}, l.m, l.n) or d.lo != 1 or d.hi != d.c) "
        f"union all select layer from directions anti join layers using (run_id, layer)")
-report = {"polls": 0, "cli_polls": 0, "errors": [], "bad": [], "counts": [], "commits": []}
+report = {"polls": 0, "cli_polls": 0, "errors": [], "bad": [], "counts": [], "commits": [], "writing": 0}
 def check(n, c, bad):
     report["counts"].append(n)
     report["commits"].append(c)
@@ -277,7 +279,11 @@ while not last:
             con = curvdist.open(out)
             check(*con.sql("select (select count(*) from layers), count(*) from all_layers").fetchall()[0],
                   [b for (b,) in con.sql(SQL).fetchall()])
+            summary(con)
             con.close()
+            v = verify(out)
+            report["bad"] += v.problems
+            report["writing"] += any("is being written now" in w for w in v.warnings)
             report["polls"] += 1
         except Exception as e:
             report["errors"].append(repr(e))
@@ -286,8 +292,9 @@ print(json.dumps(report))
 
 
 def test_reader_during_a_run_sees_whole_layers_only(env, baseline, tmp_path):
-    """`curvdist query` and `curvdist.open`, polled in a loop by a second process while a run writes, never fail
-    and never see a layer without all its direction rows (or direction rows without their layer)."""
+    """`curvdist query`, `curvdist.open`, the summary and `verify`, polled in a loop by a second process while a
+    run writes, never fail and never see a layer without all its direction rows (or direction rows without their
+    layer); verify finds no problem and says the run is being written."""
     out, stop = tmp_path / "out", tmp_path / "stop"
     reader = subprocess.Popen([sys.executable, "-c", READER, str(out), str(stop), "6"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, cwd=ROOT)
@@ -300,7 +307,7 @@ def test_reader_during_a_run_sees_whole_layers_only(env, baseline, tmp_path):
     report = json.loads(got)
     assert not report["errors"], report["errors"][:3]
     assert not report["bad"], report["bad"][:10]
-    assert report["cli_polls"] >= 2 and report["polls"] >= 10, report
+    assert report["cli_polls"] >= 2 and report["polls"] >= 10 and report["writing"] >= 1, report
     assert report["counts"][-1] == len(baseline[0])
     assert len(set(report["commits"])) >= 2, "the reader saw no intermediate state of the run"
     assert_same(read(out, run_id), baseline)

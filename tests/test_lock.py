@@ -103,3 +103,18 @@ def test_a_run_that_wrote_nothing_leaves_no_directory(tmp_path):
     with L.run_lock(out, "r"):
         assert out.is_dir()
     assert not out.exists()
+
+
+def test_verify_during_a_run_does_not_call_its_commits_in_flight_leftovers(tmp_path):
+    from curvdist.io import store
+    from curvdist.io.verify import verify
+    store.write_result(tmp_path, "r", "p1", {"layers": [{"layer": "a", "status": "ok", "m": 2, "n": 2}],
+                                             "directions": {"layer": ["a"] * 2, "k": [1, 2]}})
+    store.write_part(tmp_path, "directions", "r", "p2", {"layer": ["b"], "k": [1]})   # a commit in flight
+    with L.run_lock(tmp_path, "r"):
+        rep = verify(tmp_path)
+        assert not rep.problems
+        assert [w for w in rep.warnings if "orphan" in w or "interrupted" in w] == []
+        assert any(f"run r is being written now (pid {os.getpid()}" in w for w in rep.warnings), rep.warnings
+    rep = verify(tmp_path)                        # the writer is gone: now they are an interrupted write's
+    assert any("orphan rows" in w for w in rep.warnings) and any("no runs row" in w for w in rep.warnings)

@@ -108,6 +108,15 @@ def _read(path: Path) -> tuple[LockOwner | None, float]:
         return None, age
 
 
+def holder(out: str | os.PathLike, run_id: str) -> LockOwner | None:
+    """The live writer of ``run_id`` in ``out``: the owner of its lock unless the lock is absent or stale."""
+    try:
+        owner, age = _read(lock_path(out, run_id))
+    except FileNotFoundError:
+        return None
+    return owner if owner is not None and stale_reason(owner, age) is None else None
+
+
 class RunLock:
     """The lock of one run id in one ``out``, held from :meth:`acquire` to :meth:`release`."""
 

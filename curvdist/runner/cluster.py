@@ -138,6 +138,24 @@ def worker_starter(cfg: C.RunConfig, ckpt, plans: list[StagePlan], todo: dict[in
     return start
 
 
+def missing(placement: Placement) -> str:
+    """One line on the bundles of ``placement`` that have no node (their node left the cluster), and what the
+    cluster has free."""
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    try:
+        t = placement_group_table(placement.group)
+        free = ray.available_resources()
+    except Exception as e:   # noqa: BLE001 - only for a message
+        return f"the placement group could not be read ({e})"
+    lost = [i for i, node in t["bundles_to_node_id"].items() if not node.strip("0")]
+    need = {k: v for k, v in t["bundles"][lost[0]].items() if not k.startswith("bundle")} if lost else {}
+    have = {k: round(v, 3) for k, v in free.items() if k in ("CPU", "GPU")}
+    return (f"placement group {t['state']}, {len(lost)} bundle(s) {lost} of {need} each without a node; the "
+            f"cluster has {have or 'nothing'} free")
+
+
 def release(placement: Placement | None) -> None:
     from ray.util.placement_group import remove_placement_group
 

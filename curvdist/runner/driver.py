@@ -116,7 +116,8 @@ def _measure(cfg: C.RunConfig, run_id: str, ckpt, index: CheckpointIndex, t_star
     pool = None
     try:
         pool = WorkerPool(cluster.worker_starter(cfg, ckpt, plans, todo, device, placement), placement.workers,
-                          max_restarts=cfg.ray.max_restarts)
+                          max_restarts=cfg.ray.max_restarts, wait_s=cfg.ray.node_wait_s,
+                          missing=lambda: cluster.missing(placement))
         t0 = time.perf_counter()
         pool.run("loading", lambda actors: ray.get([a.info.remote() for a in actors]))
         timings["load_s"] = time.perf_counter() - t0
