@@ -151,9 +151,9 @@ def missing(placement: Placement) -> str:
         return f"the placement group could not be read ({e})"
     lost = [i for i, node in t["bundles_to_node_id"].items() if not node.strip("0")]
     need = {k: v for k, v in t["bundles"][lost[0]].items() if not k.startswith("bundle")} if lost else {}
-    have = {k: round(v, 3) for k, v in free.items() if k in ("CPU", "GPU")}
+    have = {k: round(free.get(k, 0.0), 3) for k in need if k in ("CPU", "GPU")}
     return (f"placement group {t['state']}, {len(lost)} bundle(s) {lost} of {need} each without a node; the "
-            f"cluster has {have or 'nothing'} free")
+            f"cluster has {have} free")
 
 
 def release(placement: Placement | None) -> None:

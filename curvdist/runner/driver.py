@@ -69,8 +69,11 @@ def _git_commit() -> str | None:
 def main(cfg: C.RunConfig) -> str:
     """Run the measurement described by ``cfg``; returns the run id.  Prints the α-by-layer-type table.
 
-    Dead workers are replaced and their group replayed (:mod:`curvdist.runner.supervise`); Ctrl-C stops the
-    workers and raises KeyboardInterrupt with every finished layer kept; a rerun into the same ``out`` resumes."""
+    Dead workers are replaced and their group replayed (:mod:`curvdist.runner.supervise`), also on the nodes
+    that remain or return when theirs left the cluster (at most ``ray.node_wait_s``, else ``CapacityLost``);
+    Ctrl-C (or SIGTERM: ``Terminated``) stops the workers and raises KeyboardInterrupt with every finished layer
+    kept; a rerun into the same ``out`` resumes.  A second writer of the same run id into the same ``out`` is
+    refused (:mod:`curvdist.io.lock`)."""
     from curvdist.preflight import check as preflight
 
     t_start = time.perf_counter()
