@@ -111,7 +111,7 @@ class WorkerPool:
         import ray
 
         refs = {self.actors[i].ping.remote(): i for i in fresh}
-        ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=self.wait_s)
+        _, pending = ray.wait(list(refs), num_returns=len(refs), timeout=self.wait_s)
         if pending:
             late = sorted(refs[r] for r in pending)
             console.print(f"[yellow]stage(s) {late}: no replacement running after {self.wait_s:g} s[/]")
