@@ -89,7 +89,7 @@ def gpu() -> None:
     n = sum(p.numel() for p in model.parameters())
     del model
     torch.cuda.empty_cache()
-    ray.init(num_gpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_gpus=1, include_dashboard=False, log_to_driver=False)
     S, M = 4, 16
     base = [f"model.path={d}", f"stages={S}", "device=cuda", "model.dtype=bfloat16", "data.source=synthetic",
             "data.seq_len=512", "data.micro_batch=4", f"data.sequences={4 * M}", "top_k=20",

@@ -153,7 +153,7 @@ def pipeline_check():
     with torch.device(DEV):
         LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(d)
     torch.cuda.empty_cache()
-    ray.init(num_gpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_gpus=1, include_dashboard=False, log_to_driver=False)
     out = tempfile.mkdtemp(prefix="pipe-")
     base = [f"model.path={d}", "stages=4", "ray.num_gpus_per_stage=0.25", "device=cuda", "model.dtype=bfloat16",
             "data.source=synthetic", "data.sequences=16", "data.seq_len=512", "data.micro_batch=2", "top_k=20",

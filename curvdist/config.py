@@ -39,6 +39,7 @@ STAT_DTYPES = ("float32", "float64")
 # keys dropped from the config hash at these values, so that runs written before the keys existed keep their hash:
 # they measured every factor they could hold densely, as auto does within the budget (each row says its factor_mode)
 HASH_DEFAULTS = {"gradient_labels": "true", "factor_mode": "auto", "sketch_rank": 512}
+TRANSPORTS = ("auto", "object_store", "gloo", "nccl", "cuda_ipc")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # keys that change where or how a run executes, not what it measures (distributed equals serial), so they do not
 # enter config_hash and a run can be resumed with, e.g., more stages or another Ray cluster.  factor_budget_gb also
@@ -224,6 +225,11 @@ class RayConfig(_Config):
     placement_strategy: str = _f("PACK", "placement group strategy of the stage actors", PLACEMENT_STRATEGIES)
     dashboard: bool = _f(False, "start the Ray dashboard with a local Ray (bound to 127.0.0.1 like the rest of "
                                 "the local cluster); off by default")
+    transport: str = _f("auto", "how activations and tangents move between stages: object_store (host copies "
+                                "through Ray's object store), nccl (GPU to GPU, Ray Direct Transport; needs "
+                                "CuPy), cuda_ipc (GPUs of one node), gloo (host memory, no object-store copy; "
+                                "replicas: 1); auto: nccl with a GPU per stage and CuPy, else object_store",
+                       TRANSPORTS)
     max_restarts: int = _f(3, "stage actors that die (killed, out of memory, node lost) are replaced and their "
                               "group of layers replayed, at most this many times per run")
     node_wait_s: float = _f(600.0, "when stage actors die with their node (preemption, a lost GPU node), wait at "

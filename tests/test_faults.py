@@ -40,7 +40,7 @@ def env(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in ("CURVDIST_CACHE", "CURVDIST_FAULT")}
     os.environ["CURVDIST_CACHE"] = str(cache)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     yield cache
     ray.shutdown()
     for k, v in saved.items():

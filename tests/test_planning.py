@@ -139,7 +139,8 @@ def test_shipped_llama2_configs_have_the_published_sizes(name, params):
 def test_factor_modes_of_the_70b_config():
     """factor_mode=auto sketches a stage's largest factors until it needs as few passes as with every factor
     sketched: the shipped 70B config goes from 3 groups to 1 in float32.  In float64 the G matrices alone of a
-    3-block stage (20.6 GB) exceed the 16 GiB budget, so two groups are the least any mode can plan; dense needs 9."""
+    3-block stage (20.6 GB) exceed the 16 GiB budget, so two groups are the least any mode can plan; dense needs 9.  With a 24 GiB budget
+    (and 16 micro-batches in flight, so that an 80 GB GPU holds it) float64 needs one group too."""
     idx = planning.index_from_hf_config(planning.read_hf_config(ROOT / "configs" / "models" / "llama2-70b.json"))
 
     def plan(*o):
@@ -157,6 +158,8 @@ def test_factor_modes_of_the_70b_config():
     three = next(s for s in p.stages if len(s.blocks) == 3)
     by = {l.name: l for l in p.layers}
     assert sum(by[n].m * by[n].n * 8 for n in three.layers) > p.factor_budget_bytes   # G alone needs two passes
+    roomy = plan("stat_dtype=float64", "factor_budget_gb=24", "in_flight=16")   # what the config comment offers
+    assert max(len(s.passes) for s in roomy.stages) == 1 and roomy.over_budget() == []
     for st in p.stages:                            # largest first: no dense factor wider than a sketched one
         dims = [(d, m) for n in st.layers for d, m in zip((by[n].n, by[n].m), by[n].modes)]
         assert min(d for d, m in dims if m == "sketch") >= max((d for d, m in dims if m == "dense" and d > 1044),

@@ -87,7 +87,7 @@ def ray_local(tmp_path_factory):
     import ray
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ["CURVDIST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -90,7 +90,7 @@ class LayerStatistics:
 @dataclass
 class Projections:
     """Projected statistics of one layer along K fixed directions, each (K,); for a sketched factor also its
-    Rayleigh–Ritz eigenvalues and their error estimates (:func:`curvdist.math.sketch.ritz_eigen`), else None."""
+    refined eigenvalues and their error estimates (:func:`curvdist.math.sketch.refined_eigenvalues`), else None."""
     rayleigh_delta: torch.Tensor
     rayleigh_A: torch.Tensor
     h_sop: torch.Tensor
@@ -380,7 +380,7 @@ class StatisticsCollector:
             p = Projections(st.proj_delta.value(self.n_terms), st.proj_A.value(st.rows), sop / self.n_terms)
             for factor, acc, norm in (("A", st.ritz_A, st.rows), ("delta", st.ritz_delta, self.n_terms)):
                 if acc is not None:
-                    lam, _, err = sketch.ritz_eigen(acc.test, acc.value(norm), K)
+                    lam, err = sketch.refined_eigenvalues(acc.test, acc.value(norm), K)
                     setattr(p, f"lambda_{factor}", lam)
                     setattr(p, f"lambda_{factor}_err", err)
             out[name] = p

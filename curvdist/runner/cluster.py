@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass
 
 from curvdist import config as C
+from curvdist.runner import transport
 from curvdist.runner.plan import StagePlan, resolve_layout
 from curvdist.runner.spec import WorkerSpec
 from curvdist.runner.supervise import ClusterError, check_reachable
@@ -56,8 +57,9 @@ def _init(cfg: C.RunConfig) -> None:
         kw = {}
         if cfg.ray.object_store_gb:
             kw["object_store_memory"] = int(cfg.ray.object_store_gb * 2**30)
-        # bound to loopback; the dashboard only when asked (it listens on a port)
-        ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=cfg.ray.dashboard,
+        # bound to loopback; the dashboard only when asked (it listens on a port).  address="local": a new
+        # Ray even when `ray start` left a cluster on this node (ray.init() would join it, and refuse num_cpus)
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=cfg.ray.dashboard,
                  _node_ip_address="127.0.0.1", log_to_driver=False, **kw)
 
 
@@ -72,6 +74,7 @@ class Placement:
     gpus: float
     threads: int
     group: object
+    transport: str = "object_store"   # how stage outputs move (:mod:`curvdist.runner.transport`)
 
     @property
     def workers(self) -> int:
@@ -97,6 +100,10 @@ def place(cfg: C.RunConfig, *, stages: int, device: str, cpus: float, gpus: floa
         raise ClusterError(f"the Ray cluster has {gpus:g} GPUs but {stages} stages × {replicas} replicas × "
                            f"{gpu_each:g} GPU were asked for; lower `stages`, `replicas` or ray.num_gpus_per_stage, "
                            "or add GPU nodes")
+    try:
+        kind = transport.resolve(cfg.ray.transport, device=device, gpus_per_worker=gpu_each, replicas=replicas)
+    except transport.TransportError as e:
+        raise ClusterError(str(e)) from None
     cpu_each = min(cfg.ray.cpus_per_stage, cpus / workers) if not cfg.ray.address else cfg.ray.cpus_per_stage
     if cpus < cpu_each * workers - 1e-9:
         raise ClusterError(f"the Ray cluster has {cpus:g} CPUs but {stages} stages × {replicas} replicas × "
@@ -111,7 +118,7 @@ def place(cfg: C.RunConfig, *, stages: int, device: str, cpus: float, gpus: floa
     # torch threads than cores make every small kernel spin and wait); on a shared cluster, its reservation.
     threads = max(1, int(cpu_each)) if cfg.ray.address else max(1, int((cfg.ray.num_cpus or os.cpu_count())
                                                                        // workers))
-    return Placement(stages, replicas, layout.in_flight, cpu_each, gpu_each, threads, pg)
+    return Placement(stages, replicas, layout.in_flight, cpu_each, gpu_each, threads, pg, kind)
 
 
 def worker_starter(cfg: C.RunConfig, ckpt, plans: list[StagePlan], todo: dict[int, list[str]], device: str,
@@ -123,14 +130,16 @@ def worker_starter(cfg: C.RunConfig, ckpt, plans: list[StagePlan], todo: dict[in
 
     from curvdist.runner.worker import Worker
 
-    Actor = ray.remote(Worker)
+    # Ray Direct Transport (an RDT transport) must be enabled on the actor class
+    Actor = ray.remote(enable_tensor_transport=True)(Worker) if transport.rdt(placement.transport) else \
+        ray.remote(Worker)
     S = placement.stages
 
     def start(i: int):
         plan = plans[i % S]
         spec = WorkerSpec.build(cfg, ckpt, plan, stages=S, replica=i // S, replicas=placement.replicas,
                                 layers=todo[plan.index], device=device, threads=placement.threads,
-                                gpus_per_worker=placement.gpus)
+                                gpus_per_worker=placement.gpus, transport=placement.transport)
         strategy = PlacementGroupSchedulingStrategy(placement_group=placement.group, placement_group_bundle_index=i)
         return Actor.options(num_cpus=placement.cpus, num_gpus=placement.gpus,
                              scheduling_strategy=strategy).remote(spec)

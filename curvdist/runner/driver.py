@@ -27,7 +27,7 @@ from curvdist import config as C
 from curvdist.io import store, summary
 from curvdist.io.checkpoint import CheckpointIndex
 from curvdist.io.lock import run_lock
-from curvdist.runner import cluster
+from curvdist.runner import cluster, transport
 from curvdist.runner.plan import StagePlan
 from curvdist.runner.schedule import WAIT_S, exact_pass, stream
 from curvdist.runner.spec import FAULT_ENV
@@ -115,8 +115,9 @@ def _measure(cfg: C.RunConfig, run_id: str, ckpt, index: CheckpointIndex, t_star
                   f"to analyse" + (f" ({len(done)} already written)" if done else ""))
     chunk = _exact_chunk(cfg, index)
     timings["layout"] = {"stages": placement.stages, "replicas": placement.replicas,
-                         "in_flight": placement.in_flight, "microbatches": len(batches), "exact_chunk": chunk}
-    pool = None
+                         "in_flight": placement.in_flight, "microbatches": len(batches), "exact_chunk": chunk,
+                         "transport": placement.transport}
+    pool, link = None, transport.Link(placement.transport)
     try:
         pool = WorkerPool(cluster.worker_starter(cfg, ckpt, plans, todo, device, placement), placement.workers,
                           max_restarts=cfg.ray.max_restarts, wait_s=cfg.ray.node_wait_s,
@@ -127,19 +128,19 @@ def _measure(cfg: C.RunConfig, run_id: str, ckpt, index: CheckpointIndex, t_star
         groups = max(len(p.passes) for p in plans)
         for g in range(groups):   # the plan's passes: each group's factors fit the per-worker budget
             pool.run(f"group {g + 1}/{groups}", lambda actors, g=g: run_group(
-                GroupContext(cfg, plans, placement, batches, out, run_id, g, groups, timings, chunk), actors))
+                GroupContext(cfg, plans, placement, batches, out, run_id, g, groups, timings, chunk, link), actors))
         info = ray.get([a.info.remote() for a in pool.actors])
     except KeyboardInterrupt as e:   # Ctrl-C, or SIGTERM (Terminated) from a scheduler's preemption
-        _stop(pool, placement)
+        _stop(pool, placement, link)
         kept = len(store.done_layers(out, run_id)) if store.is_dataset(out) else 0
         what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         console.print(f"[yellow]{what}: workers stopped; {kept} finished layers kept in {out}; rerun the "
                       "same command to resume[/]", soft_wrap=True)
         raise
     except BaseException:
-        _stop(pool, placement)
+        _stop(pool, placement, link)
         raise
-    _stop(pool, placement)
+    _stop(pool, placement, link)
     timings["total_s"] = time.perf_counter() - t_start
     timings["stage_restarts"] = len(pool.restarts)
     timings["peak_rss_gb_per_worker"] = [round(i.peak_rss_bytes / 2**30, 3) for i in info]
@@ -161,7 +162,9 @@ def _exact_chunk(cfg: C.RunConfig, index: CheckpointIndex) -> int | None:
         return None
 
 
-def _stop(pool: WorkerPool | None, placement) -> None:
+def _stop(pool: WorkerPool | None, placement, link: transport.Link | None = None) -> None:
+    if link is not None:
+        link.close()
     if pool is not None:
         pool.kill()
     cluster.release(placement)
@@ -180,6 +183,7 @@ class GroupContext:
     groups: int
     timings: dict
     exact_chunk: int | None          # directions per exact sweep (None: all of a stage's)
+    link: transport.Link             # the stage-to-stage group of an RDT transport, re-formed every group step
 
 
 def run_group(ctx: GroupContext, actors: list) -> None:
@@ -197,6 +201,7 @@ def run_group(ctx: GroupContext, actors: list) -> None:
     if not any(mine):
         return
     pipelines = pl.pipelines(actors)
+    ctx.link.connect(actors)
     ray.get([a.set_layers.remote(mine[j]) for r in pipelines for j, a in enumerate(r)])
     if pl.replicas > 1:
         _join_replicas(pipelines)
@@ -206,14 +211,14 @@ def run_group(ctx: GroupContext, actors: list) -> None:
             task = progress.add_task(f"{label}: pass {kind}", total=len(ctx.batches))
             t0 = time.perf_counter()
             ray.get([a.begin_pass.remote(kind) for a in actors])
-            stream(pipelines, ctx.batches, pl.in_flight, progress, task)
+            stream(pipelines, ctx.batches, pl.in_flight, progress, task, transport=pl.transport)
             reports = ray.get([a.end_pass.remote() for a in actors])
             _record_pass(ctx.timings, kind, ctx.group, time.perf_counter() - t0, reports)
         _write_rows(ctx, pipelines[0], "kronecker")
         if ctx.cfg.exact:
             t0 = time.perf_counter()
             reports = exact_pass(pipelines, len(ctx.batches), in_flight=pl.in_flight, chunk=ctx.exact_chunk,
-                                 progress=progress,
+                                 progress=progress, transport=pl.transport,
                                  on_stage_done=lambda j: _write_rows(ctx, [pipelines[0][j]], "exact", first=j))
             wall = time.perf_counter() - t0
             ctx.timings["exact_s"] = ctx.timings.get("exact_s", 0.0) + wall
@@ -223,7 +228,7 @@ def run_group(ctx: GroupContext, actors: list) -> None:
                 "workers": [f"s{r['stage']}r{r['replica']}" for r in reports],
                 "busy_fraction": round(sum(r["busy_s"] for r in reports) / (wall * len(reports)), 4) if wall else None,
                 "sweeps": sum(r["sweeps"] for r in reports), "sent_bytes": sum(r["sent_bytes"] for r in reports),
-                "exact_dtype": reports[0]["exact_dtype"]})
+                "exact_dtype": reports[0]["exact_dtype"], "transport": pl.transport})
 
 
 def _join_replicas(pipelines: list[list]) -> None:

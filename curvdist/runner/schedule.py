@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from curvdist.runner.transport import call_options
 
 # ray.wait blocks in native code; with a timeout the driver's main thread returns to Python between waits, so a
 # Ctrl-C or SIGTERM (KeyboardInterrupt) is handled at once even while no call finishes (a stage that is stuck)
@@ -133,12 +134,16 @@ def replica_of(mb: int, replicas: int) -> int:
     return mb % replicas
 
 
-def stream(pipelines: list[list], batches: list, in_flight: int, progress=None, task=None) -> None:
+def stream(pipelines: list[list], batches: list, in_flight: int, progress=None, task=None,
+           transport: str = "object_store") -> None:
     """One pass (statistics or projections) over ``batches`` through R pipelines (``pipelines[r][j]``: the
     worker of stage j in replica r), 1F1B with ``in_flight`` micro-batches per pipeline; returns when every
     micro-batch has been closed on every stage.  References to intermediate results are dropped as soon as their
-    consumer is submitted, so the object store holds only what is in flight."""
+    consumer is submitted, so the object store holds only what is in flight.  Calls whose result the next stage
+    consumes go by ``transport`` (:mod:`curvdist.runner.transport`)."""
     import ray
+
+    send = call_options(transport)
 
     R, S = len(pipelines), len(pipelines[0])
     orders = []
@@ -147,7 +152,6 @@ def stream(pipelines: list[list], batches: list, in_flight: int, progress=None, 
         if mine:
             orders.append((r, submission_order(one_f_one_b(S, mine, in_flight))))
     refs: dict[tuple, object] = {}        # (replica, op) → result ref, until its consumer is submitted
-    n_refs: dict[tuple, object] = {}      # (replica, mb) → N_b ref, until stage 0 closes the micro-batch
     final = []
     # interleave the replicas' sequences so that every pipeline starts at once
     for i in range(max((len(o) for _, o in orders), default=0)):
@@ -162,21 +166,18 @@ def stream(pipelines: list[list], batches: list, in_flight: int, progress=None, 
             dep = dependency(op, S)
             x = refs.pop((r, dep)) if dep is not None else inputs["input_ids"].numpy()
             if op.kind == "F":
-                refs[(r, op)] = actor.forward.remote(op.mb, x, mask)
-            elif op.kind == "L":
-                grads, n = actor.loss_backward.options(num_returns=2).remote(op.mb, x, mask, targets.numpy())
-                if S > 1:
-                    refs[(r, op)] = grads
-                    n_refs[(r, op.mb)] = n
-                else:
-                    final.append(n)
+                refs[(r, op)] = actor.forward.options(**send).remote(op.mb, x, mask)
+                continue
+            if op.kind == "L":
+                call = actor.loss_backward.options(**send) if S > 1 else actor.loss_backward
+                ref = call.remote(op.mb, x, mask, targets.numpy())
             else:
-                n = n_refs[(r, op.mb)] if op.stage > 0 else n_refs.pop((r, op.mb))
-                ref = actor.backward.remote(op.mb, x, n)
-                if op.stage > 0:
-                    refs[(r, op)] = ref
-                else:
-                    final.append(ref)
+                call = actor.backward.options(**send) if op.stage > 0 else actor.backward
+                ref = call.remote(op.mb, x)
+            if op.stage > 0:                   # the message goes on to the stage below
+                refs[(r, op)] = ref
+            else:                              # stage 0 closed the micro-batch: N_b back to the driver
+                final.append(ref)
     pending = list(final)
     while pending:
         done, pending = ray.wait(pending, num_returns=1, timeout=WAIT_S)
@@ -188,7 +189,7 @@ def stream(pipelines: list[list], batches: list, in_flight: int, progress=None, 
 
 
 def exact_pass(pipelines: list[list], microbatches: int, *, in_flight: int, chunk: int | None, progress=None,
-               on_stage_done=None) -> list[dict]:
+               on_stage_done=None, transport: str = "object_store") -> list[dict]:
     """Exact curvature by stacked sweeps (:mod:`curvdist.runner.tangents`), every replica over the micro-batches it
     held in the statistics pass; returns each worker's figures (``finish_exact``).
 
@@ -203,6 +204,7 @@ def exact_pass(pipelines: list[list], microbatches: int, *, in_flight: int, chun
 
     R, S = len(pipelines), len(pipelines[0])
     last = S - 1
+    send = call_options(transport)
     chunks = ray.get([a.begin_exact.remote(chunk) for actors in pipelines for a in actors])[:S]
     live = ray.get([a.live_layers.remote() for a in pipelines[0]])   # the same on every replica
     owned: dict[int, list] = {j: [] for j in range(S) if live[j]}
@@ -228,11 +230,11 @@ def exact_pass(pipelines: list[list], microbatches: int, *, in_flight: int, chun
             dep = sweep_dependency(op, S)
             x = refs.pop((r, dep)) if dep is not None else None
             if op.kind == "F":
-                refs[(r, op)] = actor.sweep_forward.remote(b, j, c, x)
+                refs[(r, op)] = actor.sweep_forward.options(**send).remote(b, j, c, x)
             elif op.kind == "L":
-                refs[(r, op)] = actor.sweep_loss.remote(b, j, c, x)
+                refs[(r, op)] = actor.sweep_loss.options(**send).remote(b, j, c, x)
             elif op.stage > j:
-                refs[(r, op)] = actor.sweep_backward.remote(b, j, c, x)
+                refs[(r, op)] = actor.sweep_backward.options(**send).remote(b, j, c, x)
             else:   # back on the source stage: h of this sweep's directions
                 owned[j].append(actor.sweep_backward.remote(b, j, c, x))
     stage_of = {ref: j for j, refs in owned.items() for ref in refs}

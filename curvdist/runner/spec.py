@@ -54,6 +54,7 @@ class WorkerSpec:
     factor_modes: tuple[tuple[str, str | None, str | None], ...]   # (layer, mode of C_A, mode of C_δ) from the plan
     measurement: Measurement
     collective: str = "gloo"          # replicas' all-reduce: nccl (a GPU per worker) or gloo (CPU, shared GPUs)
+    transport: str = "object_store"   # how this worker's outputs reach the next stage (curvdist.runner.transport)
     fault: str | None = None          # test hook, see FAULT_ENV
     sleep_s: float = 0.0              # test hook, see SLEEP_ENV
 
@@ -68,7 +69,8 @@ class WorkerSpec:
 
     @classmethod
     def build(cls, cfg: RunConfig, checkpoint, plan: StagePlan, *, stages: int, replica: int, replicas: int,
-              layers, device: str, threads: int, gpus_per_worker: float = 0.0) -> WorkerSpec:
+              layers, device: str, threads: int, gpus_per_worker: float = 0.0,
+              transport: str = "object_store") -> WorkerSpec:
         return cls(checkpoint=str(checkpoint), stage=plan.index, stages=stages, replica=replica, replicas=replicas,
                    first_block=plan.first_block, last_block=plan.last_block, has_embedding=plan.has_embedding,
                    has_head=plan.has_head, layers=tuple(layers), dtype=cfg.model.dtype, stat_dtype=cfg.stat_dtype,
@@ -76,5 +78,5 @@ class WorkerSpec:
                    factor_budget_bytes=int(cfg.factor_budget_gb * 2**30), factor_mode=cfg.factor_mode,
                    factor_modes=tuple((n, *plan.modes[n]) for n in layers if n in plan.modes),
                    measurement=measurement(cfg),
-                   collective="nccl" if device == "cuda" and gpus_per_worker >= 1 else "gloo",
+                   collective="nccl" if device == "cuda" and gpus_per_worker >= 1 else "gloo", transport=transport,
                    fault=os.environ.get(FAULT_ENV) or None, sleep_s=float(os.environ.get(SLEEP_ENV) or 0.0))

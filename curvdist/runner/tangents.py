@@ -39,6 +39,7 @@ from curvdist.math.stage_tangents import (
     stage_backward_tangent,
     stage_forward_tangent,
 )
+from curvdist.runner import transport
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -112,12 +113,15 @@ class ExactSteps:
     def _tensor(self, a) -> torch.Tensor | None:
         return None if a is None else torch.as_tensor(a).to(self.device, self._xdtype)
 
-    def _send(self, arr: np.ndarray | None) -> np.ndarray | None:
-        if arr is not None:
-            self._sent_bytes += arr.nbytes
-        return arr
+    def _send(self, t: torch.Tensor | None):
+        """What goes to the next stage (:func:`curvdist.runner.transport.wire`), its bytes counted."""
+        if t is None:
+            return None
+        out = transport.wire(t, self.spec.transport)
+        self._sent_bytes += transport.nbytes(out)
+        return out
 
-    def sweep_forward(self, mb: int, src: int, chunk: int, xdot=None) -> np.ndarray:
+    def sweep_forward(self, mb: int, src: int, chunk: int, xdot=None):
         """ẏ (T, *y.shape) of this stage: seeded by ε on the source stage, carried from ``xdot`` downstream."""
         t0 = time.perf_counter()
         if self.spec.sleep_s:   # schedule tests: the stage's compute replaced by a fixed time
@@ -127,7 +131,7 @@ class ExactSteps:
         self._sweeps += src == self.spec.stage
         _, ydot = stage_forward_tangent(fn, params, x, xd, pt)
         self._saved[(mb, src, chunk)] = (xd,)
-        out = self._send(to_numpy(ydot))
+        out = self._send(ydot)
         self._busy_exact += time.perf_counter() - t0
         return out
 
@@ -144,7 +148,7 @@ class ExactSteps:
         zbar, zbar_dot, n_b = loss_tangent(z.detach(), tgt, self.m.loss, zdot)
         xbar, xbar_dot, _ = stage_backward_tangent(fn, params, x, xd, None, zbar, zbar_dot)
         msg = {"n_terms": int(n_b), "h_gn": None if h_gn is None else to_numpy(h_gn),
-               "xbar": self._send(to_numpy(xbar)), "xbar_dot": self._send(to_numpy(xbar_dot))}
+               "xbar": self._send(xbar), "xbar_dot": self._send(xbar_dot)}
         self._busy_exact += time.perf_counter() - t0
         return msg
 
@@ -162,8 +166,8 @@ class ExactSteps:
             self._accumulate(mb, sl, eps_quadratic(sl, pbar_dot), msg)
             self._busy_exact += time.perf_counter() - t0
             return len(sl)
-        out = {"n_terms": msg["n_terms"], "h_gn": msg["h_gn"], "xbar": self._send(to_numpy(xbar)),
-               "xbar_dot": self._send(to_numpy(xbar_dot))}
+        out = {"n_terms": msg["n_terms"], "h_gn": msg["h_gn"], "xbar": self._send(xbar),
+               "xbar_dot": self._send(xbar_dot)}
         self._busy_exact += time.perf_counter() - t0
         return out
 

@@ -6,16 +6,17 @@
 (:mod:`curvdist.math.sequence`).  The schedule (:mod:`curvdist.runner.schedule`) sends, per micro-batch ``b``:
 
     forward:   y = stage_j.forward(b, x)              j = 0 .. S-2   (x: input ids or the previous stage's y)
-    loss:      grads, n_b = last.loss_backward(b, y, targets)         (forward, loss, every seed back to its input)
-    backward:  grads = stage_j.backward(b, grads, n_b)  j = S-2 .. 0  (closes micro-batch b on stage j)
+    loss:      msg = last.loss_backward(b, y, targets)    (forward, loss, every seed back to its input; msg: the
+                                                          seeds' gradients and N_b, the micro-batch's loss terms)
+    backward:  msg = stage_j.backward(b, msg)             j = S-2 .. 0  (closes micro-batch b on stage j)
 
 Several micro-batches may be in flight on one stage (the 1F1B schedule runs the forwards of later micro-batches
 before the backward of an earlier one); the statistics collector keeps their rows apart by micro-batch.  Error
 seeds come from :func:`curvdist.math.sequence.measurement_seeds`, a function of the micro-batch index alone, so any
 schedule and any number of replicas give the numbers of the in-process route.  At the end of a pass the R
 replicas of this stage add their sums (:mod:`curvdist.runner.collective`) before anything is normalised.
-Tensors travel between stages as numpy arrays (zero-copy in Ray's object store); bfloat16 hidden states travel as
-float32 and are cast back.
+Tensors travel between stages as the run's transport carries them (:mod:`curvdist.runner.transport`): NumPy
+arrays through Ray's object store (bfloat16 widened to float32 and cast back), or tensors actor to actor.
 """
 from __future__ import annotations
 
@@ -32,10 +33,11 @@ from curvdist.io.slice import build_slice
 from curvdist.math import families, forward, losses
 from curvdist.math.factors import StatisticsCollector
 from curvdist.math.sequence import assemble_rows, exact_layer_names, measurement_seeds, spectral_steps
+from curvdist.runner import transport
 from curvdist.runner.collective import ReplicaGroup, free_port
 from curvdist.runner.spec import WorkerSpec
 from curvdist.runner.supervise import fault_point
-from curvdist.runner.tangents import ExactSteps, to_numpy
+from curvdist.runner.tangents import ExactSteps
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -151,6 +153,15 @@ class Worker(ExactSteps):
                                        device=self.device, backend=self.spec.collective)
         return self.spec.replica
 
+    def leave_link(self) -> None:
+        """Before the driver re-forms the stage-to-stage group (:class:`curvdist.runner.transport.Link`): drop a
+        Gloo transport's process group, which Ray's Gloo communicator creates once per process."""
+        if self.spec.transport == "gloo":
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
     # ------------------------------------------------------------------ statistics and projections passes
     def begin_pass(self, kind: str) -> None:
         """``kind`` = "stats" (G, C_A, C_δ, each dense or sketched as the plan says) or "projections" (Rayleigh
@@ -176,10 +187,11 @@ class Worker(ExactSteps):
             return t.to(self.device, self.dtype).requires_grad_(True)
         return t.to(self.device)
 
-    def forward(self, mb: int, x, attention_mask=None) -> np.ndarray:
-        """Stages 0 .. S-2: this stage's output for micro-batch ``mb`` (kept, with its graph, until backward)."""
+    def forward(self, mb: int, x, attention_mask=None):
+        """Stages 0 .. S-2: this stage's output for micro-batch ``mb`` (kept, with its graph, until backward), as
+        the run's transport carries it (:func:`curvdist.runner.transport.wire`)."""
         t0 = time.perf_counter()
-        y = to_numpy(self._forward(mb, x, attention_mask))
+        y = transport.wire(self._forward(mb, x, attention_mask), self.spec.transport)
         self._busy += time.perf_counter() - t0
         return y
 
@@ -187,8 +199,7 @@ class Worker(ExactSteps):
         if self.spec.sleep_s:   # schedule tests: the stage's compute replaced by a fixed time
             time.sleep(self.spec.sleep_s)
         if self._pass == "stats":   # the exact pass reuses every stage's inputs: no upstream recomputation
-            # a copy: Ray hands arguments as zero-copy views into its object store, which would stay pinned there
-            self._inputs[mb] = (np.array(x, copy=True), None if attention_mask is None else np.array(attention_mask))
+            self._inputs[mb] = (transport.host_copy(x), None if attention_mask is None else np.array(attention_mask))
         mask = None if attention_mask is None else torch.as_tensor(attention_mask).to(self.device)
         xt = self._input(x)
         self.collector.begin_microbatch(mask, key=mb)
@@ -197,7 +208,7 @@ class Worker(ExactSteps):
         self._mb[mb] = {"x": xt, "y": y}
         return y
 
-    def _grad(self, mb: int, y: torch.Tensor, grad_y: torch.Tensor, kind: str) -> np.ndarray | None:
+    def _grad(self, mb: int, y: torch.Tensor, grad_y: torch.Tensor, kind: str):
         outs = self.collector.outputs(mb)
         x = self._mb[mb]["x"]
         wrt = outs + ([x] if x.is_floating_point() and x.requires_grad else [])
@@ -207,11 +218,12 @@ class Worker(ExactSteps):
         grads = torch.autograd.grad(y, wrt, grad_y.to(y.dtype), retain_graph=True, allow_unused=True)
         self.collector.seed_kind(None)
         gx = grads[-1] if wrt[-1] is x else None
-        return None if gx is None else to_numpy(gx)
+        return None if gx is None else transport.wire(gx, self.spec.transport)
 
-    def loss_backward(self, mb: int, x, attention_mask, targets) -> tuple[dict[str, np.ndarray | None], int]:
+    def loss_backward(self, mb: int, x, attention_mask, targets) -> dict:
         """Last stage: forward to the logits, the loss terms, and every seed back to this stage's input; closes
-        micro-batch ``mb`` here.  Returns {"<i>:<kind>": gradient of the stage input} and N_b."""
+        micro-batch ``mb`` here.  Returns {"grads": {"<i>:<kind>": gradient of the stage input}, "n_terms": N_b}
+        (one value: Ray's direct tensor transports carry single returns)."""
         t0 = time.perf_counter()
         logits = self._forward(mb, x, attention_mask)
         tgt = torch.as_tensor(targets).to(self.device)
@@ -225,18 +237,18 @@ class Worker(ExactSteps):
                for i, (kind, s) in enumerate(measurement_seeds(logits, tgt, self.m, self._pass, mb))}
         self._close(mb, int(n_terms))
         self._busy += time.perf_counter() - t0
-        return out, int(n_terms)
+        return {"grads": out, "n_terms": int(n_terms)}
 
-    def backward(self, mb: int, grads: dict[str, np.ndarray | None], n_terms: int) -> dict[str, np.ndarray | None]:
+    def backward(self, mb: int, msg: dict) -> dict | int:
         """Stages S-2 .. 0: back-propagate every seed's gradient of this stage's output; closes micro-batch ``mb``
-        (its N_b loss terms, counted on the last stage, come with it)."""
+        (its N_b loss terms, counted on the last stage, come with the message).  Stage 0 returns N_b."""
         t0 = time.perf_counter()
-        y = self._mb[mb]["y"]
+        y, n_terms = self._mb[mb]["y"], int(msg["n_terms"])
         out = {key: None if g is None else self._grad(mb, y, torch.as_tensor(g).to(self.device), key.split(":")[1])
-               for key, g in grads.items()}
-        self._close(mb, int(n_terms))
+               for key, g in msg["grads"].items()}
+        self._close(mb, n_terms)
         self._busy += time.perf_counter() - t0
-        return out if self.spec.stage > 0 else {}
+        return {"grads": out, "n_terms": n_terms} if self.spec.stage > 0 else n_terms
 
     def _close(self, mb: int, n_terms: int) -> None:
         self.collector.end_microbatch(n_terms, key=mb)
