@@ -15,7 +15,8 @@ every :data:`HEARTBEAT_S`.  A lock is stale, and is taken over with a warning, w
 * its owner ran on another host in the same SLURM job (``SLURM_JOB_ID``): the job was requeued (preemption, time
   limit), and SLURM never runs two incarnations of one job at once.
 
-Hidden names (a leading ``.``) are skipped by every reader of the dataset.
+Taking over a stale lock is serialised by ``flock`` on the empty file ``OUT/.lock-guard``.  Hidden names (a
+leading ``.``) are skipped by every reader of the dataset.
 """
 from __future__ import annotations
 
