@@ -292,22 +292,30 @@ print(json.dumps(report))
 
 
 def test_reader_during_a_run_sees_whole_layers_only(env, baseline, tmp_path):
-    """`curvdist query`, `curvdist.open`, the summary and `verify`, polled in a loop by a second process while a
-    run writes, never fail and never see a layer without all its direction rows (or direction rows without their
-    layer); verify finds no problem and says the run is being written."""
+    """Two runs of different run ids write one out at the same time (this process, and a `curvdist run` process
+    with run_id=other) while a third process polls `curvdist query`, `curvdist.open`, the summary and `verify` in
+    a loop: the readers never fail and never see a layer without all its direction rows (or direction rows
+    without their layer), verify finds no problem and says a run is being written; both runs end equal to an
+    undisturbed run, and the dataset verifies clean."""
     out, stop = tmp_path / "out", tmp_path / "stop"
     reader = subprocess.Popen([sys.executable, "-c", READER, str(out), str(stop), "6"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    other = _cli(ARGS + [f"out={out}", "run_id=other"])
     try:
         run_id = driver.main(load(f"out={out}"))
+        _, other_err = other.communicate(timeout=300)
     finally:
         stop.touch()
+    assert other.returncode == 0, other_err[-2000:]
     got, err = reader.communicate(timeout=120)
     assert reader.returncode == 0, err[-2000:]
     report = json.loads(got)
     assert not report["errors"], report["errors"][:3]
     assert not report["bad"], report["bad"][:10]
     assert report["cli_polls"] >= 2 and report["polls"] >= 10 and report["writing"] >= 1, report
-    assert report["counts"][-1] == len(baseline[0])
+    assert report["counts"][-1] == 2 * len(baseline[0])
     assert len(set(report["commits"])) >= 2, "the reader saw no intermediate state of the run"
     assert_same(read(out, run_id), baseline)
+    assert_same(read(out, "other"), baseline)
+    final = verify(out)
+    assert not final.problems and not final.warnings, (final.problems, final.warnings)
