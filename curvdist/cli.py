@@ -103,12 +103,16 @@ def run(config: Config, overrides: Overrides = None,
     with boundary(debug):
         cfg = _load(config, [*(overrides or []), *([f"out={out}"] if out else [])], trust_remote_code)
         from curvdist.runner.driver import main
+        from curvdist.runner.supervise import EXIT_TERMINATED, Terminated, raise_terminated
         # Ctrl-C stops the run even when the parent process ignores SIGINT (a job started in the background, or
         # by a parent that ignores it: children inherit an ignored SIGINT, and Python then installs no handler)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, raise_terminated)   # preemption (SLURM, Kubernetes): like Ctrl-C
         try:
             run_id = main(cfg)
-        except KeyboardInterrupt:   # the driver stopped the actors and said what was kept
+        except Terminated:          # the driver stopped the actors and said what was kept
+            raise typer.Exit(EXIT_TERMINATED) from None
+        except KeyboardInterrupt:
             raise typer.Exit(130) from None
     console(stderr=True).print(f"run {escape(run_id)} → {escape(cfg.out)}")
 

@@ -263,10 +263,13 @@ class RayConfig(_Config):
                        TRANSPORTS)
     max_restarts: int = _f(3, "stage actors that die (killed, out of memory, node lost) are replaced and their "
                               "group of layers replayed, at most this many times per run")
+    node_wait_s: float = _f(600.0, "when stage actors die with their node (preemption, a lost GPU node), wait at "
+                                   "most this long for room to restart them (remaining or returning nodes), then "
+                                   "stop with finished layers kept")
 
     def _validate(self) -> None:
         self._positive("max_restarts", strict=False)
-        self._positive("num_cpus", "cpus_per_stage", "object_store_gb")
+        self._positive("num_cpus", "cpus_per_stage", "object_store_gb", "node_wait_s")
         self._positive("num_gpus_per_stage", strict=False)
 
 

@@ -210,3 +210,112 @@ def test_non_finite_weights_give_statuses_and_the_run_completes(env, tmp_path):
     assert len(layers) == len(store.done_layers(tmp_path / "out", run_id)) >= 9
     assert all(r["status"].startswith("non_finite") for r in layers), {r["layer"]: r["status"] for r in layers}
     assert all(r["alpha"] is None for r in layers) and not dirs
+
+
+def test_second_writer_refused_then_sigterm_keeps_finished_layers(env, baseline, tmp_path):
+    """A second `curvdist run` of the same run id into the same out is refused at once (the run lock, exit 2);
+    SIGTERM (preemption) stops the first like Ctrl-C with exit 143, finished layers kept, lock released; the rerun
+    ends with the numbers of an undisturbed run."""
+    from curvdist.io.lock import lock_path
+    out, faults = tmp_path / "out", tmp_path / "faults"
+    faults.mkdir()
+    proc = _cli(ARGS + [f"out={out}"], {"CURVDIST_FAULT": f"driver:written-exact:{faults}"})
+    reached(proc, faults / "written-exact-stagedriver.pid")
+    second = _cli(ARGS + [f"out={out}"])
+    _, err2 = second.communicate(timeout=120)
+    assert second.returncode == 2, err2[-2000:]
+    assert "is being written by another run" in err2 and f"pid {proc.pid} on host" in err2, err2
+    assert "Traceback" not in err2
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "terminated (SIGTERM)" in err and "rerun the same command" in err and "Traceback" not in err
+    run_id = C.resolve_run_id(load(f"out={out}"))
+    kept = len(store.done_layers(out, run_id))
+    assert 0 < kept < len(baseline[0]) and f"{kept} finished layers kept" in err
+    assert not lock_path(out, run_id).exists()
+    rerun = _cli(ARGS + [f"out={out}"])
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err[-2000:]
+    assert f"({kept} already written)" in err
+    assert_same(read(out, run_id), baseline)
+
+
+READER = r"""
+import json, subprocess, sys, time
+from pathlib import Path
+import curvdist
+from curvdist.io.summary import summary
+from curvdist.io.verify import verify
+out, stop, top_k = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+# layers with status ok whose direction rows are not exactly k = 1..min(top_k, m, n), and directions of no layer
+SQL = (f"select l.layer from layers l left join (select run_id, layer, count(*) c, min(k) lo, max(k) hi "
+       f"from directions group by all) d using (run_id, layer) where l.status = 'ok' and "
+       f"(coalesce(d.c, 0) != least({top_k}, l.m, l.n) or d.lo != 1 or d.hi != d.c) "
+       f"union all select layer from directions anti join layers using (run_id, layer)")
+report = {"polls": 0, "cli_polls": 0, "errors": [], "bad": [], "counts": [], "commits": [], "writing": 0}
+def check(n, c, bad):
+    report["counts"].append(n)
+    report["commits"].append(c)
+    report["bad"] += bad
+last = False
+while not last:
+    last = stop.exists()
+    if not (out / "_curvdist.json").exists():
+        time.sleep(0.05)
+        continue
+    r = subprocess.run([sys.executable, "-m", "curvdist", "query", str(out),
+                        f"select (select count(*) from layers) n, (select count(*) from all_layers) c, ({SQL}) bad", "--format", "json"],
+                       capture_output=True, text=True)
+    if r.returncode:
+        report["errors"].append(r.stderr[-500:])
+    else:
+        row = json.loads(r.stdout)[0]
+        check(row["n"], row["c"], [row["bad"]] if row["bad"] else [])
+        report["cli_polls"] += 1
+    t = time.monotonic()
+    while time.monotonic() - t < 1.0 and not last:
+        try:
+            con = curvdist.open(out)
+            check(*con.sql("select (select count(*) from layers), count(*) from all_layers").fetchall()[0],
+                  [b for (b,) in con.sql(SQL).fetchall()])
+            summary(con)
+            con.close()
+            v = verify(out)
+            report["bad"] += v.problems
+            report["writing"] += any("is being written now" in w for w in v.warnings)
+            report["polls"] += 1
+        except Exception as e:
+            report["errors"].append(repr(e))
+print(json.dumps(report))
+"""
+
+
+def test_reader_during_a_run_sees_whole_layers_only(env, baseline, tmp_path):
+    """Two runs of different run ids write one out at the same time (this process, and a `curvdist run` process
+    with run_id=other) while a third process polls `curvdist query`, `curvdist.open`, the summary and `verify` in
+    a loop: the readers never fail and never see a layer without all its direction rows (or direction rows
+    without their layer), verify finds no problem and says a run is being written; both runs end equal to an
+    undisturbed run, and the dataset verifies clean."""
+    out, stop = tmp_path / "out", tmp_path / "stop"
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(out), str(stop), "6"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    other = _cli(ARGS + [f"out={out}", "run_id=other"])
+    try:
+        run_id = driver.main(load(f"out={out}"))
+        _, other_err = other.communicate(timeout=300)
+    finally:
+        stop.touch()
+    assert other.returncode == 0, other_err[-2000:]
+    got, err = reader.communicate(timeout=120)
+    assert reader.returncode == 0, err[-2000:]
+    report = json.loads(got)
+    assert not report["errors"], report["errors"][:3]
+    assert not report["bad"], report["bad"][:10]
+    assert report["cli_polls"] >= 2 and report["polls"] >= 10 and report["writing"] >= 1, report
+    assert report["counts"][-1] == 2 * len(baseline[0])
+    assert len(set(report["commits"])) >= 2, "the reader saw no intermediate state of the run"
+    assert_same(read(out, run_id), baseline)
+    assert_same(read(out, "other"), baseline)
+    final = verify(out)
+    assert not final.problems and not final.warnings, (final.problems, final.warnings)

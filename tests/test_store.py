@@ -106,6 +106,22 @@ def test_views_sql_and_hidden_files_ignored(tmp_path):
     assert store.read_run(tmp_path, "r1")["status"] == "done"
 
 
+def test_a_connection_reads_a_snapshot_of_committed_files(tmp_path):
+    """A reader opened before a commit keeps its view of the run (one query never mixes two moments of a run);
+    parts without their `layers` commit record are never listed, so they are never opened (a rerun deletes them)."""
+    d = {"layer": ["a"] * 2, "k": [1, 2], "sigma": [2.0, 1.0], "h": [4.0, 1.0]}
+    store.write_result(tmp_path, "r", "p1", {"layers": [{"layer": "a", "status": "ok"}], "directions": d})
+    store.write_part(tmp_path, "directions", "r", "p2", dict(d, layer=["b"] * 2))     # an unfinished commit
+    files = store.committed_files(tmp_path)
+    assert [f.name for f in files["directions"]] == ["p1.parquet"] and [f.name for f in files["layers"]] == ["p1.parquet"]
+    con = store.open(tmp_path)
+    (tmp_path / "directions" / "run_id=r" / "p2.parquet").unlink()                    # what drop_orphans does
+    store.write_result(tmp_path, "r", "p3", {"layers": [{"layer": "c", "status": "ok"}], "directions": dict(d, layer=["c"] * 2)})
+    assert con.sql("SELECT count(*) FROM layers").fetchall() == [(1,)]
+    assert con.sql("SELECT count(*) FROM all_directions").fetchall() == [(2,)]
+    assert store.open(tmp_path).sql("SELECT count(*) FROM directions").fetchall() == [(4,)]
+
+
 def test_empty_views_have_columns(tmp_path):
     store.write_part(tmp_path, "layers", "r1", "stage0", _layers())
     con = store.open(tmp_path)

@@ -20,7 +20,8 @@ layers the exact pass will measure); after that stage's exact sweeps, those laye
 ``spectra`` first and ``layers`` last, so the ``layers`` row is the commit record.  Every reader takes, per layer,
 the latest commit of its highest phase (:func:`current_rows`; the views ``layers``, ``directions``, ``spectra``;
 ``all_*`` views keep every commit), so a reader during a run sees whole layers only, and ``done_layers`` (resume)
-lists the layers whose final commit is on disk.
+lists the layers whose final commit is on disk.  A connection reads the files committed when it was opened
+(:func:`committed_files`), so one query never mixes two moments of a run that is writing.
 
 Example::
 
@@ -355,11 +356,28 @@ def is_dataset(out: str | os.PathLike) -> bool:
     return (out / MARKER).exists() or any((out / t).is_dir() for t in TABLES)
 
 
+def committed_files(out: str | os.PathLike) -> dict[str, list[Path]]:
+    """The files of every table that belong to a commit, listed now: ``layers`` first, then the ``directions``
+    and ``spectra`` parts whose ``layers`` part (the commit record, written last) was listed, then ``runs``.  A
+    commit that lands while this lists is either wholly in (its ``layers`` part was listed, and its other parts
+    were on disk before it) or wholly out; parts of an unfinished commit (and the orphans a rerun deletes) are
+    never listed, so a reader never opens a file that may vanish."""
+    root = Path(out)
+    layers = {d.name: _visible_parquet(d) for d in sorted((root / "layers").glob("run_id=*"))}
+    files = {"layers": [f for fs in layers.values() for f in fs]}
+    for t in ("directions", "spectra"):
+        files[t] = [f for d in sorted((root / t).glob("run_id=*")) for f in _visible_parquet(d)
+                    if f.name in {g.name for g in layers.get(d.name, [])}]
+    files["runs"] = [f for d in sorted((root / "runs").glob("run_id=*")) for f in _visible_parquet(d)]
+    return files
+
+
 def open(out: str | os.PathLike) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with views ``runs``, ``layers``, ``directions``, ``spectra`` over ``out``.
 
-    A table with no file yet gets an empty view with the right columns (it does not pick up files written later:
-    reopen).  Hidden temporary files are skipped by the glob ``[!.]*.parquet``.
+    The views read the files committed when the connection was opened (:func:`committed_files`): a snapshot
+    that a run writing meanwhile does not change, with whole layers only; reopen to see later commits.  A table
+    with no file gets an empty view with the right columns.
     """
     root = Path(out)
     if not root.exists():
@@ -368,11 +386,12 @@ def open(out: str | os.PathLike) -> duckdb.DuckDBPyConnection:
         raise ValueError(f"OUT={str(out)!r} holds no curvdist dataset (no {MARKER} and none of "
                          f"{', '.join(t + '/' for t in TABLES)}); point at the `out` directory of a run")
     con = duckdb.connect()
+    files = committed_files(root)
     for t in TABLES:
         name = t if t == "runs" else f"all_{t}"
-        if any(_visible_parquet(d) for d in (root / t).glob("run_id=*")):
-            glob = str((root / t).resolve() / "*" / "[!.]*.parquet").replace("'", "''")
-            con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{glob}', hive_partitioning=true, "
+        if files[t]:
+            paths = ", ".join("'" + str(f.resolve()).replace("'", "''") + "'" for f in files[t])
+            con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{paths}], hive_partitioning=true, "
                         f"union_by_name=true, hive_types={{'run_id': 'VARCHAR'}})")
         else:
             cols = ", ".join(f'CAST(NULL AS {_DUCK[f.type]}) AS "{f.name}"' for f in _SCHEMAS[t])

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curvdist.io import store
+from curvdist.io.lock import holder
 
 STALE_TEMP_S = 3600.0  # a temporary file this old (or older than its run's runs row) is a leftover
 
@@ -80,8 +81,15 @@ def verify(out: str | os.PathLike) -> Report:
                         parts[key] = row.get("part")
             r.counts[t] = sum(1 for row in tab.select(["run_id", "layer", "part"]).to_pylist()
                               if parts.get((row["run_id"], row["layer"]), "\0") == row["part"])
-    _consistency(tables, r)
-    _temp_files(root, tables["runs"], r)
+    # a run that is being written now has commits in flight: its newest parts are not yet orphans or leftovers
+    writing = {run_id: owner for run_id in sorted({d.name[len("run_id="):] for t in store.TABLES
+                                                   for d in (root / t).glob("run_id=*")})
+               if (owner := holder(root, run_id)) is not None}
+    for run_id, owner in writing.items():
+        r.warnings.append(f"run {run_id} is being written now ({owner.describe()}); its unfinished commits are "
+                          "not checked: verify again when it ends")
+    _consistency(tables, r, set(writing))
+    _temp_files(root, tables["runs"], r, set(writing))
     return r
 
 
@@ -118,7 +126,7 @@ def _read_table(root: Path, table: str, r: Report) -> pa.Table:
     return pa.concat_tables(parts, promote_options="default")
 
 
-def _consistency(tables: dict[str, pa.Table], r: Report) -> None:
+def _consistency(tables: dict[str, pa.Table], r: Report, writing: set[str] = frozenset()) -> None:
     """Per layer, its current commit (:func:`curvdist.io.store.current_rows`: highest phase, latest part) must hold
     one row and its directions k = 1..K; a Kronecker commit still waiting for its exact pass is a warning (an
     interrupted run: rerunning completes it)."""
@@ -156,17 +164,18 @@ def _consistency(tables: dict[str, pa.Table], r: Report) -> None:
             r.problems.append(f"directions: layer {row['layer']} of run {row['run_id']} (status ok) has "
                               f"{len(got)} direction rows (k = {_ks(got)}) in its commit {row.get('part')}, "
                               f"expected k = 1..{want}; delete its layers part and rerun the same command")
-    for run_id, n in sorted(pending.items()):
+    for run_id, n in sorted((run_id, n) for run_id, n in pending.items() if run_id not in writing):
         r.warnings.append(f"layers: {n} layers of run {run_id} have their Kronecker rows but not yet their exact "
                           f"curvature (an interrupted run); rerun the same command to complete")
     for t in ("directions", "spectra"):
         orphans = Counter(row["run_id"] for row in tables[t].select(["run_id", "layer"]).to_pylist()
-                          if (row["run_id"], row["layer"]) not in files) if tables[t].num_rows else {}
+                          if (row["run_id"], row["layer"]) not in files and row["run_id"] not in writing) \
+            if tables[t].num_rows else {}
         for run_id, n in sorted(orphans.items()):
             r.warnings.append(f"{t}: {n} orphan rows of run {run_id} (layers absent from `layers`): orphan rows from "
                               f"an interrupted write; rerun the same command to complete")
     runs = set(tables["runs"].column("run_id").to_pylist())
-    for run_id in sorted({row["run_id"] for row in layers} - runs):
+    for run_id in sorted({row["run_id"] for row in layers} - runs - writing):
         r.warnings.append(f"run {run_id} has layers but no runs row: the run was interrupted; rerun the same "
                           f"command to complete")
 
@@ -175,7 +184,7 @@ def _ks(ks: list[int]) -> str:
     return ", ".join(map(str, ks[:6])) + (" …" if len(ks) > 6 else "") if ks else "none"
 
 
-def _temp_files(root: Path, runs: pa.Table, r: Report) -> None:
+def _temp_files(root: Path, runs: pa.Table, r: Report, writing: set[str] = frozenset()) -> None:
     created = {}
     for row in runs.select([c for c in ("run_id", "created_at") if c in runs.column_names]).to_pylist():
         if row.get("created_at") is not None:
@@ -183,7 +192,11 @@ def _temp_files(root: Path, runs: pa.Table, r: Report) -> None:
     now = time.time()
     for f in [*root.glob(".tmp-*"), *root.glob("*/run_id=*/.tmp-*")]:
         run_id = f.parent.name[len("run_id="):] if f.parent.name.startswith("run_id=") else None
-        age = now - f.stat().st_mtime
-        if age > STALE_TEMP_S or (run_id in created and f.stat().st_mtime < created[run_id]):
+        try:
+            mtime = f.stat().st_mtime
+        except FileNotFoundError:   # renamed into place by a writer meanwhile
+            continue
+        age = now - mtime
+        if run_id not in writing and (age > STALE_TEMP_S or (run_id in created and mtime < created[run_id])):
             r.warnings.append(f"{f}: leftover temporary file ({age / 60:.0f} min old) of an interrupted write; "
                               f"delete it when no run is writing to this dataset")

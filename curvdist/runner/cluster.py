@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import platform
+import signal
+import threading
 from dataclasses import dataclass
 
 from curvdist import config as C
@@ -31,25 +33,34 @@ def start_ray(cfg: C.RunConfig) -> tuple[float, float]:
     import ray
 
     if not ray.is_initialized():
-        if cfg.ray.address:
-            check_reachable(cfg.ray.address)
-            try:
-                ray.init(address=cfg.ray.address, log_to_driver=False)
-            except ConnectionError as e:   # the port answered, but not as a Ray GCS
-                raise ConnectionError(f"cannot reach the Ray cluster at {cfg.ray.address} ({e}); check ray.address "
-                                      "and that `ray start --head` runs there, or set ray.address to null for a "
-                                      "local Ray") from None
-        else:
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            kw = {}
-            if cfg.ray.object_store_gb:
-                kw["object_store_memory"] = int(cfg.ray.object_store_gb * 2**30)
-            # bound to loopback; the dashboard only when asked (it listens on a port).  address="local": a new
-            # Ray even when `ray start` left a cluster on this node (ray.init() would join it, and refuse num_cpus)
-            ray.init(address="local", num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=cfg.ray.dashboard,
-                     _node_ip_address="127.0.0.1", log_to_driver=False, **kw)
+        sigterm = signal.getsignal(signal.SIGTERM)   # ray.init replaces it with sys.exit; keep the caller's
+        _init(cfg)
+        if callable(sigterm) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)
     res = ray.cluster_resources()
     return res.get("CPU", 0.0), res.get("GPU", 0.0)
+
+
+def _init(cfg: C.RunConfig) -> None:
+    import ray
+
+    if cfg.ray.address:
+        check_reachable(cfg.ray.address)
+        try:
+            ray.init(address=cfg.ray.address, log_to_driver=False)
+        except ConnectionError as e:   # the port answered, but not as a Ray GCS
+            raise ConnectionError(f"cannot reach the Ray cluster at {cfg.ray.address} ({e}); check ray.address "
+                                  "and that `ray start --head` runs there, or set ray.address to null for a "
+                                  "local Ray") from None
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        kw = {}
+        if cfg.ray.object_store_gb:
+            kw["object_store_memory"] = int(cfg.ray.object_store_gb * 2**30)
+        # bound to loopback; the dashboard only when asked (it listens on a port).  address="local": a new
+        # Ray even when `ray start` left a cluster on this node (ray.init() would join it, and refuse num_cpus)
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=cfg.ray.dashboard,
+                 _node_ip_address="127.0.0.1", log_to_driver=False, **kw)
 
 
 @dataclass(frozen=True)
@@ -134,6 +145,24 @@ def worker_starter(cfg: C.RunConfig, ckpt, plans: list[StagePlan], todo: dict[in
                              scheduling_strategy=strategy).remote(spec)
 
     return start
+
+
+def missing(placement: Placement) -> str:
+    """One line on the bundles of ``placement`` that have no node (their node left the cluster), and what the
+    cluster has free."""
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    try:
+        t = placement_group_table(placement.group)
+        free = ray.available_resources()
+    except Exception as e:   # noqa: BLE001 - only for a message
+        return f"the placement group could not be read ({e})"
+    lost = [i for i, node in t["bundles_to_node_id"].items() if not node.strip("0")]
+    need = {k: v for k, v in t["bundles"][lost[0]].items() if not k.startswith("bundle")} if lost else {}
+    have = {k: round(free.get(k, 0.0), 3) for k in need if k in ("CPU", "GPU")}
+    return (f"placement group {t['state']}, {len(lost)} bundle(s) {lost} of {need} each without a node; the "
+            f"cluster has {have} free")
 
 
 def release(placement: Placement | None) -> None:

@@ -26,12 +26,13 @@ from curvdist import __version__
 from curvdist import config as C
 from curvdist.io import store, summary
 from curvdist.io.checkpoint import CheckpointIndex
+from curvdist.io.lock import run_lock
 from curvdist.math.sequence import exact_microbatches
 from curvdist.runner import cluster, transport
 from curvdist.runner.plan import StagePlan
 from curvdist.runner.schedule import WAIT_S, exact_pass, stream
 from curvdist.runner.spec import FAULT_ENV
-from curvdist.runner.supervise import WorkerPool, drop_orphans, fault_point
+from curvdist.runner.supervise import Terminated, WorkerPool, drop_orphans, fault_point
 
 console = Console(stderr=True)
 STAT_BYTES = {"float32": 4, "float64": 8}
@@ -69,23 +70,32 @@ def _git_commit() -> str | None:
 def main(cfg: C.RunConfig) -> str:
     """Run the measurement described by ``cfg``; returns the run id.  Prints the α-by-layer-type table.
 
-    Dead workers are replaced and their group replayed (:mod:`curvdist.runner.supervise`); Ctrl-C stops the
-    workers and raises KeyboardInterrupt with every finished layer kept; a rerun into the same ``out`` resumes.
-    ``model.checkpoints`` runs each checkpoint in turn (:mod:`curvdist.runner.trajectory`; returns the last id)."""
-    import ray
-
+    Dead workers are replaced and their group replayed (:mod:`curvdist.runner.supervise`), also on the nodes
+    that remain or return when theirs left the cluster (at most ``ray.node_wait_s``, else ``CapacityLost``);
+    Ctrl-C (or SIGTERM: ``Terminated``) stops the workers and raises KeyboardInterrupt with every finished layer
+    kept; a rerun into the same ``out`` resumes.  A second writer of the same run id into the same ``out`` is
+    refused (:mod:`curvdist.io.lock`).  ``model.checkpoints`` runs each checkpoint in turn
+    (:mod:`curvdist.runner.trajectory`; returns the last id)."""
     if cfg.model.checkpoints:
         from curvdist.runner import trajectory
         return trajectory.main(cfg)[-1]
-
-    from curvdist.io import data as D
-    from curvdist.io.sources import load_tokenizer, tokenizer_dir
     from curvdist.preflight import check as preflight
 
     t_start = time.perf_counter()
-    timings: dict = {}
     run_id = C.resolve_run_id(cfg)
     ckpt, index = preflight(cfg)   # bad input: one clear error before Ray starts, nothing written
+    with run_lock(cfg.out, run_id):   # a second writer of this run id into this out is refused at once
+        return _measure(cfg, run_id, ckpt, index, t_start)
+
+
+def _measure(cfg: C.RunConfig, run_id: str, ckpt, index: CheckpointIndex, t_start: float) -> str:
+    """The body of :func:`main`, under the run lock."""
+    import ray
+
+    from curvdist.io import data as D
+    from curvdist.io.sources import load_tokenizer, tokenizer_dir
+
+    timings: dict = {}
     out = Path(cfg.out)
     index, plans = make_plan(cfg, index)
     if store.is_dataset(out):
@@ -115,7 +125,8 @@ def main(cfg: C.RunConfig) -> str:
     pool, link = None, transport.Link(placement.transport)
     try:
         pool = WorkerPool(cluster.worker_starter(cfg, ckpt, plans, todo, device, placement), placement.workers,
-                          max_restarts=cfg.ray.max_restarts)
+                          max_restarts=cfg.ray.max_restarts, wait_s=cfg.ray.node_wait_s,
+                          missing=lambda: cluster.missing(placement))
         t0 = time.perf_counter()
         pool.run("loading", lambda actors: ray.get([a.info.remote() for a in actors]))
         timings["load_s"] = time.perf_counter() - t0
@@ -124,10 +135,11 @@ def main(cfg: C.RunConfig) -> str:
             pool.run(f"group {g + 1}/{groups}", lambda actors, g=g: run_group(
                 GroupContext(cfg, plans, placement, batches, out, run_id, g, groups, timings, chunk, link), actors))
         info = ray.get([a.info.remote() for a in pool.actors])
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:   # Ctrl-C, or SIGTERM (Terminated) from a scheduler's preemption
         _stop(pool, placement, link)
         kept = len(store.done_layers(out, run_id)) if store.is_dataset(out) else 0
-        console.print(f"[yellow]interrupted: workers stopped; {kept} finished layers kept in {out}; rerun the "
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        console.print(f"[yellow]{what}: workers stopped; {kept} finished layers kept in {out}; rerun the "
                       "same command to resume[/]", soft_wrap=True)
         raise
     except BaseException:

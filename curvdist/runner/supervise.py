@@ -17,6 +17,7 @@ record are dropped before a rerun) and a fast reachability check of a Ray addres
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -38,17 +39,45 @@ class ClusterError(RuntimeError):
     the CLI reports it in one line."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what SLURM and Kubernetes send before a kill, on preemption or at the time limit): handled like
+    Ctrl-C (workers stopped, finished layers kept), and the CLI exits with :data:`EXIT_TERMINATED`."""
+
+
+EXIT_TERMINATED = 143   # 128 + SIGTERM, the shell's convention; Ctrl-C exits 130
+
+
+def raise_terminated(signum, frame) -> None:
+    """The SIGTERM handler of ``curvdist run``: raise :class:`Terminated` in the main thread.  Further SIGTERMs
+    are ignored so that stopping the workers is not cut short (a scheduler sends SIGKILL after its grace time)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated()
+
+
 class StageFailure(ClusterError):
     """Stage actors kept dying: more replacements were needed than ``ray.max_restarts`` allows."""
 
 
-class WorkerPool:
-    """The stage actors of one run, with replacement of dead ones (at most ``max_restarts`` in the run)."""
+class CapacityLost(ClusterError):
+    """Replacements of dead stage actors found no room (their node left the cluster and none came back) within
+    ``ray.node_wait_s``."""
 
-    def __init__(self, start: Callable[[int], Any], n: int, *, max_restarts: int = 3):
+
+class WorkerPool:
+    """The stage actors of one run, with replacement of dead ones (at most ``max_restarts`` in the run).
+
+    A replacement starts in its slot's placement-group bundle.  When the dead actor's node left the cluster, Ray
+    reschedules that bundle onto a node with room (a remaining one, or one that joins later), and the replacement
+    waits for it: at most ``wait_s``, then :class:`CapacityLost` says what is missing (``missing()``: a line about
+    the unplaced bundles) and how to resume."""
+
+    def __init__(self, start: Callable[[int], Any], n: int, *, max_restarts: int = 3, wait_s: float = 600.0,
+                 missing: Callable[[], str] = lambda: ""):
         self._start = start
         self.actors = [start(i) for i in range(n)]
         self.max_restarts = max_restarts
+        self.wait_s = wait_s
+        self._missing = missing
         self.restarts: list[dict] = []
 
     def run(self, what: str, step: Callable[[list], Any]) -> Any:
@@ -75,6 +104,22 @@ class WorkerPool:
                     self.restarts.append({"stage": i, "during": what, "at": time.time()})
                 alive = [a for i, a in enumerate(self.actors) if i not in dead]
                 ray.get([a.reset.remote() for a in alive])
+                self._await(dead, what)
+
+    def _await(self, fresh: list[int], what: str) -> None:
+        """Wait at most ``wait_s`` for the replacements ``fresh`` to be placed and loaded (their first answer)."""
+        import ray
+
+        refs = {self.actors[i].ping.remote(): i for i in fresh}
+        _, pending = ray.wait(list(refs), num_returns=len(refs), timeout=self.wait_s)
+        if pending:
+            late = sorted(refs[r] for r in pending)
+            console.print(f"[yellow]stage(s) {late}: no replacement running after {self.wait_s:g} s[/]")
+            raise CapacityLost(
+                f"stage actor(s) {late} lost during {what} could not be restarted within {self.wait_s:g} s "
+                f"(ray.node_wait_s): {self._missing() or 'their replacements did not start'}; finished layers "
+                "are kept: add nodes (or raise ray.node_wait_s for nodes that take longer to return), then rerun "
+                "the same command to resume")
 
     def dead(self) -> list[int]:
         """Indices of the actors whose process is gone.  A live actor answers after the calls queued before the
@@ -123,9 +168,11 @@ def drop_orphans(out: str | Path, run_id: str) -> list[Path]:
 def fault_point(fault: str | None, stage: int | str, point: str) -> None:
     """Fault injection for the kill tests (``tests/test_faults.py``), inert unless the driver was started with
     ``CURVDIST_FAULT=<stage>:<point>:<dir>`` (``fault`` is that value, carried by the worker's spec).  The first
-    incarnation of that stage, on reaching ``point`` (``load``, ``stats``, ``spectral``; the driver itself is stage
-    ``driver``, point ``written``), writes its pid to ``<dir>/<point>-stage<stage>.pid`` and waits to be killed
-    from outside (a real SIGKILL of this process); the replacement actor finds the marker and goes on."""
+    incarnation of that stage, on reaching ``point`` (``load``, ``stats``, ``spectral``, ``rows-kronecker``,
+    ``rows-exact``; the driver itself is stage ``driver``, points ``written-kronecker``, ``written-exact``), writes
+    its Ray node id to ``<dir>/<point>-stage<stage>.node`` (in a Ray worker), then its pid to
+    ``<dir>/<point>-stage<stage>.pid``, and waits to be killed from outside (a real SIGKILL of this process, or
+    the removal of its node); the replacement actor finds the marker and goes on."""
     if not fault:
         return
     want, where, directory = fault.split(":", 2)
@@ -135,12 +182,23 @@ def fault_point(fault: str | None, stage: int | str, point: str) -> None:
     marker = Path(directory) / f"{point}-stage{stage}.pid"
     if marker.exists():
         return
+    node = _node_id()
+    if node:   # which Ray node holds this process (the node-loss tests remove that node)
+        marker.with_suffix(".node").write_text(node)
     tmp = marker.with_suffix(".tmp")
     tmp.write_text(str(os.getpid()))
     os.replace(tmp, marker)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:   # interruptible sleep: a SIGKILL ends it
         time.sleep(0.05)
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:   # noqa: BLE001 - not in a Ray process
+        return None
 
 
 def _parts(d: Path) -> list[Path]:

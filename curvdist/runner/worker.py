@@ -291,6 +291,7 @@ class Worker(ExactSteps):
         ``phase="exact"``: those layers again, complete (they replace the Kronecker rows in the readers' views)."""
         if not self.spec.reports_rows:
             return StageRows([], [], [])
+        fault_point(self.spec.fault, self.spec.stage, f"rows-{phase}")
         live = set(self.live_layers())
         if phase == "kronecker":
             spectra, curvature = self.spectra, {}
