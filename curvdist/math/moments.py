@@ -162,3 +162,25 @@ class LayerSums:
         for acc in (self.cov_delta, self.ritz_delta):
             if acc is not None:
                 acc.update(d)
+
+    def add_input_rows(self, a: torch.Tensor) -> torch.Tensor | None:
+        """Valid input rows a (R, n) of one call: R, C_A and its Ritz product, the projections v_kᵀa_i (returned,
+        (R, K), for :meth:`add_fisher_rows`; None without directions)."""
+        self.rows += a.shape[0]
+        self.update_A(a)
+        if self.proj_A is None:
+            return None
+        cA = self.proj_A.project(a)
+        self.proj_A.update_projected(cA)
+        return cA
+
+    def add_fisher_rows(self, d: torch.Tensor, cA: torch.Tensor | None) -> None:
+        """Fisher error rows δ (R, m) of the call whose input projections are ``cA``: C_δ, its Ritz product, the
+        projections u_kᵀδ_i and h^SoP's Σ_i (u_kᵀδ_i)² (v_kᵀa_i)²."""
+        self.seen_error = True
+        self.update_delta(d)
+        if self.proj_delta is not None:
+            cd = self.proj_delta.project(d)
+            self.proj_delta.update_projected(cd)
+            s = (cd * cd * cA * cA).sum(0)
+            self.sop = s if self.sop is None else self.sop + s
