@@ -38,6 +38,7 @@ __all__ = [
     "dense_top_eigen",
     "dense_top_singular",
     "direction_metrics",
+    "gram_top_singular",
     "rayleigh",
     "top_eigen",
     "top_singular",
@@ -158,13 +159,42 @@ def dense_top_singular(G: Tensor, k: int):
     return _zero_below_rank_floor(S[:k], max(A.shape)), U, V
 
 
+def gram_top_singular(G: Tensor, k: int, *, seed: int = 0):
+    """Top-k singular triplets of a float32 (or lower) G from its float64 Gram matrix: the eigenpairs (σ_j², v_j) of
+    GᵀG (n×n; G Gᵀ and u_j when m < n) by a dense float64 ``eigh``, then u_j = G v_j / σ_j; returned in float32.
+
+    Squaring costs precision only at float64's scale: the error of σ_j² is ~eps₆₄ σ_1², i.e. a relative error
+    ~eps₆₄ (σ_1/σ_j)² in σ_j, which stays under float32's rounding floor ν (module docstring) for every
+    σ_j ≥ 2e-9 σ_1, far below the rank floor 8ν under which σ_j comes back as an exact zero (its vector an
+    orthonormal completion drawn from ``seed``).  So it meets the float32 contract everywhere and is more accurate
+    than a float32 SVD.  Cost (one CPU core, the GPT-2 layers of bench_kronecker.py): 14–24 ms against 17–72 ms
+    for a float32 ``torch.linalg.svd`` of the same 384–2048 × 384 matrices.
+    """
+    A = G.to(torch.float64)
+    m, n = A.shape
+    k = _check_k(k, min(m, n), False, "top_singular")
+    tall = m >= n
+    lam, Q = torch.linalg.eigh(A.mT @ A if tall else A @ A.mT)
+    lam, Q = lam.flip(0)[:k].clamp_min(0), Q.flip(1)[:, :k]
+    sigma = _zero_below_rank_floor(lam.sqrt().to(G.dtype), max(m, n))
+    other = (A @ Q if tall else A.mT @ Q) / lam.sqrt().clamp_min(torch.finfo(A.dtype).tiny)
+    live = sigma > 0
+    if not bool(live.all()):        # rank-deficient: complete the other side orthonormally
+        fill = _gaussian((other.shape[0], int((~live).sum())), seed, A.dtype, A.device)
+        other[:, ~live] = _orth(_project_out(fill, other[:, live]))
+    U, V = (other, Q) if tall else (Q, other)
+    U, V = _fix_signs(U.to(G.dtype), V.to(G.dtype))
+    return sigma, U, V
+
+
 def top_singular(G: Tensor, k: int, *, oversample: int = 10, n_iter: int | None = None,
                  tol: float | None = None, exact_below: int | None = None, seed: int = 0,
                  max_iter: int = 200, clip: bool = False, return_info: bool = False):
     """Top-k singular triplets of G (m×n): ``(sigma (k,), U (m, k), V (n, k))``, σ descending, G v_j = σ_j u_j.
 
-    Dense ``torch.linalg.svd`` when min(m, n) ≤ ``exact_below`` or the block l = k + oversample is at least
-    min(m, n)/4.  Otherwise randomized subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4), with
+    Dense when min(m, n) ≤ ``exact_below`` or the block l = k + oversample is at least min(m, n)/4: a float64
+    ``torch.linalg.svd``, or for float32 input on the CPU the float64 Gram route (:func:`gram_top_singular`, more
+    accurate and 1.2–3× faster there; info method 'gram').  Otherwise randomized subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4), with
     a re-orthonormalised block at every half step so the small σ_j keep full precision (G is never squared):
 
         Q_0 = orth(G Ω),  Ω ~ N(0, 1)^{n×l}
@@ -195,9 +225,11 @@ def top_singular(G: Tensor, k: int, *, oversample: int = 10, n_iter: int | None 
     if exact_below is None:
         exact_below = EXACT_BELOW_CUDA if A.device.type == "cuda" else EXACT_SVD_BELOW[A.dtype]
     if r <= exact_below or 4 * l >= r:
-        sigma, U, V = dense_top_singular(A, k)
+        gram = A.dtype != torch.float64 and A.device.type == "cpu"
+        sigma, U, V = gram_top_singular(A, k, seed=seed) if gram else dense_top_singular(A, k)
         out = (sigma, U, V)
-        return (*out, {"method": "dense", "iterations": 0, "converged": True}) if return_info else out
+        return (*out, {"method": "gram" if gram else "dense", "iterations": 0, "converged": True}) \
+            if return_info else out
 
     Q = _orth(_mm(A, _gaussian((n, l), seed, A.dtype, A.device)))
     cap = max_iter if n_iter is None else int(n_iter)
