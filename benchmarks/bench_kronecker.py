@@ -17,7 +17,8 @@ Targets (issue 15): statistics ≤ 1.5, spectral ≤ 0.3, projections ≤ 0.3, w
 of curvdist's top-20 σ_k, λ^A_k, λ^δ_k against dense float64 on the same batch (float64 statistics), and with
 ``--profile`` a torch.profiler table of each curvdist step.  Times are medians of ``--repeats`` runs of the wall clock,
 or with ``--clock cpu`` of the process's CPU time: on a shared machine (other jobs on the cores) run
-``--threads 1 --clock cpu``, whose ratios do not move with the load; ``--no-peers`` times curvdist alone.
+``--threads 1 --clock cpu``, whose ratios move least with the load; each step is divided by a forward+backward timed
+just before it.  ``--no-peers`` times curvdist alone.
 """
 from __future__ import annotations
 
@@ -65,11 +66,18 @@ def loss_sum(model, ids, tgt):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100, reduction="sum")
 
 
-def median_times(fn, repeats: int) -> dict:
-    """Median over ``repeats`` runs (after one warm-up) of every step time ``fn`` returns."""
+def median_ratios(fn, fb, repeats: int) -> tuple[dict, float]:
+    """Median over ``repeats`` runs (after one warm-up) of each step time of ``fn`` divided by the time of the
+    forward+backward ``fb`` run just before it (so a change of load between runs moves both), and the median
+    forward+backward time."""
     fn()
-    runs = [fn() for _ in range(repeats)]
-    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    fb()
+    runs, fbs = [], []
+    for _ in range(repeats):
+        t = fb()["total"]
+        fbs.append(t)
+        runs.append({k: v / t for k, v in fn().items()})
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}, statistics.median(fbs)
 
 
 def forward_backward(model, ids, tgt):
@@ -217,13 +225,19 @@ def main() -> None:
     model, (ids, tgt) = gpt2(), batch()
     for p in model.parameters():
         p.requires_grad_(True)
-    fb = median_times(forward_backward(model, ids, tgt), max(args.repeats, 5))["total"]
+    fb_run = forward_backward(model, ids, tgt)
     cols = {} if args.no_peers else {"kronfluence 1.0.1 (in memory)": kronfluence_steps(model, ids, tgt),
                                      "naive torch (hooks + eigh + svd)": naive_steps(model, ids, tgt)}
     cols["curvdist.analyze(exact=False)"] = curvdist_steps(model, ids, tgt)
-    times = {name: (median_times(fn, args.repeats) if fn is not None else None) for name, fn in cols.items()}
+    times, fbs = {}, []
+    for name, fn in cols.items():
+        times[name] = None
+        if fn is not None:
+            times[name], t = median_ratios(fn, fb_run, args.repeats)
+            fbs.append(t)
+    fb = statistics.median(fbs)
     print(f"GPT-2 {BLOCKS}x{WIDTH}, vocabulary {VOCAB}, {B}x{T} tokens, {torch.get_num_threads()} threads; "
-          f"multiples of one forward+backward ({fb:.2f} s {args.clock}), medians of {args.repeats}")
+          f"multiples of one forward+backward ({fb:.2f} s {args.clock}, median), medians of {args.repeats} ratios")
     print()
     print("| step | " + " | ".join(cols) + " | target |")
     print("| --- | " + " | ".join("---" for _ in cols) + " | --- |")
@@ -232,7 +246,7 @@ def main() -> None:
                         ("projections", "projections (h^SoP, Rayleigh quotients)"), ("total", "total")):
         cells = []
         for t in times.values():
-            cells.append("not installed" if t is None else (f"{t[step] / fb:.2f}" if step in t else "—"))
+            cells.append("not installed" if t is None else (f"{t[step]:.2f}" if step in t else "—"))
         print(f"| {label} | " + " | ".join(cells) + f" | ≤ {TARGETS[step]} |")
     if not args.no_accuracy:
         print(f"\nmax relative error of top-{K} σ_k, λ^A_k, λ^δ_k vs dense float64, all layers: "
