@@ -1,15 +1,14 @@
-"""curvdist.math.spectral against dense truth (full SVD / eigh) in float64, on planted and realistic spectra."""
+"""curvdist.math.spectral (and curvdist.math.metrics) against dense truth (full SVD / eigh) in float64, on planted and realistic spectra."""
 import math
 import warnings
 
 import pytest
 import torch
 
+from curvdist.math.metrics import direction_metrics, rayleigh
 from curvdist.math.spectral import (
     dense_top_eigen,
     dense_top_singular,
-    direction_metrics,
-    rayleigh,
     top_eigen,
     top_singular,
 )
