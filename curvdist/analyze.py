@@ -6,7 +6,8 @@
 
 Three passes over the evaluation batch: (1) statistics G, C_A, C_δ (dense, or Nyström sketches); (2) projected
 statistics along the directions (h^SoP, Rayleigh quotients for factors not held dense, and the Rayleigh–Ritz step of
-sketched factors); (3) exact h and h^GN
+sketched factors), replayed from the rows of pass 1 when they fit :data:`curvdist.math.rowcache.ROW_CACHE_BYTES`;
+(3) exact h and h^GN
 by batched Hessian- and Jacobian-vector products.  The Ray runner does the same work split across stages.
 Micro-batches are keyed 0, 1, 2, … in data order (their key decides their half, :mod:`curvdist.math.noise`).
 """
@@ -24,6 +25,7 @@ from curvdist.math import families, forward
 from curvdist.math.collect import collect_projections, collect_statistics
 from curvdist.math.curvature import exact_curvature
 from curvdist.math.losses import label_generator, sampled_targets
+from curvdist.math.rowcache import ROW_CACHE_BYTES, RowCache
 from curvdist.math.sequence import Measurement, assemble_rows, exact_layer_names, spectral_steps
 from curvdist.vocab import DIRECTION_COLUMNS, SPECTRA_COLUMNS
 
@@ -134,9 +136,10 @@ def analyze(model: nn.Module, data: Iterable, loss: str = "cross_entropy", *, to
                                                              label_generator(seed, b)))
                                          for b, (x, y) in zip(exact_keys, exact_batches)]
             t0 = time.perf_counter()
+            rows = RowCache(ROW_CACHE_BYTES)    # the projections pass replays these rows when they fit
             stats = collect_statistics(model, batches, loss, fisher=fisher, layers=selected, stat_dtype=stat_dtype,
                                        factor_budget_bytes=factor_budget_bytes, mc_samples=mc_samples, seed=seed,
-                                       factor_mode=factor_mode, sketch_rank=sketch_rank)
+                                       factor_mode=factor_mode, sketch_rank=sketch_rank, row_cache=rows)
             timings["factors_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             spectra = spectral_steps(stats, m)
@@ -147,7 +150,8 @@ def analyze(model: nn.Module, data: Iterable, loss: str = "cross_entropy", *, to
             t0 = time.perf_counter()
             proj = collect_projections(model, batches, loss, fisher=fisher, layers=live, directions=directions,
                                        stat_dtype=stat_dtype, mc_samples=mc_samples, seed=seed,
-                                       bases=bases) if live else {}
+                                       bases=bases, rows=rows) if live else {}
+            del rows
             timings["projections_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             exact_live = {n: selected[n] for n in exact_layer_names(spectra, m)}

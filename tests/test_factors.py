@@ -478,6 +478,35 @@ def test_float32_accumulation_close_to_float64():
             torch.testing.assert_close(getattr(s32[name], f).double(), getattr(s64[name], f), rtol=1e-5, atol=1e-7)
 
 
+def test_dense_factors_of_wide_layers_accumulate_one_triangle():
+    """Layers wider than one accumulation block (d ≥ 128: the upper block triangle only, mirrored when read) give
+    the full Σ x xᵀ; the running sum keeps zeros below the diagonal blocks, so states of disjoint collectors add."""
+    g = torch.Generator().manual_seed(5)
+    net = nn.Linear(300, 130, dtype=DT)            # C_A 300 × 300 (8 block rows, a ragged last one), C_δ 130 × 130
+    data = [(torch.randn(b, 300, generator=g, dtype=DT), torch.randn(b, 130, generator=g, dtype=DT)) for b in (40, 23)]
+    ours = collect_statistics(net, data, "mse", fisher="empirical", layers={"lin": net}, stat_dtype=DT)["lin"]
+    X = torch.cat([x for x, _ in data])
+    rows = []
+    for x, y in data:                              # δ: the gradient of the summed loss at the layer output
+        z = net(x)
+        mean, n, _ = losses.loss_terms(z, y, "mse")
+        rows.append(torch.autograd.grad(mean * n, z)[0])
+    D = torch.cat(rows)
+    assert_close(ours.C_A, X.T @ X / X.shape[0], rtol=1e-12, atol=1e-14)
+    assert torch.equal(ours.C_A, ours.C_A.T) and torch.equal(ours.C_delta, ours.C_delta.T)
+    assert_close(ours.C_delta, D.T @ D / ours.n_terms, rtol=1e-12, atol=1e-14)
+    parts = []
+    for part in data:
+        col = StatisticsCollector({"lin": net}, stat_dtype=DT)
+        run_collector(col, net, [part], "mse", "empirical", 1, 0, "stats")
+        acc = col.layers["lin"].cov_A
+        assert acc.block < 300 and not acc.sum[acc.block:, :acc.block].any()   # below the diagonal blocks: zeros
+        parts.append(col.state())
+    both = StatisticsCollector({"lin": net}, stat_dtype=DT)
+    both.set_state([a + b for a, b in zip(*parts)])
+    assert_close(both.finalize()["lin"].C_A, ours.C_A, rtol=1e-12, atol=1e-14)
+
+
 def test_errors():
     net = mlp()
     with pytest.raises(ValueError, match="not supported"):

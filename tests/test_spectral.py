@@ -1,15 +1,14 @@
-"""curvdist.math.spectral against dense truth (full SVD / eigh) in float64, on planted and realistic spectra."""
+"""curvdist.math.spectral (and curvdist.math.metrics) against dense truth (full SVD / eigh) in float64, on planted and realistic spectra."""
 import math
 import warnings
 
 import pytest
 import torch
 
+from curvdist.math.metrics import direction_metrics, rayleigh
 from curvdist.math.spectral import (
     dense_top_eigen,
     dense_top_singular,
-    direction_metrics,
-    rayleigh,
     top_eigen,
     top_singular,
 )
@@ -126,6 +125,27 @@ def test_top_singular_dense_path_and_fixed_iterations():
     sig, _, _, info = top_singular(G, 5, n_iter=3, exact_below=0, return_info=True)
     assert info["iterations"] == 3 and info["converged"] is None
     assert max_rel(sig, power_law(5, 2.0)) <= 1e-6
+
+
+@pytest.mark.parametrize("shape", [(300, 120), (120, 300)])
+def test_float32_dense_path_is_the_float64_gram_route(shape):
+    """float32 G on the CPU's dense path: σ_k from the float64 Gram matrix, within float64-level error of the dense
+    float64 SVD of the same float32 numbers (a float32 SVD is only ~1e-6 relative); vectors orthonormal; a
+    rank-deficient G gives exact zeros with an orthonormal completion."""
+    G = planted_matrix(*shape, power_law(120, 1.0), seed=3).float()
+    sig, U, V, info = top_singular(G, 20, return_info=True)
+    assert info["method"] == "gram" and sig.dtype == U.dtype == V.dtype == torch.float32
+    sig0, U0, V0 = dense_top_singular(G.double(), 20)
+    assert max_rel(sig.double(), sig0) <= 1e-7
+    assert vec_err(U.double(), U0) <= 1e-5 and vec_err(V.double(), V0) <= 1e-5
+    G64 = G.double()
+    assert float((G64 @ V.double() - U.double() * sig.double()).norm(dim=0).max()) <= 1e-5 * float(sig[0])
+    low = (planted_matrix(shape[0], 6, power_law(6, 1.0), seed=4) @ planted_matrix(6, shape[1], power_law(6, 0.0),
+                                                                                       seed=5)).float()
+    sig, U, V = top_singular(low, 10)
+    assert bool((sig[6:] == 0).all()) and bool((sig[:6] > 0).all())
+    for X in (U, V):
+        assert float((X.T @ X - torch.eye(10)).abs().max()) <= 1e-5
 
 
 def test_top_singular_sign_determinism():

@@ -16,6 +16,7 @@ from torch import nn
 
 from curvdist.math import forward, losses
 from curvdist.math.factors import LayerStatistics, Projections, StatisticsCollector
+from curvdist.math.rowcache import RowCache
 from curvdist.math.sequence import error_seeds
 
 
@@ -52,13 +53,14 @@ def run_collector(collector: StatisticsCollector, model: nn.Module, data: Iterab
 def collect_statistics(model: nn.Module, data: Iterable, loss: str, *, fisher: str = "empirical",
                        layers: Mapping[str, nn.Module], stat_dtype: torch.dtype = torch.float32,
                        factor_budget_bytes: int | None = None, mc_samples: int = 1,
-                       seed: int = 0, factor_mode: str = "dense", sketch_rank: int = 512
-                       ) -> dict[str, LayerStatistics]:
+                       seed: int = 0, factor_mode: str = "dense", sketch_rank: int = 512,
+                       row_cache: RowCache | None = None) -> dict[str, LayerStatistics]:
     """G (true-label seed, for every ``fisher``), C_A and C_δ (``fisher`` seeds) of every layer over ``data``,
     an iterable of ``(inputs, targets)`` micro-batches; normalised as in the module docstring.  Each factor is held
-    as :func:`curvdist.math.modes.choose` decides from ``factor_mode`` and ``factor_budget_bytes``."""
+    as :func:`curvdist.math.modes.choose` decides from ``factor_mode`` and ``factor_budget_bytes``.  ``row_cache``
+    keeps the rows for :func:`collect_projections` (:mod:`curvdist.math.rowcache`)."""
     col = StatisticsCollector(layers, stat_dtype=stat_dtype, factor_budget_bytes=factor_budget_bytes,
-                              factor_mode=factor_mode, sketch_rank=sketch_rank, seed=seed)
+                              factor_mode=factor_mode, sketch_rank=sketch_rank, seed=seed, row_cache=row_cache)
     run_collector(col, model, data, loss, fisher, mc_samples, seed, "stats")
     return col.finalize()
 
@@ -67,15 +69,20 @@ def collect_projections(model: nn.Module, data: Iterable, loss: str, *, fisher: 
                         layers: Mapping[str, nn.Module],
                         directions: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
                         stat_dtype: torch.dtype = torch.float32, mc_samples: int = 1,
-                        seed: int = 0, bases: Mapping[str, Mapping[str, torch.Tensor]] | None = None
-                        ) -> dict[str, Projections]:
+                        seed: int = 0, bases: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+                        rows: RowCache | None = None) -> dict[str, Projections]:
     """rayleigh_delta, rayleigh_A and h_sop along ``directions`` ({name: (U (K, m), V (K, n))}) without dense factors,
     and the Rayleigh–Ritz eigenvalues of sketched factors along ``bases`` ({name: {"A" | "delta": V}}).
-    Uses the same ``seed`` stream as :func:`collect_statistics`, so ``rayleigh_delta`` equals diag(U C_δ Uᵀ)."""
+    Uses the same ``seed`` stream as :func:`collect_statistics`, so ``rayleigh_delta`` equals diag(U C_δ Uᵀ).
+    With a complete ``rows`` cache of that statistics pass (same data, seed and fisher) the rows are replayed instead
+    of a second forward and backward."""
     sel = {name: mod for name, mod in layers.items() if name in directions}
     if set(directions) - set(sel):
         raise ValueError(f"directions given for unknown layers: {sorted(set(directions) - set(sel))}")
     col = StatisticsCollector(sel, stat_dtype=stat_dtype, dense=False, directions=directions,
                               bases={n: b for n, b in (bases or {}).items() if n in sel and b})
-    run_collector(col, model, data, loss, fisher, mc_samples, seed, "projections")
+    if rows is not None and rows.complete:
+        rows.replay(col)
+    else:
+        run_collector(col, model, data, loss, fisher, mc_samples, seed, "projections")
     return col.projections()

@@ -63,6 +63,7 @@ from curvdist.math import layers as L
 from curvdist.math import modes as M
 from curvdist.math import noise, sketch
 from curvdist.math.moments import LayerSums
+from curvdist.math.rowcache import RowCache
 from curvdist.vocab import Status
 
 SEED_KINDS = (None, "true", "fisher", "both")
@@ -125,7 +126,8 @@ class StatisticsCollector:
     ``factor_mode`` and ``factor_budget_bytes``: a factor over budget is never allocated and the layer's status says
     so.  Sketches have ``sketch_rank`` columns and test matrices seeded by (``seed``, layer, factor, dimension).
     ``bases`` ({name: {"A": V, "delta": V}}, from :attr:`curvdist.math.measure.LayerSpectra.bases`) adds the
-    Rayleigh–Ritz products of sketched factors to a projections pass.
+    Rayleigh–Ritz products of sketched factors to a projections pass.  ``row_cache`` (:mod:`curvdist.math.rowcache`)
+    keeps the rows seen, so that a projections collector can be fed them without a second pass.
     """
 
     def __init__(self, layers: Mapping[str, nn.Module], *, stat_dtype: torch.dtype = torch.float32,
@@ -134,7 +136,7 @@ class StatisticsCollector:
                  factor_mode: str = "dense", factor_modes: Mapping[str, tuple[str | None, str | None]] | None = None,
                  sketch_rank: int = 512, seed: int = 0,
                  bases: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, row_cache: RowCache | None = None):
         for name, mod in layers.items():
             if not L.is_supported(mod):
                 raise ValueError(f"layer {name} ({type(mod).__name__}) is not supported")
@@ -163,6 +165,7 @@ class StatisticsCollector:
         self._forward_key: Any = None         # the micro-batch whose forward the hooks record now
         self._kind: str | None = None
         self._scale = 1.0
+        self.row_cache = row_cache
 
     def _modes(self, name: str, mod: nn.Module, policy: str, given, budget: int | None, rank: int):
         """(mode of C_A, mode of C_δ) and the statuses of the factors left unmeasured."""
@@ -231,6 +234,8 @@ class StatisticsCollector:
     def end_microbatch(self, n_terms: int, key: Any = 0) -> None:
         """Close micro-batch ``key``: add its loss terms to N and drop its recorded rows and outputs."""
         self.n_terms += int(n_terms)
+        if self.row_cache is not None:
+            self.row_cache.add_terms(n_terms)
         if noise.half_of(key) == 0:
             self.n_terms_a += int(n_terms)
         rec = self._open.pop(key, None)
@@ -295,14 +300,10 @@ class StatisticsCollector:
         if keep is not None:
             a = a[keep]
             units = None if units is None else units[keep]
-        st.rows += a.shape[0]
-        st.update_A(a)
-        cA = None
-        if st.proj_A is not None:
-            cA = st.proj_A.project(a)
-            st.proj_A.update_projected(cA)
+        cA = st.add_input_rows(a)
+        block = self.row_cache.add_inputs(st.name, a) if self.row_cache is not None else -1
         calls = rec.calls[st.name]
-        calls.append((a if st.dense else None, cA, keep, units))
+        calls.append((a if st.dense else None, cA, keep, units, block))
         if isinstance(output, torch.Tensor) and output.requires_grad:
             output.register_hook(partial(self._on_grad, st, key, len(calls) - 1))
             rec.outputs.append((output, output._version, module.weight))
@@ -312,7 +313,7 @@ class StatisticsCollector:
         rec = self._open.get(key)
         if kind is None or rec is None or call >= len(rec.calls[st.name]):
             return
-        a, cA, keep, units = rec.calls[st.name][call]
+        a, cA, keep, units, block = rec.calls[st.name][call]
         d = L.output_rows(st.module, g.detach()).to(self.dtype)
         if self._scale != 1.0:
             d = d * self._scale
@@ -329,12 +330,9 @@ class StatisticsCollector:
             else:   # cross terms between calls: the norms wait for every call's rows (end_microbatch)
                 rec.true_rows.setdefault(st.name, []).append((d, a, units))
         if kind in ("fisher", "both"):
-            st.update_delta(d)
-            if st.proj_delta is not None:
-                cd = st.proj_delta.project(d)
-                st.proj_delta.update_projected(cd)
-                s = (cd * cd * cA * cA).sum(0)
-                st.sop = s if st.sop is None else st.sop + s
+            st.add_fisher_rows(d, cA)
+            if self.row_cache is not None:
+                self.row_cache.add_errors(st.name, block, d)
 
     @staticmethod
     def _add_units(st: LayerSums, d: torch.Tensor, a: torch.Tensor, units: torch.Tensor) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from curvdist.math import fit, noise, sketch, spectral
+from curvdist.math import fit, metrics, noise, sketch, spectral
 from curvdist.vocab import EXACT_SUBSET_COLUMNS, NO_DIRECTION_STATUSES, NOISE_COLUMNS, VOIDING, Status, status_code
 
 
@@ -101,7 +101,7 @@ def spectral_step(stats, top_k: int, *, seed: int = 0) -> LayerSpectra:
             out.bases[factor] = sketch.ritz_basis(C)
         elif C is not None:
             lam = spectral.top_eigen(C, k, seed=seed)[0]
-            setattr(out, f"rayleigh_{factor}", spectral.rayleigh(C, X))
+            setattr(out, f"rayleigh_{factor}", metrics.rayleigh(C, X))
         else:
             continue
         setattr(out, f"lambda_{factor}", lam)
@@ -174,7 +174,7 @@ def layer_rows(sp: LayerSpectra, *, layer_type: str, block: int | None, fisher: 
         nan = torch.full_like(sigma, float("nan"))
         ray_d, ray_a, h = _np(ray_d), _np(ray_a), _np(h)
         # direction_metrics echoes its inputs too; NaN (a missing input) becomes a null in the row
-        cols = {key: _np(v) for key, v in spectral.direction_metrics(
+        cols = {key: _np(v) for key, v in metrics.direction_metrics(
             sigma, ray_d if ray_d is not None else nan, ray_a if ray_a is not None else nan,
             lambda_delta=lam["delta"][0], lambda_A=lam["A"][0], h=h, h_sop=_np(h_sop)).items()}
         cols["h_gn"] = _np(h_gn)
