@@ -117,8 +117,10 @@ def test_stages_overlap_with_fixed_sleep(ray_local, tmp_path, monkeypatch):
 def test_exact_sweeps_overlap_with_fixed_sleep(ray_local, tmp_path, monkeypatch):
     """The exact pass with the same sleeping stages: one exact layer on stage 0, so each of the M sweeps visits all
     S stages; with the sweeps pipelined the pass takes within 1.5× of (M + S − 1)·t (one sweep at a time: M·S·t),
-    and it records one sweep per micro-batch."""
-    S, M, t = 4, 16, 0.25
+    and it records one sweep per micro-batch.  t = 0.5 s: the backward half of a sweep, the last stage's own
+    layers and the pass bracket are real compute that no sleep stands for (~2.8 s here), so the sleep must
+    dominate for the ratio to measure the schedule."""
+    S, M, t = 4, 16, 0.5
     monkeypatch.setenv(SLEEP_ENV, str(t))
     cfg = C.load_config(None, ["model.name=tiny-gpt2", f"stages={S}", "data.source=synthetic", f"data.sequences={2 * M}",
                                "data.seq_len=8", "data.micro_batch=2", "top_k=2", "exact=true", "plots=false",
