@@ -193,7 +193,8 @@ def spectral_workspace(m: int, n: int, k: int, stat_dtype: str, device: str, *, 
     """Bytes :mod:`curvdist.math.spectral` allocates for one layer beyond G and the factors themselves.
 
     SVD of G (m×n, r = min(m, n), l = k + oversample): dense (r at most the dense size, or 4l >= r) copies G for
-    LAPACK/cuSOLVER and returns U (m×r), Vᵀ (r×n) with ~2r² of work arrays: m·n + (m + n)·r + 2r²; randomized:
+    LAPACK/cuSOLVER and returns U (m×r), Vᵀ (r×n) with ~2r² of work arrays: m·n + (m + n)·r + 2r² (float32 on the
+    CPU: the float64 Gram route, 8 bytes × (m·n + 4r² + (m + n)·k)); randomized:
     Ω, the blocks Q, P, Y and a product, about (2m + 3n)·l.  Eigensolve of C (d×d): dense eigh symmetrises
     ((C + Cᵀ)/2, a d² copy), returns d² eigenvectors, with a ~2d² work array (syevd): 4d²; block Lanczos keeps a
     basis and its images, each grown by ``torch.cat`` into new tensors while the old ones are alive, 4·d·max_basis,
@@ -207,7 +208,11 @@ def spectral_workspace(m: int, n: int, k: int, stat_dtype: str, device: str, *, 
     dense = DENSE_BELOW.get(device, DENSE_BELOW["cpu"])
     svd_below = DENSE_BELOW_FP64_CPU if (device != "cuda" and stat_dtype == "float64") else dense["svd"]
     eig_below = DENSE_BELOW_FP64_CPU if (device != "cuda" and stat_dtype == "float64") else dense["eig"]
-    if r <= svd_below or 4 * l >= r:
+    if (r <= svd_below or 4 * l >= r) and device != "cuda" and w < 8:
+        # float32 on the CPU: the float64 Gram route (spectral.gram_top_singular): G in float64, the r×r Gram
+        # matrix, its eigenvectors and the eigh work array, the other side's k vectors; in float32 units
+        svd = 2 * (m * n + 4 * r * r + (m + n) * k)
+    elif r <= svd_below or 4 * l >= r:
         svd = m * n + (m + n) * r + 2 * r * r
     else:
         svd = (2 * m + 3 * n) * l
