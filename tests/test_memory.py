@@ -242,3 +242,12 @@ def test_remote_cluster_without_a_known_device_skips_with_a_warning(monkeypatch)
     cfg = load_config(LLAMA7B, ["ray.address=10.0.0.1:6379", "data.micro_batch=8"])  # hardware.gpu: H100-80
     with pytest.raises(preflight.PreflightError, match="statistics pass"):
         preflight.check_memory(cfg, planning.plan_from_config(cfg))
+
+
+def test_exact_pass_over_a_sample_holds_only_the_sampled_inputs():
+    """data.exact_sequences: the last stage moves only the sampled micro-batches' inputs to the device in the exact
+    pass, so 4096 sequences with 64 of them measured fit the same directions per sweep as 64 sequences."""
+    _, _, small = _est(LLAMA7B)
+    _, _, big = _est(LLAMA7B, "data.sequences=4096", "data.exact_sequences=64")
+    assert big.workload.exact_chunk == small.workload.exact_chunk >= 8
+    assert big.memory.stages[-1].exact == small.memory.stages[-1].exact

@@ -333,8 +333,9 @@ def memory_plan(plan, layout: Layout, workload: Workload, device: str) -> Memory
         if through:   # stacked sweeps through this stage: ε tangents (T × T numbers on the source, no ṗ copies)
             exact = exact_route_bytes(act_exact, t, arch, through, xs, last=is_last, owned_mn=0)
         if exact_mine and is_last:                   # the last stage's own layers: in-process route
+            mb_x = math.ceil(workload.exact_microbatches / layout.replicas)   # the inputs the exact pass measures
             exact = max(exact, exact_local_bytes(act_exact, t, k, device, min(l.m for l in exact_mine),
-                                                 mb * t * h * xs))
+                                                 mb_x * t * h * xs))
         if exact:
             exact += st.param_bytes * (xs - s) // s
         out.append(StageMemory(st.index, layout.held(st.index, mb), st.param_bytes, factors, act_autograd, stats_act,
