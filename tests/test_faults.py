@@ -125,6 +125,27 @@ def test_stage_killed_is_replaced(env, baseline, tmp_path, stage, point):
     assert_same(result, baseline)
 
 
+def test_stage_killed_with_the_gloo_transport_is_replaced(env, baseline, tmp_path):
+    """ray.transport=gloo: stage outputs go actor to actor over a Ray collective group.  Stage 1 killed during the
+    statistics pass is replaced, the group is formed afresh (a survivor drops its old process group), and the run
+    ends equal to the object-store baseline.  Ray kills both ends of a failed direct transfer, so the stage that was
+    receiving from the killed one may be replaced too: one kill costs one or two of ray.max_restarts."""
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    os.environ["CURVDIST_FAULT"] = f"1:stats:{faults}"
+    try:
+        t = killer(faults / "stats-stage1.pid")
+        run_id = driver.main(load(f"out={tmp_path / 'out'}", "ray.transport=gloo"))
+        t.join(5)
+    finally:
+        os.environ.pop("CURVDIST_FAULT", None)
+    assert not pid_alive(int((faults / "stats-stage1.pid").read_text()))
+    result = read(tmp_path / "out", run_id)
+    timings = json.loads(result[2]["timings_json"])
+    assert timings["stage_restarts"] in (1, 2) and timings["layout"]["transport"] == "gloo"
+    assert_same(result, baseline)
+
+
 def _cli(args, env_extra=None, **kw):
     e = dict(os.environ, **(env_extra or {}))
     return subprocess.Popen(CLI + ["run", YAML, *args], env=e, stdout=subprocess.PIPE,

@@ -20,6 +20,9 @@ Kinds:
   ``torch.distributed`` process group of each worker, which the replicas' all-reduce
   (:mod:`curvdist.runner.collective`) also uses, so it needs ``replicas: 1``.
 
+Faults: when an actor dies mid-transfer, Ray kills both ends of a failed direct transfer, so under an RDT kind one
+lost worker can cost two replacements of ``ray.max_restarts`` (tests/test_faults.py).
+
 ``auto`` is ``nccl`` when every worker has a GPU of its own and CuPy is importable, and ``object_store`` otherwise
 (``cuda_ipc`` is opt-in: Ray's RDT is marked alpha in the installed Ray, and CUDA IPC between actors on different
 devices of a node depends on peer access).  Only ``object_store`` and ``gloo`` run in this project's CPU tests.
