@@ -10,6 +10,7 @@ from torch import nn
 from curvdist.math import layers as L
 from curvdist.math.collect import collect_projections, collect_statistics
 from curvdist.math.rowcache import RowCache
+from test_factors import gpt2   # the same one-block GPT-2 in float64
 
 DT = torch.float64
 
@@ -24,17 +25,6 @@ class Twice(nn.Module):
 
     def forward(self, x):
         return self.head(torch.tanh(self.body(torch.tanh(self.body(x)))))
-
-
-def gpt2():
-    pytest.importorskip("transformers")
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
-                     attn_pdrop=0.0, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(cfg).to(DT).eval()
 
 
 def directions(mods, K=3):
