@@ -194,7 +194,7 @@ def accuracy(model, ids, tgt) -> float:
     for s in stats.values():
         pairs = [(spectral.top_singular(s.G, K)[0], torch.linalg.svdvals(s.G)[:K])]
         for C in (s.C_A, s.C_delta):
-            pairs.append((spectral.top_eigen(C, K)[0], torch.linalg.eigvalsh(C).flip(0)[:K]))
+            pairs.append((spectral.top_eigenvalues(C, K), torch.linalg.eigvalsh(C).flip(0)[:K]))
         for got, want in pairs:
             worst = max(worst, float(((got - want).abs() / want.abs()).max()))
     return worst
