@@ -1,10 +1,11 @@
-"""curvdist.math.spectral.top_eigenvalues (eigenvalues only, what the spectral step runs) against dense float64
+"""curvdist.math.eigenvalues.top_eigenvalues (eigenvalues only, what the spectral step runs) against dense float64
 eigvalsh / eigh: the same accuracy contract as top_eigen, on planted, clustered, low-rank and realistic spectra."""
 import pytest
 import torch
-
-from curvdist.math.spectral import EXACT_EIGVALS_BELOW, dense_top_eigen, eigenvalue_block, top_eigen, top_eigenvalues
 from test_spectral import _gen, _orthonormal, max_rel, planted_psd, power_law
+
+from curvdist.math.eigenvalues import EXACT_EIGVALS_BELOW, eigenvalue_block, top_eigenvalues
+from curvdist.math.spectral import dense_top_eigen, top_eigen
 
 F64 = torch.float64
 

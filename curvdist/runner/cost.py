@@ -47,7 +47,7 @@ SOLVER_EFFICIENCY = 0.1
 SVD_ITERATIONS = {"float32": 5, "float64": 25}
 KRYLOV_PRODUCTS = 20
 DENSE_BELOW = {"cuda": 8192, "cpu": 512}
-EIGVALS_DENSE_BELOW = {"cuda": 8192, "cpu": 640}   # curvdist.math.spectral.EXACT_EIGVALS_BELOW (float32)
+EIGVALS_DENSE_BELOW = {"cuda": 8192, "cpu": 640}   # curvdist.math.eigenvalues.EXACT_EIGVALS_BELOW (float32)
 PASSES = ("statistics", "spectral", "projections", "exact")
 SCHEDULES = ("pipelined", "sequential")
 
