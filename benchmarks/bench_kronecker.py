@@ -37,7 +37,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import curvdist
-from curvdist.math import families, forward, spectral
+from curvdist.math import eigenvalues, families, forward, spectral
 from curvdist.math import layers as L
 from curvdist.math.collect import collect_statistics
 
@@ -194,7 +194,7 @@ def accuracy(model, ids, tgt) -> float:
     for s in stats.values():
         pairs = [(spectral.top_singular(s.G, K)[0], torch.linalg.svdvals(s.G)[:K])]
         for C in (s.C_A, s.C_delta):
-            pairs.append((spectral.top_eigen(C, K)[0], torch.linalg.eigvalsh(C).flip(0)[:K]))
+            pairs.append((eigenvalues.top_eigenvalues(C, K), torch.linalg.eigvalsh(C).flip(0)[:K]))
         for got, want in pairs:
             worst = max(worst, float(((got - want).abs() / want.abs()).max()))
     return worst

@@ -34,7 +34,7 @@ def run_collector(collector: StatisticsCollector, model: nn.Module, data: Iterab
         for b, (inputs, targets) in enumerate(data):
             collector.begin_microbatch(forward.row_mask(inputs), key=b)
             logits = forward.model_logits(model, inputs)
-            _, n, _ = losses.loss_terms(logits, targets, loss)
+            n = losses.count_terms(logits, targets, loss)
             outs = collector.outputs(b)
             if not outs:
                 raise RuntimeError("no selected layer output requires grad: enable grad on the layers' parameters")

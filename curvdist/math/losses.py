@@ -68,6 +68,15 @@ def _flat(logits: torch.Tensor, targets: torch.Tensor, loss: str):
     return z, y, mask
 
 
+def count_terms(logits: torch.Tensor, targets: torch.Tensor, loss: str) -> int:
+    """N_b, the loss terms of a micro-batch (the ``n_terms`` of :func:`loss_terms` without computing the loss)."""
+    _, _, mask = _flat(logits, targets, loss)
+    n = int(mask.sum())
+    if n == 0:
+        raise ValueError("the micro-batch has no loss terms (every target is -100); drop it or fix the targets")
+    return n
+
+
 def loss_terms(logits: torch.Tensor, targets: torch.Tensor, loss: str):
     """Return ``(L_mean, n_terms, term_mask)``; the loss is computed in the logits' dtype (fp32 for bf16/fp16)."""
     z, y, mask = _flat(logits, targets, loss)
@@ -97,9 +106,12 @@ def error_seeds(logits: torch.Tensor, targets: torch.Tensor, loss: str, fisher: 
     m = mask.to(z.dtype)[:, None]
     if loss == "cross_entropy":
         p = _probs(z)
-        if fisher == "empirical":
+        if fisher == "empirical":   # p − e_y in place: no (R, C) one-hot (int64, then cast) beside p
             yy = torch.where(mask, y, torch.zeros_like(y))
-            yield ((p - torch.nn.functional.one_hot(yy, C).to(z.dtype)) * m).reshape(shape)
+            p.scatter_add_(1, yy[:, None], torch.full((p.shape[0], 1), -1.0, dtype=p.dtype, device=p.device))
+            if not bool(mask.all()):
+                p.mul_(m)
+            yield p.reshape(shape)
         elif fisher == "mc":
             for _ in range(mc_samples):
                 # sample on the CPU generator when given one so that runs are reproducible across devices

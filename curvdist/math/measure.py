@@ -4,7 +4,7 @@ Shared by the in-process :func:`curvdist.analyze` and by the pipeline stage acto
 every number with the same code.  A layer goes through three steps:
 
 1. :func:`spectral_step` — top-K singular triplets of G (K = min(top_k, m, n)), top-K eigenpairs of C_A and C_δ
-   (dense factors: :func:`curvdist.math.spectral.top_eigen`; sketched ones: the one-pass Nyström eigenpairs with
+   (dense factors: :func:`curvdist.math.eigenvalues.top_eigenvalues`, eigenvalues only; sketched ones: the one-pass Nyström eigenpairs with
    their error bound, and the Ritz basis for step 2, :mod:`curvdist.math.sketch`), the split-half stability and
    half σ (:mod:`curvdist.math.noise`), and the directions D_k = u_k v_kᵀ handed to the projected and exact passes;
 2. the projected pass (h^SoP, Rayleigh quotients from rows, and the Rayleigh–Ritz eigenvalues of sketched factors,
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from curvdist.math import fit, metrics, noise, sketch, spectral
+from curvdist.math import eigenvalues, fit, metrics, noise, sketch, spectral
 from curvdist.vocab import EXACT_SUBSET_COLUMNS, NO_DIRECTION_STATUSES, NOISE_COLUMNS, VOIDING, Status, status_code
 
 
@@ -100,7 +100,7 @@ def spectral_step(stats, top_k: int, *, seed: int = 0) -> LayerSpectra:
             setattr(out, f"lambda_{factor}_err", err)
             out.bases[factor] = sketch.ritz_basis(C)
         elif C is not None:
-            lam = spectral.top_eigen(C, k, seed=seed)[0]
+            lam = eigenvalues.top_eigenvalues(C, k, seed=seed)
             setattr(out, f"rayleigh_{factor}", metrics.rayleigh(C, X))
         else:
             continue

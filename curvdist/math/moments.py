@@ -23,6 +23,7 @@ from curvdist.math.sketch import NystromSketch, RangeSketch
 # 5 / 52 / 91 / 151 ms as 8 block rows (4 blocks: 5 / 51 / 92 / 162 ms); below _SYM_MIN_DIM one product is as fast.
 _SYM_BLOCKS = 8
 _SYM_MIN_DIM = 128
+_MIRROR_TILE = 64
 
 
 def _sym_block(dim: int) -> int:
@@ -54,9 +55,10 @@ class DenseSecondMoment:
         if self.sum is None:
             return torch.zeros(self.dim, self.dim, dtype=self.dtype)
         s = self.sum / max(norm, 1)
-        b = self.block
-        for i in range(b, self.dim, b):     # the blocks below the diagonal from those above it
-            s[i:i + b, :i] = s[:i, i:i + b].T
+        b, t = self.block, _MIRROR_TILE
+        for i in range(b, self.dim, b):     # the blocks below the diagonal from those above it, in square tiles
+            for j in range(0, i, t):        # (a whole strided block-transpose copy is 4× slower: 13 vs 3 ms at 2048)
+                s[i:i + b, j:j + t] = s[j:j + t, i:i + b].T
         return s
 
 

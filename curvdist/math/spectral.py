@@ -341,9 +341,19 @@ def top_eigen(C: Tensor | Operator, k: int, *, n: int | None = None, dtype: torc
         (Q,) = _fix_signs(Q)
         lam = _zero_below_rank_floor(lam, n)
         return (lam, Q, {"method": "lobpcg", "iterations": None, "converged": None}) if return_info else (lam, Q)
+    lam, Y, info = _krylov(op, n, k, b, tol, seed, dt, dev, max_basis, max_iter, method)
+    (Y,) = _fix_signs(Y)
+    return (lam, Y, info) if return_info else (lam, Y)
 
-    max_basis = int(max_basis) if max_basis is not None else min(n // 2, max(12 * b, k + 8 * b))
-    max_basis = max(max_basis, k + 2 * b)
+
+def _default_basis(n: int, k: int, b: int) -> int:
+    return max(min(n // 2, max(12 * b, k + 8 * b)), k + 2 * b)
+
+
+def _krylov(op: Operator, n: int, k: int, b: int, tol: float, seed: int, dt, dev, max_basis: int | None,
+            max_iter: int, method: str):
+    """The iteration of :func:`top_eigen` (block Lanczos, or subspace iteration): ``(lam (k,), Y (n, k), info)``."""
+    max_basis = max(int(max_basis), k + 2 * b) if max_basis is not None else _default_basis(n, k, b)
     # the basis Q, its image W = C Q and T = Qᵀ C Q live in buffers of max_basis columns, filled block by block
     # (no concatenation per step: on one core that was ~15% of a 2048-dim solve)
     Qbuf = torch.empty(n, max_basis, dtype=dt, device=dev)
@@ -392,9 +402,7 @@ def top_eigen(C: Tensor | Operator, k: int, *, n: int | None = None, dtype: torc
         products += 1
     if stop == "max_iter":
         _warn_unconverged("top_eigen", stop, products, scores[-1], tol)
-    (Y,) = _fix_signs(Y)
     lam = _zero_below_rank_floor(theta[:k].clone(), n)
-    if return_info:
-        return lam, Y, {"method": method, "iterations": products, "converged": stop != "max_iter", "stop": stop,
-                        "restarts": restarts, "residuals": res}
-    return lam, Y
+    return lam, Y, {"method": method, "iterations": products, "converged": stop != "max_iter", "stop": stop,
+                    "restarts": restarts, "residuals": res}
+

@@ -47,6 +47,7 @@ SOLVER_EFFICIENCY = 0.1
 SVD_ITERATIONS = {"float32": 5, "float64": 25}
 KRYLOV_PRODUCTS = 20
 DENSE_BELOW = {"cuda": 8192, "cpu": 512}
+EIGVALS_DENSE_BELOW = {"cuda": 8192, "cpu": 640}   # curvdist.math.eigenvalues.EXACT_EIGVALS_BELOW (float32)
 PASSES = ("statistics", "spectral", "projections", "exact")
 SCHEDULES = ("pipelined", "sequential")
 
@@ -136,10 +137,11 @@ def svd_flops(m: int, n: int, k: int, stat_dtype: str, device: str) -> tuple[flo
 
 
 def eig_flops(d: int, k: int, device: str) -> tuple[float, float]:
-    """(dense solver FLOPs, product FLOPs) of the top-K eigenpairs of a d×d factor (``top_eigen``)."""
-    b = k + 4
-    if d <= DENSE_BELOW.get(device, 512) or 4 * (k + b) >= d:
-        return 9.0 * d ** 3, 0.0
+    """(dense solver FLOPs, product FLOPs) of the top-K eigenvalues of a d×d factor (``top_eigenvalues``: dense
+    ``eigvalsh``, a tridiagonal reduction of ~(4/3)d³, or block Lanczos with blocks of ``eigenvalue_block(k)``)."""
+    b = -(-k // 2) + 2
+    if d <= EIGVALS_DENSE_BELOW.get(device, 640) or 4 * (k + b) >= d:
+        return 4.0 / 3.0 * d ** 3, 0.0
     basis = max(min(d // 2, max(12 * b, k + 8 * b)), k + 2 * b)
     return 0.0, KRYLOV_PRODUCTS * (2.0 * d * d * b + 4.0 * d * basis * b)
 

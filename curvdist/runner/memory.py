@@ -70,6 +70,7 @@ CHUNK_BUDGET = {"cpu": 2 ** 20, "cuda": 2 ** 26}
 # dense SVD / eigh at or below these sizes (curvdist.math.spectral.EXACT_*_BELOW, EXACT_BELOW_CUDA)
 DENSE_BELOW = {"cuda": {"svd": 8192, "eig": 8192}, "cpu": {"svd": 384, "eig": 512}}
 DENSE_BELOW_FP64_CPU = 768
+EIGVALS_DENSE_BELOW_CPU = 640   # eigenvalues.EXACT_EIGVALS_BELOW (float32; float64: DENSE_BELOW_FP64_CPU)
 # layer types whose output autograd keeps anyway (it feeds the MLP nonlinearity), and the head (its output is the
 # logits, counted with the stage's output)
 _OUTPUT_SAVED = ("mlp_up", "mlp_gate", "head")
@@ -195,10 +196,10 @@ def spectral_workspace(m: int, n: int, k: int, stat_dtype: str, device: str, *, 
     SVD of G (m×n, r = min(m, n), l = k + oversample): dense (r at most the dense size, or 4l >= r) copies G for
     LAPACK/cuSOLVER and returns U (m×r), Vᵀ (r×n) with ~2r² of work arrays: m·n + (m + n)·r + 2r² (float32 on the
     CPU: the float64 Gram route, 8 bytes × (m·n + 4r² + (m + n)·k)); randomized:
-    Ω, the blocks Q, P, Y and a product, about (2m + 3n)·l.  Eigensolve of C (d×d): dense eigh symmetrises
-    ((C + Cᵀ)/2, a d² copy), returns d² eigenvectors, with a ~2d² work array (syevd): 4d²; block Lanczos keeps a
-    basis and its images, each grown by ``torch.cat`` into new tensors while the old ones are alive, 4·d·max_basis,
-    plus a few blocks of b = k + 4 columns (≈ 5·d·b), max_basis = min(d/2, max(12b, k + 8b)).  The factors are
+    Ω, the blocks Q, P, Y and a product, about (2m + 3n)·l.  Eigenvalues of C (d×d, ``top_eigenvalues``): dense
+    eigvalsh symmetrises ((C + Cᵀ)/2, a d² copy) and needs no eigenvectors: ~2d²; block Lanczos keeps a basis and
+    its images in two buffers of max_basis = min(d/2, max(12b, k + 8b)) columns, 2·d·max_basis, plus the Ritz
+    vectors and their images at a restart, 2·d·(k + b), and a few blocks of b = ⌈k/2⌉ + 2 columns (≈ 5·d·b).  The factors are
     solved one after the other; the peak is the larger.  Checked against the CPU allocator in tests/test_memory.py.
     ``factors``: per factor (C_A, C_δ) True or "dense" (eigensolve), "sketch" (:func:`sketch_workspace` with
     ``rank`` columns) or False/None (nothing).
@@ -207,7 +208,8 @@ def spectral_workspace(m: int, n: int, k: int, stat_dtype: str, device: str, *, 
     r, l = min(m, n), min(min(m, n), k + oversample)
     dense = DENSE_BELOW.get(device, DENSE_BELOW["cpu"])
     svd_below = DENSE_BELOW_FP64_CPU if (device != "cuda" and stat_dtype == "float64") else dense["svd"]
-    eig_below = DENSE_BELOW_FP64_CPU if (device != "cuda" and stat_dtype == "float64") else dense["eig"]
+    eig_below = (dense["eig"] if device == "cuda" else
+                 DENSE_BELOW_FP64_CPU if stat_dtype == "float64" else EIGVALS_DENSE_BELOW_CPU)
     if (r <= svd_below or 4 * l >= r) and device != "cuda" and w < 8:
         # float32 on the CPU: the float64 Gram route (spectral.gram_top_singular): G in float64, the r×r Gram
         # matrix, its eigenvectors and the eigh work array, the other side's k vectors; in float32 units
@@ -217,7 +219,7 @@ def spectral_workspace(m: int, n: int, k: int, stat_dtype: str, device: str, *, 
     else:
         svd = (2 * m + 3 * n) * l
     eig = 0
-    b = k + 4
+    b = -(-k // 2) + 2          # eigenvalues.eigenvalue_block(k)
     for d, on in ((n, factors[0]), (m, factors[1])):
         if on == "sketch":
             eig = max(eig, sketch_workspace(d, rank) // w)
@@ -225,10 +227,10 @@ def spectral_workspace(m: int, n: int, k: int, stat_dtype: str, device: str, *, 
         if not on:
             continue
         if d <= eig_below or 4 * (k + b) >= d:
-            eig = max(eig, 4 * d * d)
+            eig = max(eig, 2 * d * d)       # the symmetrised copy and eigvalsh's work array (no eigenvectors)
         else:
             basis = max(min(d // 2, max(12 * b, k + 8 * b)), k + 2 * b)
-            eig = max(eig, 4 * d * basis + 5 * d * b)
+            eig = max(eig, 2 * d * basis + 2 * d * (k + b) + 5 * d * b)
     return max(svd, eig) * w
 
 

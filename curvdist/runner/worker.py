@@ -232,7 +232,7 @@ class Worker(ExactSteps):
                 logits, tgt, self.m.loss, losses.label_generator(self.m.seed, mb))
         if self._pass == "stats":
             self._targets[mb] = tgt
-        _, n_terms, _ = losses.loss_terms(logits, tgt, self.m.loss)
+        n_terms = losses.count_terms(logits, tgt, self.m.loss)
         out = {f"{i}:{kind}": self._grad(mb, logits, s, kind)
                for i, (kind, s) in enumerate(measurement_seeds(logits, tgt, self.m, self._pass, mb))}
         self._close(mb, int(n_terms))
