@@ -7,12 +7,15 @@ Spawns ``--world`` processes (torch.multiprocessing, gloo); every rank runs ``de
 Rank 0 then writes, for every saved tag, the same weights as DeepSpeed itself consolidates them
 (``get_fp32_state_dict_from_zero_checkpoint``: DeepSpeed's reference, not curvdist's reader) as a safetensors model
 ``OUT/hf-global_stepN`` with its config.json, and config.json into OUT (what ``model.path=OUT`` reads).
+
+From a test: ``launch(OUT, "--family", "gpt2", ...)`` starts it as a subprocess (the tests' fixtures share it).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -70,6 +73,14 @@ def consolidate(out: Path, family: str, tags: list[str]) -> None:
         state = get_fp32_state_dict_from_zero_checkpoint(str(out), tag=tag)
         model.load_state_dict(state, strict=False)
         model.save_pretrained(out / f"hf-{tag}")
+
+
+def launch(out: Path, *args: str) -> subprocess.Popen:
+    """This script on ``out`` with ``args``, as a subprocess (stdout and stderr together, text)."""
+    here = Path(__file__).parent
+    env = dict(os.environ, PYTHONPATH=str(here.parent))
+    return subprocess.Popen([sys.executable, str(here / "ds_train.py"), str(out), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def main(argv=None) -> None:

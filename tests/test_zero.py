@@ -1,9 +1,10 @@
 """DeepSpeed checkpoints read in place (issue 13), with checkpoints written by real DeepSpeed.
 
-The fixture trains a tiny Llama (ZeRO-2) and a tiny GPT-2 (ZeRO-3) a few steps with ``deepspeed.initialize`` at
-world size 2 (gloo, CPU, two spawned processes: tests/ds_train.py) and saves them with ``engine.save_checkpoint``;
-beside them it writes DeepSpeed's own consolidation of the same weights (``zero_to_fp32``) as safetensors, the
-reference every test compares against.
+The fixture (``ds_runs``, tests/conftest.py) trains a tiny Llama (ZeRO-2) and a tiny GPT-2 (ZeRO-3) a few steps
+with ``deepspeed.initialize`` at world size 2 (gloo, CPU, two spawned processes: tests/ds_train.py) and saves them
+with ``engine.save_checkpoint``; beside them it writes DeepSpeed's own consolidation of the same weights
+(``zero_to_fp32``) as safetensors, the reference every test compares against.  Universal checkpoints are made from
+those by DeepSpeed's own converter (``ds_to_universal``).
 """
 import os
 import shutil
@@ -17,9 +18,10 @@ from safetensors.torch import load_file
 
 from curvdist import config as C
 from curvdist.io import checkpoint as ckpt
-from curvdist.io import query, zero
+from curvdist.io import store, zero
 from curvdist.io.slice import build_slice
 from curvdist.runner import driver
+from ds_train import launch
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
@@ -27,24 +29,6 @@ HERE = Path(__file__).parent
 PY = sys.executable
 COMMON = ["model.dtype=float64", "stat_dtype=float64", "top_k=6", "data.source=synthetic", "data.sequences=4",
           "data.seq_len=16", "data.micro_batch=2", "plots=false"]
-
-
-def _train(out: Path, *args: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(HERE.parent))
-    return subprocess.Popen([PY, str(HERE / "ds_train.py"), str(out), *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
-@pytest.fixture(scope="session")
-def ds_runs(tmp_path_factory):
-    """{"zero2": llama ZeRO-2 saved at steps 1, 2, 3; "zero3": gpt2 ZeRO-3 saved at step 2}, trained together."""
-    root = tmp_path_factory.mktemp("deepspeed")
-    jobs = {"zero2": _train(root / "zero2", "--family", "llama", "--stage", "2", "--steps", "3", "--save-at", "1,2,3"),
-            "zero3": _train(root / "zero3", "--family", "gpt2", "--stage", "3", "--steps", "2")}
-    for name, job in jobs.items():
-        log, _ = job.communicate(timeout=600)
-        assert job.returncode == 0, f"{name}: {log[-3000:]}"
-    return {name: root / name for name in jobs}
 
 
 @pytest.fixture(scope="module")
@@ -93,36 +77,107 @@ def test_each_stage_reads_only_its_fragments(ds_runs, kind):
     assert not any(".layers.2." in n or ".h.2." in n for n in read[0])
 
 
+@pytest.fixture(scope="module")
+def universal(ds_runs, tmp_path_factory):
+    """{"zero2": universal checkpoint of the ZeRO-2 Llama at step 3, "zero3": of the ZeRO-3 GPT-2 at step 2}, each
+    written by DeepSpeed's own converter (``python -m deepspeed.checkpoint.ds_to_universal``, CPU) into a folder of
+    its own (the converter writes ``latest_universal`` beside its output) with the model's config.json.  The
+    Hugging Face models DeepSpeed trains here carry no ``universal_checkpoint_info`` (Megatron-DeepSpeed writes it),
+    so the converter is run with ``--inject_missing_state``, which adds the minimal one."""
+    root = tmp_path_factory.mktemp("universal")
+    out = {}
+    for kind, tag in (("zero2", "global_step3"), ("zero3", "global_step2")):
+        dst = root / kind
+        r = subprocess.run([PY, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                            str(ds_runs[kind] / tag), "--output_folder", str(dst / f"{tag}_universal"),
+                            "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        assert (dst / "latest_universal").read_text().strip() == f"{tag}_universal"
+        shutil.copy(ds_runs[kind] / "config.json", dst)
+        out[kind] = dst
+    return out
+
+
+@pytest.mark.parametrize("kind,tag", [("zero2", "global_step3"), ("zero3", "global_step2")])
+def test_universal_index_stage_reads_and_weights(ds_runs, universal, kind, tag):
+    """A universal checkpoint (ZeRO-2 or ZeRO-3 origin: shaped ``{"param": t}`` or flat files): the index comes from
+    metadata alone; a stage reads exactly its own parameters' ``fp32.pt`` bytes; every tensor equals DeepSpeed's
+    own consolidation of the original checkpoint."""
+    zero.BYTES_READ.clear()
+    idx = ckpt.CheckpointIndex.open(universal[kind])   # latest_universal → <tag>_universal
+    assert idx.zero.kind == "universal" and idx.zero.path.name == f"{tag}_universal"
+    assert sum(zero.BYTES_READ.values()) == 0
+    ref_idx = ckpt.CheckpointIndex.open(ds_runs[kind] / f"hf-{tag}")
+    assert {n: t.shape for n, t in idx.tensors.items()} == {n: t.shape for n, t in ref_idx.tensors.items()}
+    assert idx.tied == ref_idx.tied and idx.family == ref_idx.family
+    assert {fr.file.parent.name for t in idx.zero.tensors.values() for fr in t.fragments} == set(idx.tensors)
+    stage = build_slice(idx, 0, 1, has_embedding=True, has_head=False)
+    own = set(idx.stage_tensors(0, 1, has_embedding=True, has_head=False))
+    assert set(zero.BYTES_READ) == own == set(stage.loaded_tensors)
+    assert sum(zero.BYTES_READ.values()) == sum(idx.tensors[n].nbytes for n in own) < idx.total_bytes
+    ref = load_file(str(ds_runs[kind] / f"hf-{tag}" / "model.safetensors"))
+    got = ckpt.load_tensors(idx, list(idx.tensors))
+    assert set(got) == set(ref) and all(torch.equal(got[n], ref[n]) for n in ref)
+
+
+def test_universal_pickled_callable_is_refused(universal, tmp_path):
+    """A universal checkpoint whose ``fp32.pt`` of one parameter carries a pickled call to os.system: opening the
+    index raises a clear error naming the file, and the call never runs."""
+    bad = tmp_path / "bad"
+    shutil.copytree(universal["zero2"], bad)
+    f = next((bad / "global_step3_universal" / "zero").glob("*.layers.1.mlp.up_proj.weight")) / "fp32.pt"
+    held = torch.load(f, weights_only=True)
+    marker = tmp_path / "ran"
+    torch.save(dict(held, evil=_Evil(marker)), f)
+    with pytest.raises(zero.UnsafeCheckpointError, match=r"up_proj.*system.*code, not weights"):
+        ckpt.CheckpointIndex.open(bad)
+    assert not marker.exists()
+
+
+def _runs_equal(a: Path, b: Path, tmp_path: Path, *, exact: bool) -> None:
+    """`curvdist run` on ``a`` and on ``b`` (2 stages, exact h on block 1) give the same rows to 1e-6."""
+    res = {}
+    for name, path in (("a", a), ("b", b)):
+        cfg = C.load_config(None, COMMON + [f"model.path={path}", "stages=2", f"out={tmp_path / name}",
+                                            "exact_layers=['*.1.*']"])
+        assert driver.main(cfg)
+        con = store.open(tmp_path / name)
+        res[name] = ({r["layer"]: r for r in store.arrow(con.sql("select * from layers")).to_pylist()},
+                     {(r["layer"], r["k"]): r for r in store.arrow(con.sql("select * from directions")).to_pylist()})
+    (a_l, a_d), (b_l, b_d) = res["a"], res["b"]
+    assert set(a_l) == set(b_l) and len(a_l) >= 8 and {r["stage"] for r in a_l.values()} == {0, 1}
+
+    def same(x, y):
+        return (x is None and y is None) or (x is not None and y is not None
+                                             and x == pytest.approx(y, rel=1e-6, abs=1e-300, nan_ok=True))
+    for n, r in b_l.items():
+        for key in ("alpha", "alpha_kron", "beta", "phi", "gamma", "grad_snr"):
+            assert same(r[key], a_l[n][key]), (n, key, r[key], a_l[n][key])
+    assert sum(r["alpha_kron"] is not None for r in a_l.values()) > 0
+    assert set(a_d) == set(b_d)
+    for k, r in b_d.items():
+        for key in ("sigma", "h", "h_kron"):
+            assert same(r[key], a_d[k][key]), (k, key, r[key], a_d[k][key])
+    if exact:   # the Llama measures exact h on block 1 (the trained GPT-2's block-1 h give too few valid points
+        assert sum(r["h"] is not None for r in a_d.values()) > 0   # for α, in both routes)
+        assert sum(r["alpha"] is not None for r in a_l.values()) > 0
+
+
 @pytest.mark.ray
 @pytest.mark.parametrize("kind,tag", [("zero2", "global_step3"), ("zero3", "global_step2")])
 def test_run_on_deepspeed_equals_safetensors(ray_local, ds_runs, tmp_path, kind, tag):
     """`curvdist run` with model.path at the DeepSpeed folder equals the run on the same weights saved as
     safetensors (DeepSpeed's own consolidation), 2 stages, to 1e-6."""
-    res = {}
-    for name, path in (("ds", ds_runs[kind]), ("st", ds_runs[kind] / f"hf-{tag}")):
-        cfg = C.load_config(None, COMMON + [f"model.path={path}", "stages=2", f"out={tmp_path / name}",
-                                            "exact_layers=['*.1.*']"])
-        run_id = driver.main(cfg)
-        con = query.open(tmp_path / name)
-        res[name] = ({r["layer"]: r for r in query.arrow(con.sql("select * from layers")).to_pylist()},
-                     {(r["layer"], r["k"]): r for r in query.arrow(con.sql("select * from directions")).to_pylist()})
-        assert run_id
-    (ds_l, ds_d), (st_l, st_d) = res["ds"], res["st"]
-    assert set(ds_l) == set(st_l) and len(ds_l) >= 8 and {r["stage"] for r in ds_l.values()} == {0, 1}
-    def same(a, b):
-        return (a is None and b is None) or (a is not None and b is not None
-                                             and a == pytest.approx(b, rel=1e-6, abs=1e-300, nan_ok=True))
-    for n, r in st_l.items():
-        for key in ("alpha", "alpha_kron", "beta", "phi", "gamma", "grad_snr"):
-            assert same(r[key], ds_l[n][key]), (n, key, r[key], ds_l[n][key])
-    assert sum(r["alpha_kron"] is not None for r in ds_l.values()) > 0
-    assert set(ds_d) == set(st_d)
-    for k, r in st_d.items():
-        for key in ("sigma", "h", "h_kron"):
-            assert same(r[key], ds_d[k][key]), (k, key, r[key], ds_d[k][key])
-    if kind == "zero2":   # the Llama measures exact h on block 1 (the trained GPT-2's block-1 h give too few valid
-        assert sum(r["h"] is not None for r in ds_d.values()) > 0   # points for α, in both routes)
-        assert sum(r["alpha"] is not None for r in ds_l.values()) > 0
+    _runs_equal(ds_runs[kind], ds_runs[kind] / f"hf-{tag}", tmp_path, exact=kind == "zero2")
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("kind,tag", [("zero2", "global_step3"), ("zero3", "global_step2")])
+def test_run_on_universal_equals_safetensors(ray_local, ds_runs, universal, tmp_path, kind, tag):
+    """`curvdist run` on DeepSpeed's universal conversion equals the run on the same weights saved as
+    safetensors, 2 stages, to 1e-6."""
+    _runs_equal(universal[kind], ds_runs[kind] / f"hf-{tag}", tmp_path, exact=kind == "zero2")
 
 
 class _Evil:
@@ -167,56 +222,6 @@ def test_missing_config_json_names_the_fix(ds_runs, tmp_path):
     assert idx.family == "gpt2" and idx.config_dir == ds_runs["zero3"]
 
 
-@pytest.mark.ray
-def test_trajectory_resumed_after_sigkill_equals_separate_runs(ray_local, ds_runs, tmp_path):
-    """model.checkpoints over the 3 ZeRO-2 checkpoints into one dataset: the driver is SIGKILLed once the first
-    checkpoint is complete; the rerun skips it, measures the other two, and every step equals its separate run;
-    `step` is in runs and layers, and the trajectory plot is written."""
-    import signal
-    import time
-
-    from curvdist.runner import trajectory
-    over = COMMON + ["stages=2", "exact=false", "run_id=traj", f"out={tmp_path / 'traj'}", "model.name=null",
-                     f"model.checkpoints=[{ds_runs['zero2']}/global_step*]"]
-    cfg = C.load_config(None, over)
-    assert [s for s, _ in trajectory.checkpoints(cfg.model)] == [1, 2, 3]
-    (tmp_path / "run.yaml").write_text("plots: false\n")
-    job = subprocess.Popen([PY, "-m", "curvdist", "run", str(tmp_path / "run.yaml"), *over], start_new_session=True,
-                           env=dict(os.environ, PYTHONPATH=str(HERE.parent), RAY_AUTH_MODE="disabled"),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300
-        while not query.run_exists(tmp_path / "traj", "traj-step1") and time.time() < deadline \
-                and job.poll() is None:
-            time.sleep(0.2)
-        assert query.run_exists(tmp_path / "traj", "traj-step1"), "the first checkpoint never completed"
-    finally:
-        os.killpg(job.pid, signal.SIGKILL)   # the driver and the Ray processes it started
-        job.wait()
-    assert not query.run_exists(tmp_path / "traj", "traj-step3")
-    first = sorted(p.name for p in (tmp_path / "traj" / "layers" / "run_id=traj-step1").iterdir())
-    assert driver.main(cfg) == "traj-step3"
-    assert sorted(p.name for p in (tmp_path / "traj" / "layers" / "run_id=traj-step1").iterdir()) == first
-    con = query.open(tmp_path / "traj")
-    assert con.sql("select run_id, step from runs order by step").fetchall() == \
-        [("traj-step1", 1), ("traj-step2", 2), ("traj-step3", 3)]
-    traj = {(r["step"], r["layer"]): r for r in query.arrow(con.sql("select * from layers")).to_pylist()}
-    for step in (1, 2, 3):
-        one = C.load_config(None, COMMON + ["stages=2", "exact=false", f"out={tmp_path / f'one{step}'}",
-                                            f"model.path={ds_runs['zero2']}/global_step{step}"])
-        run_id = driver.main(one)
-        rows = query.arrow(query.open(tmp_path / f"one{step}").sql("select * from layers")).to_pylist()
-        assert len(rows) >= 8 and all(r["step"] == step and r["run_id"] == run_id for r in rows)
-        for r in rows:
-            t = traj[(step, r["layer"])]
-            for key in ("alpha_kron", "beta", "phi", "gamma", "grad_snr"):
-                assert t[key] == pytest.approx(r[key], rel=1e-9, nan_ok=True), (step, r["layer"], key)
-    assert len({traj[(s, "model.layers.1.mlp.up_proj")]["alpha_kron"] for s in (1, 2, 3)}) == 3  # weights differ
-    from curvdist.plots import plot_trajectory
-    png = plot_trajectory(tmp_path / "traj", tmp_path / "traj.png")
-    assert png.stat().st_size > 10_000
-
-
 _PEAK = """
 import json, sys
 from curvdist.io import checkpoint as ckpt
@@ -240,7 +245,7 @@ def test_stage_peak_memory_below_the_whole_model(tmp_path):
     the process's peak resident memory by about its own half, well below the whole model's fp32 size (reading
     the rank files never maps or copies the other stage's bytes, nor the optimizer moments beside them)."""
     import json
-    job = _train(tmp_path / "big", "--family", "llama-big", "--stage", "2", "--world", "1", "--steps", "1",
+    job = launch(tmp_path / "big", "--family", "llama-big", "--stage", "2", "--world", "1", "--steps", "1",
                  "--no-consolidate")
     log, _ = job.communicate(timeout=600)
     assert job.returncode == 0, log[-3000:]

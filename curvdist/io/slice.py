@@ -259,27 +259,54 @@ def build_slice(index: ckpt.CheckpointIndex, first_block: int, last_block: int, 
     return stage.to(device).eval()
 
 
-def _load(stage: ModelSlice, index: ckpt.CheckpointIndex, dtype: torch.dtype, device) -> None:
-    """Assign the stage's parameters from the checkpoint; a tied head reads the embedding tensor."""
+def _wanted(stage: ModelSlice, index: ckpt.CheckpointIndex) -> dict[str, str]:
+    """The stage's state keys → the stored tensor each is read from (a tied head reads the embedding).  Every
+    parameter must be stored (loaded or not yet); a buffer may be absent (the module made it)."""
     wanted: dict[str, str] = {}
     for key, t in stage.state_dict(keep_vars=True).items():
         stored = index.names.get(key) or index.names.get(index.tied.get(key, ""))
         if stored is None:
-            if t.device.type == "meta":
+            if t.device.type == "meta" or _is_param(stage, key):
                 raise KeyError(f"checkpoint {index.path}: no tensor for {key!r} (stage blocks "
                                f"{stage.first_block}..{stage.last_block})")
             continue  # a real buffer the checkpoint does not carry
         wanted[key] = stored
+    return wanted
+
+
+def _read(stage: ModelSlice, index: ckpt.CheckpointIndex, wanted: dict[str, str], dtype, device) -> dict:
     tensors = ckpt.load_tensors(index, sorted(set(wanted.values())), device=device, dtype=dtype)
     for key, stored in wanted.items():
         shape = tuple(stage.get_parameter(key).shape) if _is_param(stage, key) else None
         if shape is not None and tuple(tensors[stored].shape) != shape:
             raise ValueError(f"checkpoint {index.path}: {stored} has shape {tuple(tensors[stored].shape)}, "
                              f"the model expects {shape} for {key}")
+    return tensors
+
+
+def _load(stage: ModelSlice, index: ckpt.CheckpointIndex, dtype: torch.dtype, device) -> None:
+    """Assign the stage's parameters from the checkpoint; a tied head reads the embedding tensor."""
+    wanted = _wanted(stage, index)
+    tensors = _read(stage, index, wanted, dtype, device)
     stage.load_state_dict({k: tensors[s] for k, s in wanted.items()}, strict=False, assign=True)
     left = [n for n, p in stage.named_parameters() if p.device.type == "meta"]
     if left:
         raise KeyError(f"checkpoint {index.path}: parameters left unloaded: {left[:5]}")
+    stage.loaded_tensors = sorted(set(wanted.values()))
+
+
+def reload_weights(stage: ModelSlice, index: ckpt.CheckpointIndex, *, dtype: torch.dtype | None = torch.float32,
+                   device: str | torch.device = "cpu") -> None:
+    """Read another checkpoint of the same architecture into ``stage`` in place: the same tensors as
+    :func:`build_slice` reads (the stage's own, nothing else), copied into the existing parameters, so the module
+    objects (and any hook or reference held on them) stay; no model class is instantiated.  A tensor whose shape
+    differs from the stage's parameter is refused before anything is copied."""
+    wanted = _wanted(stage, index)
+    tensors = _read(stage, index, wanted, dtype, device)
+    state = stage.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for key, stored in wanted.items():
+            state[key].copy_(tensors[stored])
     stage.loaded_tensors = sorted(set(wanted.values()))
 
 

@@ -18,7 +18,9 @@ Layouts (W ranks, parameters in ``param_shapes`` order, n_p elements each):
 - ZeRO 3: parameter p has ⌈n_p / W⌉ elements on every rank, at the same offset of each rank's ``fp32_flat_groups``
   (groups concatenated); its full vector is the ranks' pieces concatenated, cut to n_p.
 - Frozen parameters: ``frozen_param_fragments`` of the model-states file (ZeRO 3: one piece per rank, as above).
-- Universal (``ds_to_universal``): one file per parameter, ``zero/<name>/fp32.pt`` holding ``{"param": tensor}``.
+- Universal (``ds_to_universal``): one file per parameter, ``zero/<name>/fp32.pt``; converted from ZeRO 1/2 it
+  holds ``{"param": tensor, "cat_dim": 0}`` (the tensor shaped), from ZeRO 3 the flat tensor itself.  Only the
+  stage's own parameters' files are opened; ``exp_avg.pt`` and the other optimizer files beside them never.
 - Tied parameters (``shared_params``) are not stored twice; the index reports them as tied.
 
 Safety: every file is unpickled with ``torch.load(weights_only=True)``.  The few DeepSpeed objects its checkpoints
@@ -323,8 +325,13 @@ def _universal(tag: Path, shapes: list[tuple[str, tuple]]) -> dict[str, ZeroTens
         if not f.is_file():
             raise FileNotFoundError(f"universal checkpoint {tag}: no zero/{name}/fp32.pt; run ds_to_universal "
                                     f"again or copy the whole folder")
-        t = load_meta(f)["param"]
-        if tuple(t.shape) != shape or not t.is_contiguous():
+        held = load_meta(f)
+        t = held.get("param") if isinstance(held, dict) else held
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"universal checkpoint {tag}: zero/{name}/fp32.pt holds no tensor (neither "
+                             f"{{'param': tensor}} nor a tensor); run ds_to_universal again")
+        # ZeRO 1/2 conversions store the shaped tensor; ZeRO 3 conversions the flat one (same elements, same order)
+        if tuple(t.shape) not in (shape, (math.prod(shape),)) or not t.is_contiguous():
             raise ValueError(f"universal checkpoint {tag}: zero/{name}/fp32.pt holds shape {tuple(t.shape)}, "
                              f"param_shapes says {shape}")
         out[name] = ZeroTensor(name, shape, t.dtype, (_span(f, t.reshape(-1), 0, t.numel()),))

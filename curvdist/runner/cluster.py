@@ -2,7 +2,8 @@
 
     cpus, gpus = start_ray(cfg)
     placement = place(cfg, stages=len(plans), device="cuda", cpus=cpus, gpus=gpus)   # one bundle per worker
-    start = worker_starter(cfg, ckpt, plans, todo, device, placement)               # start(i) → actor i
+    specs = worker_specs(cfg, ckpt, plans, todo, device, placement)                 # one WorkerSpec per slot
+    start = worker_starter(lambda i: specs[i], placement)                           # start(i) → actor i
 
 Worker ``i`` is stage ``i mod S`` of replica ``i div S``; it sits in bundle ``i`` of one placement group.
 """
@@ -121,10 +122,20 @@ def place(cfg: C.RunConfig, *, stages: int, device: str, cpus: float, gpus: floa
     return Placement(stages, replicas, layout.in_flight, cpu_each, gpu_each, threads, pg, kind)
 
 
-def worker_starter(cfg: C.RunConfig, ckpt, plans: list[StagePlan], todo: dict[int, list[str]], device: str,
-                   placement: Placement):
-    """``start(i)``: a new worker actor for slot ``i`` (stage i mod S of replica i div S) in its own bundle; the
-    supervisor calls it again to replace a dead worker in the same slot."""
+def worker_specs(cfg: C.RunConfig, ckpt, plans: list[StagePlan], todo: dict[int, list[str]], device: str,
+                 placement: Placement) -> list[WorkerSpec]:
+    """The spec of every worker slot ``i`` (stage i mod S of replica i div S) for one checkpoint."""
+    S = placement.stages
+    return [WorkerSpec.build(cfg, ckpt, plans[i % S], stages=S, replica=i // S, replicas=placement.replicas,
+                             layers=todo[plans[i % S].index], device=device, threads=placement.threads,
+                             gpus_per_worker=placement.gpus, transport=placement.transport)
+            for i in range(placement.workers)]
+
+
+def worker_starter(spec_of, placement: Placement):
+    """``start(i)``: a new worker actor for slot ``i`` in its own bundle, built from ``spec_of(i)`` (the slot's spec
+    for the checkpoint being measured now); the supervisor calls it again to replace a dead worker in the same
+    slot."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -133,16 +144,11 @@ def worker_starter(cfg: C.RunConfig, ckpt, plans: list[StagePlan], todo: dict[in
     # Ray Direct Transport (an RDT transport) must be enabled on the actor class
     Actor = ray.remote(enable_tensor_transport=True)(Worker) if transport.rdt(placement.transport) else \
         ray.remote(Worker)
-    S = placement.stages
 
     def start(i: int):
-        plan = plans[i % S]
-        spec = WorkerSpec.build(cfg, ckpt, plan, stages=S, replica=i // S, replicas=placement.replicas,
-                                layers=todo[plan.index], device=device, threads=placement.threads,
-                                gpus_per_worker=placement.gpus, transport=placement.transport)
         strategy = PlacementGroupSchedulingStrategy(placement_group=placement.group, placement_group_bundle_index=i)
         return Actor.options(num_cpus=placement.cpus, num_gpus=placement.gpus,
-                             scheduling_strategy=strategy).remote(spec)
+                             scheduling_strategy=strategy).remote(spec_of(i))
 
     return start
 

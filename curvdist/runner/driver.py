@@ -5,7 +5,8 @@
 
 Flow: checkpoint index (no weights) → stage plan (contiguous blocks balanced by parameter and factor bytes) →
 Ray (a local cluster unless ``ray.address`` is given) → one :class:`curvdist.runner.worker.Worker` actor per stage in a
-placement group → pass 1 (statistics) → spectral work on every stage in parallel → pass 2 (projections) →
+placement group (both held by a :class:`curvdist.runner.session.Session`, which a trajectory keeps across its
+checkpoints) → pass 1 (statistics) → spectral work on every stage in parallel → pass 2 (projections) →
 exact curvature (forward tangents carried stage to stage, then the reverse pass with tangent adjoints) → each stage's
 rows written to the Parquet store as soon as they arrive.  Layers already written under the same run id are skipped,
 so rerunning after a crash only does what is missing.
@@ -19,6 +20,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
@@ -32,7 +34,10 @@ from curvdist.runner import cluster, transport
 from curvdist.runner.plan import StagePlan
 from curvdist.runner.schedule import WAIT_S, exact_pass, stream
 from curvdist.runner.spec import FAULT_ENV
-from curvdist.runner.supervise import Terminated, WorkerPool, drop_orphans, fault_point
+from curvdist.runner.supervise import Terminated, drop_orphans, fault_point
+
+if TYPE_CHECKING:
+    from curvdist.runner.session import Session
 
 console = Console(stderr=True)
 STAT_BYTES = {"float32": 4, "float64": 8}
@@ -74,22 +79,28 @@ def main(cfg: C.RunConfig) -> str:
     that remain or return when theirs left the cluster (at most ``ray.node_wait_s``, else ``CapacityLost``);
     Ctrl-C (or SIGTERM: ``Terminated``) stops the workers and raises KeyboardInterrupt with every finished layer
     kept; a rerun into the same ``out`` resumes.  A second writer of the same run id into the same ``out`` is
-    refused (:mod:`curvdist.io.lock`).  ``model.checkpoints`` runs each checkpoint in turn
-    (:mod:`curvdist.runner.trajectory`; returns the last id)."""
+    refused (:mod:`curvdist.io.lock`).  ``model.checkpoints`` runs each checkpoint in turn on one set of stage
+    actors (:mod:`curvdist.runner.trajectory`; returns the last id)."""
     if cfg.model.checkpoints:
         from curvdist.runner import trajectory
         return trajectory.main(cfg)[-1]
     from curvdist.preflight import check as preflight
+    from curvdist.runner.session import Session
 
     t_start = time.perf_counter()
     run_id = C.resolve_run_id(cfg)
     ckpt, index = preflight(cfg)   # bad input: one clear error before Ray starts, nothing written
     with run_lock(cfg.out, run_id):   # a second writer of this run id into this out is refused at once
-        return _measure(cfg, run_id, ckpt, index, t_start)
+        index, plans = make_plan(cfg, index)
+        with Session(cfg, plans) as session:
+            return measure(session, cfg, run_id, ckpt, index, t_start)
 
 
-def _measure(cfg: C.RunConfig, run_id: str, ckpt, index: CheckpointIndex, t_start: float) -> str:
-    """The body of :func:`main`, under the run lock."""
+def measure(session: Session, cfg: C.RunConfig, run_id: str, ckpt, index: CheckpointIndex, t_start: float) -> str:
+    """One checkpoint's measurement on ``session``'s stage actors (:class:`curvdist.runner.session.Session`:
+    started here for the first checkpoint with work, given only the new weights for a later one), under the run
+    lock: the layers not yet written under ``run_id``, group by group, then the ``runs`` row.  Any failure stops
+    the session's actors before it is raised."""
     import ray
 
     from curvdist.io import data as D
@@ -97,7 +108,7 @@ def _measure(cfg: C.RunConfig, run_id: str, ckpt, index: CheckpointIndex, t_star
 
     timings: dict = {}
     out = Path(cfg.out)
-    index, plans = make_plan(cfg, index)
+    plans = session.plans
     if store.is_dataset(out):
         drop_orphans(out, run_id)
     done = store.done_layers(out, run_id) if store.is_dataset(out) else set()
@@ -109,47 +120,42 @@ def _measure(cfg: C.RunConfig, run_id: str, ckpt, index: CheckpointIndex, t_star
         console.print(f"[bold]curvdist[/] run {run_id}: every layer is already written in {out}")
         _finish(cfg, out, run_id, base_run, timings, "complete (resumed: nothing left)", None)
         return run_id
-    tok = load_tokenizer(tokenizer_dir(cfg.model, ckpt, index), trust_remote_code=cfg.model.trust_remote_code)
-    vocab = index.hf_config().vocab_size
-    batches = D.make_batches(cfg.data, tokenizer=tok, vocab_size=vocab)
-    device = cluster.device_of(cfg)
-    cpus, gpus = cluster.start_ray(cfg)
-    placement = cluster.place(cfg, stages=len(plans), device=device, cpus=cpus, gpus=gpus)
-    console.print(f"[bold]curvdist[/] run {run_id}: {index.family} checkpoint {ckpt}, {placement.stages} stages × "
-                  f"{placement.replicas} replicas, {placement.in_flight} micro-batches in flight, {n_todo} layers "
-                  f"to analyse" + (f" ({len(done)} already written)" if done else ""))
+    if session.batches is None:
+        tok = load_tokenizer(tokenizer_dir(cfg.model, ckpt, index), trust_remote_code=cfg.model.trust_remote_code)
+        session.batches = D.make_batches(cfg.data, tokenizer=tok, vocab_size=index.hf_config().vocab_size)
+    batches = session.batches
     chunk = _exact_chunk(cfg, index)
-    timings["layout"] = {"stages": placement.stages, "replicas": placement.replicas,
-                         "in_flight": placement.in_flight, "microbatches": len(batches), "exact_chunk": chunk,
-                         "transport": placement.transport}
-    pool, link = None, transport.Link(placement.transport)
     try:
-        pool = WorkerPool(cluster.worker_starter(cfg, ckpt, plans, todo, device, placement), placement.workers,
-                          max_restarts=cfg.ray.max_restarts, wait_s=cfg.ray.node_wait_s,
-                          missing=lambda: cluster.missing(placement))
-        t0 = time.perf_counter()
-        pool.run("loading", lambda actors: ray.get([a.info.remote() for a in actors]))
-        timings["load_s"] = time.perf_counter() - t0
+        placement = session.start()
+        console.print(f"[bold]curvdist[/] run {run_id}: {index.family} checkpoint {ckpt}, {placement.stages} "
+                      f"stages × {placement.replicas} replicas, {placement.in_flight} micro-batches in flight, "
+                      f"{n_todo} layers to analyse" + (f" ({len(done)} already written)" if done else ""))
+        timings["layout"] = {"stages": placement.stages, "replicas": placement.replicas,
+                             "in_flight": placement.in_flight, "microbatches": len(batches), "exact_chunk": chunk,
+                             "transport": placement.transport}
+        restarts = session.restarts
+        timings.update(session.load(cfg, ckpt, todo).timings())
         groups = max(len(p.passes) for p in plans)
         for g in range(groups):   # the plan's passes: each group's factors fit the per-worker budget
-            pool.run(f"group {g + 1}/{groups}", lambda actors, g=g: run_group(
-                GroupContext(cfg, plans, placement, batches, out, run_id, g, groups, timings, chunk, link), actors))
-        info = ray.get([a.info.remote() for a in pool.actors])
+            session.pool.run(f"group {g + 1}/{groups}", lambda actors, g=g: run_group(
+                GroupContext(cfg, plans, placement, batches, out, run_id, g, groups, timings, chunk, session.link),
+                actors))
+        info = ray.get([a.info.remote() for a in session.pool.actors])
     except KeyboardInterrupt as e:   # Ctrl-C, or SIGTERM (Terminated) from a scheduler's preemption
-        _stop(pool, placement, link)
+        session.close()
         kept = len(store.done_layers(out, run_id)) if store.is_dataset(out) else 0
         what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         console.print(f"[yellow]{what}: workers stopped; {kept} finished layers kept in {out}; rerun the "
                       "same command to resume[/]", soft_wrap=True)
         raise
     except BaseException:
-        _stop(pool, placement, link)
+        session.close()
         raise
-    _stop(pool, placement, link)
     timings["total_s"] = time.perf_counter() - t_start
-    timings["stage_restarts"] = len(pool.restarts)
+    timings["stage_restarts"] = session.restarts - restarts
     timings["peak_rss_gb_per_worker"] = [round(i.peak_rss_bytes / 2**30, 3) for i in info]
-    _finish(cfg, out, run_id, base_run, timings, "complete", cluster.hardware(device))
+    timings["worker_pids"] = [i.pid for i in info]   # the same processes across a trajectory's checkpoints
+    _finish(cfg, out, run_id, base_run, timings, "complete", cluster.hardware(session.device))
     return run_id
 
 
@@ -173,14 +179,6 @@ def _exact_chunk(cfg: C.RunConfig, index: CheckpointIndex) -> int | None:
         return estimate(cfg, plan_from_index(index, cfg), at_run_time=True).workload.exact_chunk
     except ValueError:   # a family without a memory model: every direction of a stage in one sweep
         return None
-
-
-def _stop(pool: WorkerPool | None, placement, link: transport.Link | None = None) -> None:
-    if link is not None:
-        link.close()
-    if pool is not None:
-        pool.kill()
-    cluster.release(placement)
 
 
 @dataclass(frozen=True)

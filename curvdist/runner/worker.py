@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from curvdist.io import checkpoint
-from curvdist.io.slice import build_slice
+from curvdist.io.slice import build_slice, reload_weights
 from curvdist.math import families, forward, losses
 from curvdist.math.factors import StatisticsCollector
 from curvdist.math.sequence import assemble_rows, exact_layer_names, measurement_seeds, spectral_steps
@@ -70,6 +70,8 @@ class WorkerInfo:
     peak_rss_bytes: int
     peak_device_bytes: int | None
     timings: dict = field(default_factory=dict)
+    checkpoint: str = ""              # the checkpoint whose weights the worker holds now
+    weight_loads: int = 0             # checkpoints swapped in after the first (Worker.load_weights)
 
 
 @dataclass(frozen=True)
@@ -104,11 +106,42 @@ class Worker(ExactSteps):
         self._all_layers = families.select_layers(self.module, None, self.family)
         self.loaded_tensors = tuple(getattr(self.module, "loaded_tensors", ()))
         self.timings: dict[str, float] = {"load_s": time.perf_counter() - t0}
+        self.weight_loads = 0
         self.group = ReplicaGroup(1, self.device)
         self.collector: StatisticsCollector | None = None
         self._pass = ""
         self.reset()
         self.set_layers(list(spec.layers))
+
+    #: spec fields a weight swap keeps: they fix the module this worker built (the rest may change per checkpoint)
+    SLICE_FIELDS = ("stage", "stages", "replica", "replicas", "first_block", "last_block", "has_embedding",
+                    "has_head", "dtype", "device", "attn_implementation", "threads", "transport", "collective")
+
+    def load_weights(self, spec: WorkerSpec) -> float:
+        """Measure another checkpoint of the same architecture (a trajectory): read its weights for this stage
+        only (weights-only, as at start) into the module built at start, take ``spec`` (its layers and factor
+        modes) and forget every result of the previous checkpoint.  Returns the seconds the weights took.  A no-op
+        read when ``spec`` names the checkpoint already held (a replayed load after another worker's
+        replacement)."""
+        changed = [f for f in self.SLICE_FIELDS if getattr(spec, f) != getattr(self.spec, f)]
+        if changed:
+            raise ValueError(f"stage {self.spec.stage}: a weight swap cannot change {', '.join(changed)} "
+                             f"(the stage module is kept); start a new measurement for another layout")
+        t0 = time.perf_counter()
+        if (spec.checkpoint, spec.config_json) != (self.spec.checkpoint, self.spec.config_json):
+            index = checkpoint.CheckpointIndex.open(spec.checkpoint, spec.config_json)
+            if index.family != self.family:
+                raise ValueError(f"stage {spec.stage}: checkpoint {spec.checkpoint} is a {index.family} model, "
+                                 f"the stage holds a {self.family}; measure it as a separate trajectory")
+            reload_weights(self.module, index, dtype=self.dtype, device=self.device)
+            self.loaded_tensors = tuple(self.module.loaded_tensors)
+            self.weight_loads += 1
+        self.spec = spec
+        self.m = spec.measurement
+        self.reset()
+        self.set_layers(list(spec.layers))
+        self.timings = {"load_s": self.timings["load_s"], "weights_s": time.perf_counter() - t0}
+        return self.timings["weights_s"]
 
     def set_layers(self, names: list[str]) -> None:
         """The layers analysed by the next passes (one group of the plan's passes); clears earlier results."""
@@ -140,7 +173,8 @@ class Worker(ExactSteps):
     def info(self) -> WorkerInfo:
         peak_dev = int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None
         return WorkerInfo(self.spec.stage, self.spec.replica, tuple(self.layers), self.loaded_tensors,
-                          str(self.device), os.getpid(), peak_rss_bytes(), peak_dev, dict(self.timings))
+                          str(self.device), os.getpid(), peak_rss_bytes(), peak_dev, dict(self.timings),
+                          self.spec.checkpoint, self.weight_loads)
 
     def replica_address(self) -> tuple[str, int]:
         """Rank 0 of a stage's replicas: where the others meet it (this node's address, a free port)."""
