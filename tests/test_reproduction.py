@@ -36,9 +36,17 @@ def test_tiny_reproduce_pipeline(tmp_path):
     text = (docs / "reproduction.md").read_text()
     assert "## Paper vs ours: α by layer type" in text and "| ResNet convolutions | `conv` | 1.94–2.17 |" in text
     assert (docs / "reproduction" / "h_vs_sigma_lm.png").stat().st_size > 0
+    # the LM's checkpoints as one trajectory: a run per checkpoint, named and ordered by its optimiser steps,
+    # directions from all 32 sequences (4 micro-batches), exact h from a seeded 2 of them, with error bars
+    traj = con.execute("SELECT run_id, min(step), max(step), min(exact_units), max(n_units), count(alpha_se_h) "
+                       "FROM layers WHERE run_id LIKE 'lm-traj-step%' GROUP BY run_id ORDER BY 2").fetchall()
+    steps = [int(r[1]) for r in traj]
+    assert [r[0] for r in traj] == [f"lm-traj-step{k}" for k in steps] and steps == [4, 8, 16]
+    assert all(r[1] == r[2] and r[3] == 2 and r[4] is not None and r[5] > 0 for r in traj), traj
+    assert "## α over training" in text and (docs / "reproduction" / "trajectory_lm.png").stat().st_size > 0
     # resumable: a second invocation does no work, adds no phase row and leaves the document as it was
     phases = reproduce.Phases(out).rows
-    reproduce.run(out, docs, reproduce.PROFILES["tiny"], only=["train", "small"])
+    reproduce.run(out, docs, reproduce.PROFILES["tiny"], only=["train", "small", "trajectory"])
     assert reproduce.Phases(out).rows == phases
     assert report.render(docs / "reproduction") + "\n" == text
 

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from curvdist.io import store
 
-from . import batchcheck, signalcheck
+from . import batchcheck, signalcheck, trajectorycheck
 from .queries import (
     LAYER_COLS,
     LLAMA_TYPES,
@@ -251,6 +251,7 @@ def render(snap: str | Path) -> str:
         *signalcheck.chi_levels(con),
     ]
     parts += _discussion(con, c)
+    parts += trajectorycheck.section(con)
     parts += [
         "## Real pretrained models",
         "",
@@ -329,6 +330,8 @@ def figures(snap: str | Path, fig_dir: str | Path) -> list[Path]:
         if has_run(con, run):
             paths.append(plots.plot_h_vs_sigma(con, run, fig_dir / f"h_vs_sigma_{run}.png"))
             paths.append(plots.plot_alpha_by_depth(con, run, fig_dir / f"alpha_by_depth_{run}.png"))
+    p = trajectorycheck.figure(con, fig_dir / "trajectory_lm.png")
+    paths += [p] if p is not None else []
     if has_run(con, "smollm2"):
         rows = q(con, "SELECT layer_type, block, alpha_kron FROM layers WHERE run_id = 'smollm2' "
                       "AND alpha_kron IS NOT NULL ORDER BY block")
