@@ -27,7 +27,7 @@ def deep_llama(path: Path, blocks: int, hidden: int) -> Path:
 
 def run(ckpt: Path, out: Path, stages: int, micro_batches: int, seq_len: int, micro_batch: int, blocks: int) -> dict:
     from curvdist import config as C
-    from curvdist.io import store
+    from curvdist.io import query
     from curvdist.runner import driver
 
     cfg = C.load_config(None, [f"model.path={ckpt}", f"stages={stages}", "data.source=synthetic",
@@ -37,9 +37,9 @@ def run(ckpt: Path, out: Path, stages: int, micro_batches: int, seq_len: int, mi
     t0 = time.perf_counter()
     run_id = driver.main(cfg)
     wall = time.perf_counter() - t0
-    row = store.read_run(out, run_id)
+    row = query.read_run(out, run_id)
     timings = json.loads(row["timings_json"])
-    return {"wall_s": wall, "layers": len(store.done_layers(out, run_id)),
+    return {"wall_s": wall, "layers": len(query.done_layers(out, run_id)),
             "peak_rss_gb_per_worker": timings["peak_rss_gb_per_worker"]}
 
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from curvdist import config as C  # noqa: E402
-from curvdist.io import store  # noqa: E402
+from curvdist.io import query  # noqa: E402
 from curvdist.runner import driver  # noqa: E402
 from curvdist.runner.spec import SLEEP_ENV  # noqa: E402
 
@@ -38,7 +38,7 @@ def run(overrides: list[str], sleep: float = 0.0) -> dict:
     t0 = time.perf_counter()
     run_id = driver.main(cfg)
     total = time.perf_counter() - t0
-    timings = json.loads(store.read_run(out, run_id)["timings_json"])
+    timings = json.loads(query.read_run(out, run_id)["timings_json"])
     passes = {p["kind"]: p for p in timings["passes"]}
     return {"total_s": total, **{f"{k}_wall_s": p["wall_s"] for k, p in passes.items()},
             **{f"{k}_busy": p["busy_fraction"] for k, p in passes.items()}, "layout": timings["layout"]}

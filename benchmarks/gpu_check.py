@@ -140,7 +140,7 @@ def pipeline_check():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from curvdist import config as C
-    from curvdist.io import store
+    from curvdist.io import query
     from curvdist.runner import driver
     from curvdist.runner.estimate import estimate
     from curvdist.runner.planning import plan_from_config
@@ -165,8 +165,8 @@ def pipeline_check():
         t0 = time.perf_counter()
         run_id = driver.main(c)
         wall = time.perf_counter() - t0
-        timings = json.loads(store.read_run(out, run_id)["timings_json"])
-        con = store.open(out)
+        timings = json.loads(query.read_run(out, run_id)["timings_json"])
+        con = query.open(out)
         h = {(r[0], r[1]): r[2] for r in con.sql(f"select layer, k, h from directions where run_id='{run_id}'")
              .fetchall()}
         runs[xd] = (c, timings, h)

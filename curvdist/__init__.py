@@ -15,6 +15,6 @@ __all__ = ["Result", "__version__", "analyze", "fit", "open"]
 def open(out):
     """A DuckDB connection over the dataset in ``out`` with views ``runs``, ``layers``, ``directions``, ``spectra``
     (imported lazily: the in-process API needs neither DuckDB nor Ray)."""
-    from curvdist.io.store import open as _open
+    from curvdist.io.query import open as _open
 
     return _open(out)

@@ -192,13 +192,13 @@ def query(dataset: Out, sql: Annotated[str, typer.Argument(help="DuckDB SQL over
           limit: Annotated[int, typer.Option(help="most rows shown by --format table (0: all)")] = 200,
           debug: Debug = False):
     """Run SQL over the dataset's views and print the result."""
-    from curvdist.io import store
+    from curvdist.io.query import arrow
     with boundary(debug):
         _check_format(fmt, ("table", "csv", "json"))
         rel = _open(dataset).sql(sql)
         if rel is None:  # a statement without a result (CREATE VIEW …)
             return
-        tab = store.arrow(rel)
+        tab = arrow(rel)
     rows = tab.to_pylist()
     if fmt == "csv":
         buf = io.StringIO()
@@ -294,11 +294,11 @@ def _check_format(fmt: str, choices: tuple[str, ...]) -> None:
 
 
 def _open(dataset: str):
-    from curvdist.io import store
+    from curvdist.io import query
     if not os.path.exists(dataset):
         raise FileNotFoundError(f"dataset {dataset!r} does not exist; give the `out` directory of a run "
                                 f"(`curvdist run CONFIG out={dataset}` writes one)")
-    return store.open(dataset)
+    return query.open(dataset)
 
 
 def _no_layers(con, dataset: str, run_id: str | None) -> str:

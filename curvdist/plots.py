@@ -1,4 +1,4 @@
-"""PNG figures of a curvdist dataset, read through the DuckDB views of ``curvdist.io.store.open``.
+"""PNG figures of a curvdist dataset, read through the DuckDB views of ``curvdist.io.query.open``.
 
 ``make_plots(out, run_id=None)`` writes, for each run (or the one named), into ``OUT/plots/<run_id>/``:
 
@@ -24,7 +24,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from curvdist.io import store
+from curvdist.io import query, store
 from curvdist.vocab import LAYER_TYPES
 
 _DPI = 110
@@ -36,7 +36,7 @@ _PLAIN_MINOR = FuncFormatter(lambda v, _: f"{v:.3g}" if f"{v:.1e}"[0] in "25" el
 
 def _rows(con, sql: str, params: dict | None = None) -> list[dict]:
     rel = con.sql(sql, params=params) if params else con.sql(sql)
-    return store.arrow(rel).to_pylist()
+    return query.arrow(rel).to_pylist()
 
 
 def _order(types: set[str]) -> list[str]:
@@ -283,7 +283,7 @@ def trajectory_figure(rows: list[dict], path: Path, title: str) -> Path:
 
 def plot_trajectory(out: str | os.PathLike, path: Path) -> Path:
     """The trajectory figure over every run of ``out`` with a ``step``."""
-    con = store.open(out)
+    con = query.open(out)
     try:
         rows = trajectory_rows(con)
     finally:
@@ -298,7 +298,7 @@ def plot_run(con, out: str | os.PathLike, run_id: str) -> list[Path]:
 
 def make_plots(out: str | os.PathLike, run_id: str | None = None) -> list[Path]:
     """Write the figures of ``run_id`` (default: every run with layers) to ``OUT/plots/<run_id>/``."""
-    con = store.open(out)
+    con = query.open(out)
     try:
         runs = [r[0] for r in con.sql("SELECT DISTINCT run_id FROM layers ORDER BY run_id").fetchall()]
         if run_id is not None:

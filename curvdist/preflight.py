@@ -31,7 +31,7 @@ import warnings
 from pathlib import Path
 
 from curvdist.config import FILE_SOURCES, RunConfig
-from curvdist.io import store
+from curvdist.io import query, store
 from curvdist.vocab import STAGE_MODEL_TYPES, STAGE_MODELS_TEXT, matches
 
 _TOKENIZE_MAX_BYTES = 16 * 2**20
@@ -116,9 +116,9 @@ def check_output(out: str | os.PathLike) -> None:
     except OSError as e:
         raise PreflightError(f"out={str(out)!r} is not writable (cannot create a file in {parent}: "
                              f"{e.strerror or e}); choose another out or fix the directory's permissions") from None
-    if p.is_dir() and store.is_dataset(p):
+    if p.is_dir() and query.is_dataset(p):
         try:
-            found, where = store.dataset_schema_version(p)
+            found, where = query.dataset_schema_version(p)
         except ValueError as e:
             raise PreflightError(f"out={str(out)!r}: {e}") from None
         if where is not None and found != store.SCHEMA_VERSION:

@@ -7,7 +7,7 @@ import torch
 
 import curvdist
 from curvdist import config as C
-from curvdist.io import checkpoint, sources, store
+from curvdist.io import checkpoint, query, sources
 from curvdist.io import data as D
 from curvdist.runner import driver
 
@@ -42,10 +42,10 @@ def in_process(cfg, exact_keys=None):
 
 
 def read(out, run_id):
-    con = store.open(out)
-    layers = {r["layer"]: r for r in store.arrow(con.sql(f"select * from layers where run_id='{run_id}'")).to_pylist()}
+    con = query.open(out)
+    layers = {r["layer"]: r for r in query.arrow(con.sql(f"select * from layers where run_id='{run_id}'")).to_pylist()}
     dirs = {(r["layer"], r["k"]): r for r in
-            store.arrow(con.sql(f"select * from directions where run_id='{run_id}'")).to_pylist()}
+            query.arrow(con.sql(f"select * from directions where run_id='{run_id}'")).to_pylist()}
     return layers, dirs
 
 
@@ -118,7 +118,7 @@ def test_distributed_equals_in_process(ray_local, gpt2_v48, tmp_path, model, sta
             assert close(r[key], d[key], tol), (r["layer"], r["k"], key, r[key], d[key])
         with_h += d["h"] is not None
     assert with_h > 0 and (exact is None) == (with_h == len(dirs))
-    timings = json.loads(store.read_run(tmp_path, run_id)["timings_json"])
+    timings = json.loads(query.read_run(tmp_path, run_id)["timings_json"])
     assert timings["layout"]["replicas"] == replicas and timings["layout"]["stages"] == stages
     assert {p["kind"] for p in timings["passes"]} == {"stats", "projections", "exact"}
     # one sweep per (source stage, micro-batch): the stages below the last that own exact layers, not per layer
@@ -158,7 +158,7 @@ def test_exact_subset_distributed_equals_in_process(ray_local, tmp_path):
             assert close(r[key], d[key], 1e-9), (r["layer"], r["k"], key, r[key], d[key])
     with_se = [d for d in dirs.values() if d["h_se"] is not None]
     assert with_se and all(d["h_se"] > 0 for d in with_se)
-    timings = json.loads(store.read_run(tmp_path, run_id)["timings_json"])
+    timings = json.loads(query.read_run(tmp_path, run_id)["timings_json"])
     exact_pass = next(p for p in timings["passes"] if p["kind"] == "exact")
     assert exact_pass["sweeps"] == 3   # one source stage below the last, 3 sampled micro-batches
 
@@ -182,7 +182,7 @@ def test_sketch_mode_distributed_equals_in_process(ray_local, tmp_path):
         d = dirs[(r["layer"], r["k"])]
         for key in ("lambda_A", "lambda_delta", "rho_A", "rho_delta", "phi"):
             assert close(r[key], d[key], 1e-9), (r["layer"], r["k"], key, r[key], d[key])
-    spectra = store.arrow(store.open(tmp_path).sql("select * from spectra")).to_pylist()
+    spectra = query.arrow(query.open(tmp_path).sql("select * from spectra")).to_pylist()
     assert {r["factor_mode"] for r in spectra} == {"sketch"}
     assert max(r["eigenvalue_err"] / r["eigenvalue"] for r in spectra if r["eigenvalue"] > 0) > 1e-6
 
@@ -210,7 +210,7 @@ def test_rerun_skips_written_layers(ray_local, tmp_path):
     files = sorted(p.name for p in (tmp_path / "layers" / f"run_id={run_id}").iterdir())
     assert driver.main(cfg) == run_id
     assert sorted(p.name for p in (tmp_path / "layers" / f"run_id={run_id}").iterdir()) == files
-    run = store.read_run(tmp_path, run_id)
+    run = query.read_run(tmp_path, run_id)
     assert "nothing left" in run["status"]
     layers, dirs = read(tmp_path, run_id)
     assert all(d["h"] is None for d in dirs.values())   # exact=false leaves h null
@@ -224,7 +224,7 @@ def test_exact_dtype_on_a_bfloat16_model(ray_local, tmp_path):
             "data.sequences=4", "data.seq_len=16", "data.micro_batch=2", "plots=false", f"out={tmp_path}",
             "exact_layers=[transformer.h.0.mlp.*,transformer.h.1.attn.*]"]
     runs = {xd: driver.main(C.load_config(None, base + [f"exact_dtype={xd}"])) for xd in ("float32", "model")}
-    con = store.open(tmp_path)
+    con = query.open(tmp_path)
     got = {}
     for xd, run_id in runs.items():
         got[xd] = {(r[0], r[1]): (r[2], r[3]) for r in con.sql(
@@ -256,7 +256,7 @@ def test_gloo_transport_equals_object_store(ray_local, tmp_path):
     assert all(la[n]["alpha"] == lb[n]["alpha"] for n in la)
     passes = {}
     for kind, run_id in runs.items():
-        t = json.loads(store.read_run(tmp_path / kind, run_id)["timings_json"])
+        t = json.loads(query.read_run(tmp_path / kind, run_id)["timings_json"])
         assert t["layout"]["transport"] == kind
         passes[kind] = next(p for p in t["passes"] if p["kind"] == "exact")
     assert passes["gloo"]["transport"] == "gloo" and passes["gloo"]["sent_bytes"] == passes["object_store"]["sent_bytes"] > 0

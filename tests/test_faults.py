@@ -15,7 +15,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from curvdist import config as C
-from curvdist.io import store
+from curvdist.io import query
 from curvdist.io.verify import verify
 from curvdist.runner import driver
 
@@ -51,10 +51,10 @@ def env(tmp_path_factory):
 
 
 def read(out, run_id):
-    con = store.open(out)
-    layers = store.arrow(con.sql(f"select * from layers where run_id='{run_id}'")).to_pylist()
-    dirs = store.arrow(con.sql(f"select * from directions where run_id='{run_id}'")).to_pylist()
-    run = store.read_run(out, run_id)
+    con = query.open(out)
+    layers = query.arrow(con.sql(f"select * from layers where run_id='{run_id}'")).to_pylist()
+    dirs = query.arrow(con.sql(f"select * from directions where run_id='{run_id}'")).to_pylist()
+    run = query.read_run(out, run_id)
     con.close()
     return layers, dirs, run
 
@@ -175,13 +175,13 @@ def test_driver_killed_then_rerun_resumes(env, baseline, tmp_path):
     # row yet; a reader sees every layer (its Kronecker rows, or its exact rows where they are committed)
     written = sorted(p.name for p in (out / "layers").rglob("*.parquet"))
     assert len(written) == 3 and sum("-exact-" in n for n in written) == 1, written
-    con = store.open(out)
+    con = query.open(out)
     assert con.sql("select count(*) from layers").fetchall() == [(len(baseline[0]),)]
     con.close()
     pads.dataset(out / "layers", partitioning="hive").to_table()
     run_id = C.resolve_run_id(load(f"out={out}"))
-    assert store.read_run(out, run_id) is None
-    n_first = len(store.done_layers(out, run_id))
+    assert query.read_run(out, run_id) is None
+    n_first = len(query.done_layers(out, run_id))
     assert 0 < n_first < len(baseline[0])
     report = verify(out)             # whole files only: no problem, the missing runs row is a warning
     assert not report.problems and any("interrupted" in w for w in report.warnings)
@@ -228,7 +228,7 @@ def test_non_finite_weights_give_statuses_and_the_run_completes(env, tmp_path):
     run_id = driver.main(load(f"model.path={ck}", f"out={tmp_path / 'out'}"))
     layers, dirs, run = read(tmp_path / "out", run_id)
     assert run["status"] == "complete"
-    assert len(layers) == len(store.done_layers(tmp_path / "out", run_id)) >= 9
+    assert len(layers) == len(query.done_layers(tmp_path / "out", run_id)) >= 9
     assert all(r["status"].startswith("non_finite") for r in layers), {r["layer"]: r["status"] for r in layers}
     assert all(r["alpha"] is None for r in layers) and not dirs
 
@@ -252,7 +252,7 @@ def test_second_writer_refused_then_sigterm_keeps_finished_layers(env, baseline,
     assert proc.returncode == 143, err[-2000:]
     assert "terminated (SIGTERM)" in err and "rerun the same command" in err and "Traceback" not in err
     run_id = C.resolve_run_id(load(f"out={out}"))
-    kept = len(store.done_layers(out, run_id))
+    kept = len(query.done_layers(out, run_id))
     assert 0 < kept < len(baseline[0]) and f"{kept} finished layers kept" in err
     assert not lock_path(out, run_id).exists()
     rerun = _cli(ARGS + [f"out={out}"])

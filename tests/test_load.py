@@ -5,7 +5,7 @@ import json
 import pytest
 
 from curvdist import config as C
-from curvdist.io import store
+from curvdist.io import query
 from curvdist.runner import driver
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -30,7 +30,7 @@ def test_64_blocks_over_4_stages(tmp_path, monkeypatch):
         run_id = driver.main(cfg)
     finally:
         ray.shutdown()
-    con = store.open(tmp_path / "out")
+    con = query.open(tmp_path / "out")
     rows = con.sql(f"select layer, stage, block, status, alpha from layers where run_id='{run_id}'").fetchall()
     measured = con.sql(f"select count(*) from directions where run_id='{run_id}' and h is not null "
                        f"and layer like 'model.layers.{blocks - 1}.%'").fetchall()[0][0]
@@ -40,6 +40,6 @@ def test_64_blocks_over_4_stages(tmp_path, monkeypatch):
     assert {r[1] for r in rows} == {0, 1, 2, 3}
     assert {r[2] for r in rows if r[2] is not None} == set(range(blocks))
     assert measured == 7 * 4                                         # the last block got exact h (K = 4)
-    timings = json.loads(store.read_run(tmp_path / "out", run_id)["timings_json"])
+    timings = json.loads(query.read_run(tmp_path / "out", run_id)["timings_json"])
     peaks = timings["peak_rss_gb_per_worker"]
     assert len(peaks) == 4 and all(0 < p for p in peaks)

@@ -14,7 +14,7 @@ import pytest
 from test_faults import ARGS, assert_same, read
 
 from curvdist import config as C
-from curvdist.io import store
+from curvdist.io import query
 from curvdist.runner import driver
 from curvdist.runner.supervise import CapacityLost
 
@@ -130,7 +130,7 @@ def test_node_lost_without_capacity_stops_then_resumes_equal(cluster, baseline, 
     assert "bundle(s) [1]" in msg and "without a node" in msg and "rerun the same command" in msg, msg
     assert waited >= 15
     run_id = C.resolve_run_id(load(f"out={out}"))
-    kept = store.done_layers(out, run_id)
+    kept = query.done_layers(out, run_id)
     assert 0 < len(kept) < len(baseline[0])
     cluster.add_node(**NODE)           # capacity comes back
     cluster.wait_for_nodes()

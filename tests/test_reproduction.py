@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from curvdist.io import store
+from curvdist.io import query
 from curvdist.reference import report, reproduce
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ def test_tiny_reproduce_pipeline(tmp_path):
         reproduce.run(out, docs, reproduce.PROFILES["tiny"])
     finally:
         ray.shutdown()
-    con = store.open(out)
+    con = query.open(out)
     runs = {r[0] for r in con.execute("SELECT DISTINCT run_id FROM layers").fetchall()}
     assert {"lm", "cnn", "cnn-b1024", "cnn-mc", "mlp", "mlp-b1024", "mlp-mc"} <= runs
     types = {r[0] for r in con.execute("SELECT DISTINCT layer_type FROM layers WHERE run_id = 'lm'").fetchall()}

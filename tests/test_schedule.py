@@ -5,7 +5,7 @@ import os
 import pytest
 
 from curvdist import config as C
-from curvdist.io import store
+from curvdist.io import query
 from curvdist.runner import driver
 from curvdist.runner.schedule import (Op, dependency, one_f_one_b, submission_order, sweep_dependency, sweep_orders,
                                       warmup)
@@ -104,7 +104,7 @@ def test_stages_overlap_with_fixed_sleep(ray_local, tmp_path, monkeypatch):
                                "data.seq_len=8", "data.micro_batch=2", "top_k=2", "exact=false", "plots=false",
                                "layers=[transformer.h.*.mlp.c_fc]", "ray.cpus_per_stage=0.5", f"out={tmp_path}"])
     run_id = driver.main(cfg)
-    timings = json.loads(store.read_run(tmp_path, run_id)["timings_json"])
+    timings = json.loads(query.read_run(tmp_path, run_id)["timings_json"])
     stats = next(p for p in timings["passes"] if p["kind"] == "stats")
     ideal = (M + S - 1) * t
     assert stats["wall_s"] <= 1.5 * ideal, (stats, ideal, M * S * t)
@@ -126,7 +126,7 @@ def test_exact_sweeps_overlap_with_fixed_sleep(ray_local, tmp_path, monkeypatch)
                                "data.seq_len=8", "data.micro_batch=2", "top_k=2", "exact=true", "plots=false",
                                "layers=[transformer.h.0.mlp.c_fc]", "ray.cpus_per_stage=0.5", f"out={tmp_path}"])
     run_id = driver.main(cfg)
-    timings = json.loads(store.read_run(tmp_path, run_id)["timings_json"])
+    timings = json.loads(query.read_run(tmp_path, run_id)["timings_json"])
     exact = next(p for p in timings["passes"] if p["kind"] == "exact")
     ideal = (M + S - 1) * t
     assert exact["sweeps"] == M

@@ -1,4 +1,4 @@
-"""curvdist.io.store: schemas, atomic part files, DuckDB views, resume bookkeeping."""
+"""curvdist.io.store and curvdist.io.query: schemas, atomic part files, DuckDB views, resume bookkeeping."""
 import datetime
 import json
 import os
@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curvdist.io import store, summary
+from curvdist.io import query, store, summary
 
 
 def _one(con, sql):
@@ -94,7 +94,7 @@ def test_views_sql_and_hidden_files_ignored(tmp_path):
                      {"layer": ["b"] * 2, "k": [1, 2], "sigma": [3.0, 2.0], "h": [5.0, 5.0]})
     store.write_run(tmp_path, "r1", {"created_at": datetime.datetime.now(datetime.timezone.utc),
                                      "config_json": {"top_k": 20}, "status": "done"})
-    con = store.open(tmp_path)
+    con = query.open(tmp_path)
     assert _one(con, "SELECT count(*) FROM layers WHERE run_id = 'r1'") == 6
     assert _one(con, "SELECT count(*) FROM layers WHERE layer = 'ghost'") == 0
     assert _one(con, "SELECT count(*) FROM layers WHERE run_id = '2024-01-01'") == 3
@@ -103,7 +103,7 @@ def test_views_sql_and_hidden_files_ignored(tmp_path):
     assert json.loads(cfg) == {"top_k": 20}
     types = dict(con.sql("SELECT layer_type, avg(alpha) FROM layers WHERE run_id='r1' GROUP BY 1").fetchall())
     assert types == {"attn_q": pytest.approx((1 + 3 + 1) / 3), "mlp_up": pytest.approx((2 + 2) / 2), "other": None}
-    assert store.read_run(tmp_path, "r1")["status"] == "done"
+    assert query.read_run(tmp_path, "r1")["status"] == "done"
 
 
 def test_a_connection_reads_a_snapshot_of_committed_files(tmp_path):
@@ -112,19 +112,19 @@ def test_a_connection_reads_a_snapshot_of_committed_files(tmp_path):
     d = {"layer": ["a"] * 2, "k": [1, 2], "sigma": [2.0, 1.0], "h": [4.0, 1.0]}
     store.write_result(tmp_path, "r", "p1", {"layers": [{"layer": "a", "status": "ok"}], "directions": d})
     store.write_part(tmp_path, "directions", "r", "p2", dict(d, layer=["b"] * 2))     # an unfinished commit
-    files = store.committed_files(tmp_path)
+    files = query.committed_files(tmp_path)
     assert [f.name for f in files["directions"]] == ["p1.parquet"] and [f.name for f in files["layers"]] == ["p1.parquet"]
-    con = store.open(tmp_path)
+    con = query.open(tmp_path)
     (tmp_path / "directions" / "run_id=r" / "p2.parquet").unlink()                    # what drop_orphans does
     store.write_result(tmp_path, "r", "p3", {"layers": [{"layer": "c", "status": "ok"}], "directions": dict(d, layer=["c"] * 2)})
     assert con.sql("SELECT count(*) FROM layers").fetchall() == [(1,)]
     assert con.sql("SELECT count(*) FROM all_directions").fetchall() == [(2,)]
-    assert store.open(tmp_path).sql("SELECT count(*) FROM directions").fetchall() == [(4,)]
+    assert query.open(tmp_path).sql("SELECT count(*) FROM directions").fetchall() == [(4,)]
 
 
 def test_empty_views_have_columns(tmp_path):
     store.write_part(tmp_path, "layers", "r1", "stage0", _layers())
-    con = store.open(tmp_path)
+    con = query.open(tmp_path)
     for t in ("directions", "spectra", "runs"):
         cols = [r[0] for r in con.sql(f"DESCRIBE {t}").fetchall()]
         assert cols == store.schema(t).names
@@ -133,23 +133,23 @@ def test_empty_views_have_columns(tmp_path):
 
 
 def test_done_layers_and_run_exists(tmp_path):
-    assert store.done_layers(tmp_path, "r1") == set() and not store.run_exists(tmp_path, "r1")
+    assert query.done_layers(tmp_path, "r1") == set() and not query.run_exists(tmp_path, "r1")
     paths = store.write_result(tmp_path, "r1", "stage0-pass0", {
         "layers": _layers(n=2),
         "directions": {"layer": ["model.layers.0.mlp.up_proj"], "k": [1], "sigma": [1.0]},
         "spectra": {"layer": ["model.layers.0.mlp.up_proj"], "factor": ["A"], "k": [1], "eigenvalue": [2.0]}})
     assert [p.parent.parent.name for p in paths][-1] == "layers"  # the commit record goes last
     store.write_run(tmp_path, "r1", {"status": "running"})
-    assert store.done_layers(tmp_path, "r1") == {"model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"}
-    assert store.done_layers(tmp_path, "other") == set()
-    assert store.run_exists(tmp_path, "r1") and not store.run_exists(tmp_path, "other")
+    assert query.done_layers(tmp_path, "r1") == {"model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"}
+    assert query.done_layers(tmp_path, "other") == set()
+    assert query.run_exists(tmp_path, "r1") and not query.run_exists(tmp_path, "other")
 
 
 def test_summary_by_layer_type(tmp_path):
     rows = _layers(n=4) + [{"run_id": "r1", "layer": "x", "layer_type": "mlp_up", "alpha": None}]
     store.write_part(tmp_path, "layers", "r1", "p", rows)
     store.write_part(tmp_path, "layers", "r2", "p", _layers("r2", n=2))
-    con = store.open(tmp_path)
+    con = query.open(tmp_path)
     s = {r["layer_type"]: r for r in summary.summary(con, "r1").to_pylist()}
     assert list(s) == ["attn_q", "mlp_up"]  # canonical layer-type order
     assert s["mlp_up"]["n_layers"] == 3 and s["mlp_up"]["alpha_n"] == 2
@@ -175,7 +175,7 @@ def test_summary_grad_snr_flag_and_null_run(tmp_path):
     store.write_run(tmp_path, "t", {"config_json": to_dict(load_config(None, ["top_k=5"]))})
     store.write_run(tmp_path, "n", {"config_json": to_dict(load_config(None, ["top_k=5", "gradient_labels=sampled"]))})
     store.write_run(tmp_path, "x", {"config_json": to_dict(load_config(None, ["top_k=6"]))})
-    con = store.open(tmp_path)
+    con = query.open(tmp_path)
     assert summary.null_runs(con) == {"t": "n"}
     s = {(r["run_id"], r["layer_type"]): r for r in summary.summary(con).to_pylist()}
     q, up = s[("t", "attn_q")], s[("t", "mlp_up")]
@@ -191,16 +191,16 @@ def test_summary_grad_snr_flag_and_null_run(tmp_path):
     old.mkdir(parents=True)
     pq.write_table(pa.table({"layer": ["a"], "layer_type": ["mlp_up"], "alpha": [1.0], "alpha_kron": [2.0],
                              "beta": [2.0], "phi": [0.0]}), old / "p.parquet")
-    s = summary.summary(store.open(tmp_path / "old")).to_pylist()
+    s = summary.summary(query.open(tmp_path / "old")).to_pylist()
     assert s[0]["grad_snr_median"] is None and s[0]["low_snr"] is None and s[0]["null_run_id"] is None
 
 
 def test_open_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        store.open(tmp_path / "missing")
+        query.open(tmp_path / "missing")
     (tmp_path / "stuff").mkdir()
     with pytest.raises(ValueError, match="no curvdist dataset"):
-        store.open(tmp_path)
+        query.open(tmp_path)
 
 
 def test_torch_and_numpy_columns(tmp_path):
@@ -228,7 +228,7 @@ def test_factor_modes_and_error_estimates_are_stored_and_summarised(tmp_path):
         {"layer": rows[0]["layer"], "factor": "delta", "k": 1, "eigenvalue": 2.0, "factor_mode": "sketch",
          "eigenvalue_err": 0.008},
         {"layer": rows[0]["layer"], "factor": "A", "k": 1, "eigenvalue": 3.0, "factor_mode": "dense"}])
-    con = store.open(tmp_path)
+    con = query.open(tmp_path)
     assert con.sql("SELECT factor_mode, eigenvalue_err FROM spectra ORDER BY factor").fetchall() == [
         ("dense", None), ("sketch", 0.008)]
     s = summary.summary(con, "r1").to_pylist()
@@ -238,4 +238,4 @@ def test_factor_modes_and_error_estimates_are_stored_and_summarised(tmp_path):
     assert "sketched (max λ err)" in text and "2.0e-02" in text and "Nyström sketch" in text
     plain = tmp_path / "plain"
     store.write_part(plain, "layers", "r1", "p", _layers(n=2))
-    assert "sketched" not in summary.format_summary(summary.summary(store.open(plain), "r1"))
+    assert "sketched" not in summary.format_summary(summary.summary(query.open(plain), "r1"))

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from curvdist.cli import app
-from curvdist.io import store
+from curvdist.io import query, store
 from curvdist.io.verify import verify
 
 runner = CliRunner()
@@ -69,7 +69,7 @@ def test_recommitted_layer_replaces_the_older_commit(out):
     assert f.exists()
     rep = verify(out)
     assert rep.ok, rep.problems
-    con = store.open(out)
+    con = query.open(out)
     rows = con.sql("select part from layers where run_id = 'a' and layer = 'h.0.0'").fetchall()
     assert rows == [("stage-000-again",)]
     assert con.sql("select count(*), min(part) from directions where run_id = 'a' and layer = 'h.0.0'").fetchall() \
@@ -92,11 +92,11 @@ def test_pending_exact_pass_is_a_warning(out):
     rep = verify(out)
     assert rep.ok and any("1 layers of run a have their Kronecker rows but not yet their exact" in w
                           for w in rep.warnings), rep.warnings
-    assert "h.5.0" not in store.done_layers(out, "a")
+    assert "h.5.0" not in query.done_layers(out, "a")
     store.write_result(out, "a", "stage-006", {"layers": [{"layer": "h.5.0", "status": "ok", "m": 8, "n": 6,
                                                            "phase": "exact"}],
                                                "directions": {"layer": ["h.5.0"] * K, "k": list(range(1, K + 1))}})
-    assert "h.5.0" in store.done_layers(out, "a") and not verify(out).warnings
+    assert "h.5.0" in query.done_layers(out, "a") and not verify(out).warnings
 
 
 def test_missing_directions_of_an_ok_layer(out):

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from curvdist import config as C
 from curvdist.io import checkpoint as ckpt
-from curvdist.io import store, zero
+from curvdist.io import query, zero
 from curvdist.io.slice import build_slice
 from curvdist.runner import driver
 
@@ -103,9 +103,9 @@ def test_run_on_deepspeed_equals_safetensors(ray_local, ds_runs, tmp_path, kind,
         cfg = C.load_config(None, COMMON + [f"model.path={path}", "stages=2", f"out={tmp_path / name}",
                                             "exact_layers=['*.1.*']"])
         run_id = driver.main(cfg)
-        con = store.open(tmp_path / name)
-        res[name] = ({r["layer"]: r for r in store.arrow(con.sql("select * from layers")).to_pylist()},
-                     {(r["layer"], r["k"]): r for r in store.arrow(con.sql("select * from directions")).to_pylist()})
+        con = query.open(tmp_path / name)
+        res[name] = ({r["layer"]: r for r in query.arrow(con.sql("select * from layers")).to_pylist()},
+                     {(r["layer"], r["k"]): r for r in query.arrow(con.sql("select * from directions")).to_pylist()})
         assert run_id
     (ds_l, ds_d), (st_l, st_d) = res["ds"], res["st"]
     assert set(ds_l) == set(st_l) and len(ds_l) >= 8 and {r["stage"] for r in ds_l.values()} == {0, 1}
@@ -186,26 +186,26 @@ def test_trajectory_resumed_after_sigkill_equals_separate_runs(ray_local, ds_run
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
-        while not store.run_exists(tmp_path / "traj", "traj-step1") and time.time() < deadline \
+        while not query.run_exists(tmp_path / "traj", "traj-step1") and time.time() < deadline \
                 and job.poll() is None:
             time.sleep(0.2)
-        assert store.run_exists(tmp_path / "traj", "traj-step1"), "the first checkpoint never completed"
+        assert query.run_exists(tmp_path / "traj", "traj-step1"), "the first checkpoint never completed"
     finally:
         os.killpg(job.pid, signal.SIGKILL)   # the driver and the Ray processes it started
         job.wait()
-    assert not store.run_exists(tmp_path / "traj", "traj-step3")
+    assert not query.run_exists(tmp_path / "traj", "traj-step3")
     first = sorted(p.name for p in (tmp_path / "traj" / "layers" / "run_id=traj-step1").iterdir())
     assert driver.main(cfg) == "traj-step3"
     assert sorted(p.name for p in (tmp_path / "traj" / "layers" / "run_id=traj-step1").iterdir()) == first
-    con = store.open(tmp_path / "traj")
+    con = query.open(tmp_path / "traj")
     assert con.sql("select run_id, step from runs order by step").fetchall() == \
         [("traj-step1", 1), ("traj-step2", 2), ("traj-step3", 3)]
-    traj = {(r["step"], r["layer"]): r for r in store.arrow(con.sql("select * from layers")).to_pylist()}
+    traj = {(r["step"], r["layer"]): r for r in query.arrow(con.sql("select * from layers")).to_pylist()}
     for step in (1, 2, 3):
         one = C.load_config(None, COMMON + ["stages=2", "exact=false", f"out={tmp_path / f'one{step}'}",
                                             f"model.path={ds_runs['zero2']}/global_step{step}"])
         run_id = driver.main(one)
-        rows = store.arrow(store.open(tmp_path / f"one{step}").sql("select * from layers")).to_pylist()
+        rows = query.arrow(query.open(tmp_path / f"one{step}").sql("select * from layers")).to_pylist()
         assert len(rows) >= 8 and all(r["step"] == step and r["run_id"] == run_id for r in rows)
         for r in rows:
             t = traj[(step, r["layer"])]

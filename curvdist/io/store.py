@@ -1,4 +1,5 @@
-"""The one IO module: Parquet schema, dataset paths, atomic writes and the DuckDB views.
+"""The one IO module that writes the dataset: Parquet schema, dataset paths, atomic writes and commits.  Reading
+it (the DuckDB views, resume bookkeeping, schema versions) is :mod:`curvdist.io.query`.
 
 Layout of a dataset at ``OUT`` (hive-partitioned by ``run_id``)::
 
@@ -10,25 +11,20 @@ Layout of a dataset at ``OUT`` (hive-partitioned by ``run_id``)::
     OUT/plots/<run_id>/*.png                      figures (curvdist.plots)
 
 A file is whole or absent: every write goes to a hidden temporary name (``.tmp-…``, no ``.parquet`` suffix) in the
-destination directory, is fsync'ed, then ``os.replace``'d.  Readers (the views, ``done_layers``) skip names that
+destination directory, is fsync'ed, then ``os.replace``'d.  Readers (:mod:`curvdist.io.query`) skip names that
 start with ``.``.  Every table carries a ``schema_version`` column and ``curvdist.schema_version`` file metadata.
 
 Commits (schema 2): a run commits each layer twice when it gets exact curvature, once otherwise.  After the
 statistics and projections passes, a stage's Kronecker rows (``phase = kronecker``; ``exact_pending`` true for the
 layers the exact pass will measure); after that stage's exact sweeps, those layers again, complete
 (``phase = exact``).  One commit is one ``part`` name in every table; ``write_result`` writes ``directions`` and
-``spectra`` first and ``layers`` last, so the ``layers`` row is the commit record.  Every reader takes, per layer,
-the latest commit of its highest phase (:func:`current_rows`; the views ``layers``, ``directions``, ``spectra``;
-``all_*`` views keep every commit), so a reader during a run sees whole layers only, and ``done_layers`` (resume)
-lists the layers whose final commit is on disk.  A connection reads the files committed when it was opened
-(:func:`committed_files`), so one query never mixes two moments of a run that is writing.
+``spectra`` first and ``layers`` last, so the ``layers`` row is the commit record: every reader counts a layer's
+rows only through it (:func:`curvdist.io.query.current_rows`).
 
 Example::
 
     rows = [{"layer": "h.0.mlp.c_fc", "layer_type": "mlp_up", "alpha": 1.1}]
     write_part("out", "layers", "run1", "stage0-pass0", rows)
-    con = open("out")
-    con.sql("SELECT layer_type, avg(alpha) FROM layers GROUP BY 1").fetchall()
 """
 from __future__ import annotations
 
@@ -41,7 +37,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -191,12 +186,7 @@ def plots_dir(out: str | os.PathLike, run_id: str) -> Path:
     return Path(out) / "plots" / run_id
 
 
-def _visible_parquet(d: Path) -> list[Path]:
-    if not d.is_dir():
-        return []
-    return sorted(p for p in d.iterdir() if p.suffix == ".parquet" and not p.name.startswith("."))
-
-
+# ---------------------------------------------------------------------------------------------------- writing
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a hidden temporary name beside ``path``, fsync it, then rename it onto ``path``."""
     path = Path(path)
@@ -249,8 +239,9 @@ def part_name(phase: str, stage: int, group: int) -> str:
 def write_result(out: str | os.PathLike, run_id: str, part_name: str,
                  tables: Mapping[str, pa.Table | list[dict] | Mapping[str, Any]]) -> list[Path]:
     """Commit one unit of work: its ``directions`` and ``spectra`` parts first, its ``layers`` part last (the
-    commit record), every row stamped with ``part = part_name``.  Readers (:func:`open`, :func:`done_layers`)
-    count a layer's rows only through a ``layers`` row, so they never see half a commit."""
+    commit record), every row stamped with ``part = part_name``.  Readers (:func:`curvdist.io.query.open`,
+    :func:`curvdist.io.query.done_layers`) count a layer's rows only through a ``layers`` row, so they never see
+    half a commit."""
     order = sorted(tables, key=lambda t: (t == "layers", TABLES.index(t) if t in TABLES else -1))
     written = []
     for name in order:
@@ -263,23 +254,6 @@ def write_result(out: str | os.PathLike, run_id: str, part_name: str,
     return written
 
 
-def current_rows(layer_rows: list[dict]) -> dict[tuple[str, str], dict]:
-    """The rule every reader follows, on ``layers`` rows: per (run_id, layer), the row of the highest phase
-    (exact over kronecker), latest commit first.  Rows of schema 1 (no phase, no part) count as final."""
-    best: dict[tuple[str, str], dict] = {}
-    for r in layer_rows:
-        key = (r["run_id"], r["layer"])
-        rank = (r.get("phase") == "exact", r.get("part") or "")
-        if key not in best or rank > (best[key].get("phase") == "exact", best[key].get("part") or ""):
-            best[key] = r
-    return best
-
-
-def is_final(row: dict) -> bool:
-    """A layer row that nothing will replace: an exact commit, or a Kronecker commit with no exact pass pending."""
-    return row.get("phase") == "exact" or not row.get("exact_pending")
-
-
 def write_run(out: str | os.PathLike, run_id: str, row: Mapping[str, Any]) -> Path:
     """Write (or replace) the single ``runs`` row of ``run_id``; dict/list values are stored as JSON text."""
     row = {k: (json.dumps(v, sort_keys=True, default=str) if isinstance(v, (dict, list)) else v)
@@ -287,143 +261,14 @@ def write_run(out: str | os.PathLike, run_id: str, row: Mapping[str, Any]) -> Pa
     return write_part(out, "runs", run_id, "run", [row])
 
 
-def read_run(out: str | os.PathLike, run_id: str) -> dict | None:
-    """The ``runs`` row of ``run_id`` as a dict, or None."""
-    files = _visible_parquet(partition_dir(out, "runs", run_id))
-    if not files:
-        return None
-    rows = pq.read_table(files[0]).to_pylist()
-    return rows[0] if rows else None
+# driver.py and reference/ (edited on other branches while these names moved to curvdist.io.query) still call them
+# as store.<name>; this forward keeps those call sites unchanged until they move to query.<name>, then goes.  A
+# plain re-export would be circular (query imports store).
+_MOVED_TO_QUERY = ("arrow", "done_layers", "is_dataset", "open", "read_run", "run_exists")
 
 
-def run_exists(out: str | os.PathLike, run_id: str) -> bool:
-    return bool(_visible_parquet(partition_dir(out, "runs", run_id)))
-
-
-def layer_commits(out: str | os.PathLike, run_id: str) -> list[dict]:
-    """Every committed ``layers`` row of ``run_id`` (run_id, layer, phase, exact_pending, part only)."""
-    rows = []
-    for f in _visible_parquet(partition_dir(out, "layers", run_id)):
-        names = pq.read_schema(f).names
-        cols = [c for c in ("run_id", "layer", "phase", "exact_pending", "part") if c in names]
-        rows += [dict(r, run_id=run_id) for r in pq.read_table(f, columns=cols).to_pylist()]
-    return rows
-
-
-def done_layers(out: str | os.PathLike, run_id: str) -> set[str]:
-    """Names of the layers of ``run_id`` whose final rows are written (for resume): a layer whose Kronecker rows
-    are committed but whose exact pass is pending is not done (a rerun measures it again; the newer commit
-    replaces the older in every reader)."""
-    return {layer for (_, layer), r in current_rows(layer_commits(out, run_id)).items() if is_final(r)}
-
-
-def file_schema_version(path: str | os.PathLike) -> int | str | None:
-    """The ``curvdist.schema_version`` of one Parquet file's metadata (None when absent)."""
-    v = (pq.read_schema(path).metadata or {}).get(b"curvdist.schema_version")
-    if v is None:
-        return None
-    return int(v) if v.decode().isdigit() else v.decode()
-
-
-def dataset_schema_version(out: str | os.PathLike) -> tuple[int | str | None, Path | None]:
-    """The schema version an existing dataset was written with, and the file it was read from: the marker, else
-    the first readable Parquet file; ``(None, None)`` when there is neither."""
-    out = Path(out)
-    marker = out / MARKER
-    if marker.exists():
-        try:
-            return json.loads(marker.read_text()).get("schema_version"), marker
-        except (OSError, ValueError, AttributeError) as e:
-            raise ValueError(f"{marker} is corrupt ({e}); use another out, or delete the marker if the dataset "
-                             f"is yours") from None
-    for t in TABLES:
-        for d in sorted((out / t).glob("run_id=*")):
-            for f in _visible_parquet(d):
-                try:
-                    return file_schema_version(f), f
-                except (OSError, pa.ArrowException):
-                    continue
-    return None, None
-
-
-# ---------------------------------------------------------------------------------------------------- reading
-_DUCK = {pa.bool_(): "BOOLEAN", pa.string(): "VARCHAR", pa.int32(): "INTEGER", pa.int64(): "BIGINT", pa.float64(): "DOUBLE",
-         pa.timestamp("us", tz="UTC"): "TIMESTAMPTZ"}
-
-
-def is_dataset(out: str | os.PathLike) -> bool:
-    out = Path(out)
-    return (out / MARKER).exists() or any((out / t).is_dir() for t in TABLES)
-
-
-def committed_files(out: str | os.PathLike) -> dict[str, list[Path]]:
-    """The files of every table that belong to a commit, listed now: ``layers`` first, then the ``directions``
-    and ``spectra`` parts whose ``layers`` part (the commit record, written last) was listed, then ``runs``.  A
-    commit that lands while this lists is either wholly in (its ``layers`` part was listed, and its other parts
-    were on disk before it) or wholly out; parts of an unfinished commit (and the orphans a rerun deletes) are
-    never listed, so a reader never opens a file that may vanish."""
-    root = Path(out)
-    layers = {d.name: _visible_parquet(d) for d in sorted((root / "layers").glob("run_id=*"))}
-    files = {"layers": [f for fs in layers.values() for f in fs]}
-    for t in ("directions", "spectra"):
-        files[t] = [f for d in sorted((root / t).glob("run_id=*")) for f in _visible_parquet(d)
-                    if f.name in {g.name for g in layers.get(d.name, [])}]
-    files["runs"] = [f for d in sorted((root / "runs").glob("run_id=*")) for f in _visible_parquet(d)]
-    return files
-
-
-def open(out: str | os.PathLike) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with views ``runs``, ``layers``, ``directions``, ``spectra`` over ``out``.
-
-    The views read the files committed when the connection was opened (:func:`committed_files`): a snapshot
-    that a run writing meanwhile does not change, with whole layers only; reopen to see later commits.  A table
-    with no file gets an empty view with the right columns.
-    """
-    root = Path(out)
-    if not root.exists():
-        raise FileNotFoundError(f"OUT={str(out)!r} does not exist; run `curvdist run CONFIG.yaml out=...` first")
-    if not is_dataset(root):
-        raise ValueError(f"OUT={str(out)!r} holds no curvdist dataset (no {MARKER} and none of "
-                         f"{', '.join(t + '/' for t in TABLES)}); point at the `out` directory of a run")
-    con = duckdb.connect()
-    files = committed_files(root)
-    for t in TABLES:
-        name = t if t == "runs" else f"all_{t}"
-        if files[t]:
-            paths = ", ".join("'" + str(f.resolve()).replace("'", "''") + "'" for f in files[t])
-            con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{paths}], hive_partitioning=true, "
-                        f"union_by_name=true, hive_types={{'run_id': 'VARCHAR'}})")
-        else:
-            cols = ", ".join(f'CAST(NULL AS {_DUCK[f.type]}) AS "{f.name}"' for f in _SCHEMAS[t])
-            con.execute(f"CREATE VIEW {name} AS SELECT {cols} WHERE false")
-    _current_views(con)
-    return con
-
-
-def _current_views(con: duckdb.DuckDBPyConnection) -> None:
-    """``layers``, ``directions``, ``spectra``: each layer's current commit only (:func:`current_rows`); the
-    ``all_*`` views keep every commit.  Datasets of schema 1 (no ``part``) have one commit per layer."""
-    def has_part(view):
-        return "part" in [d[0] for d in con.sql(f"DESCRIBE {view}").fetchall()]
-
-    if not has_part("all_layers"):
-        for t in ("layers", "directions", "spectra"):
-            con.execute(f"CREATE VIEW {t} AS SELECT * FROM all_{t}")
-        return
-    con.execute("CREATE VIEW layers AS SELECT * EXCLUDE (_rank) FROM (SELECT *, row_number() OVER ("
-                "PARTITION BY run_id, layer ORDER BY coalesce(phase = 'exact', false) DESC, part DESC) AS _rank "
-                "FROM all_layers) WHERE _rank = 1")
-    for t, source in (("directions", "layers"),
-                      ("spectra", "(SELECT run_id, layer, max(part) AS part FROM all_layers "
-                                  "WHERE coalesce(phase, 'kronecker') = 'kronecker' GROUP BY run_id, layer)")):
-        if has_part(f"all_{t}"):
-            con.execute(f"CREATE VIEW {t} AS SELECT x.* FROM all_{t} x SEMI JOIN {source} c "
-                        "ON x.run_id = c.run_id AND x.layer = c.layer AND x.part IS NOT DISTINCT FROM c.part")
-        else:
-            con.execute(f"CREATE VIEW {t} AS SELECT * FROM all_{t}")
-
-
-def arrow(rel: duckdb.DuckDBPyRelation) -> pa.Table:
-    """A relation's rows as an Arrow table (DuckDB 2: ``to_arrow_table``; DuckDB 1: ``fetch_arrow_table``)."""
-    fn = getattr(rel, "to_arrow_table", None) or rel.fetch_arrow_table
-    return fn()
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_QUERY:
+        from curvdist.io import query
+        return getattr(query, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,5 +1,5 @@
 """The α-by-layer-type summary of a dataset (``curvdist summary``, the table a run prints): reads the DuckDB views
-of :func:`curvdist.io.store.open`, writes nothing.
+of :func:`curvdist.io.query.open`, writes nothing.
 
     con = curvdist.open("out/quickstart")
     print(format_summary(summary(con, run_id)))
@@ -13,7 +13,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from curvdist.io.store import arrow
+from curvdist.io.query import arrow
 from curvdist.vocab import GRAD_SNR_FLOOR, LAYER_TYPES
 
 SUMMARY_QUANTITIES = ("alpha", "alpha_kron", "beta", "phi")

@@ -9,7 +9,7 @@ Problems make the dataset wrong to read; warnings are what an interrupted run le
 command completes it).  The ``layers`` part of a commit is written last as its commit record
 (:func:`curvdist.io.store.write_result`), so ``directions``/``spectra`` rows without a ``layers`` row are orphans of a
 crash, not corruption; a layer committed twice (Kronecker rows, then the same layer with exact curvature) is
-read through its current commit (:func:`curvdist.io.store.current_rows`), which must be whole.
+read through its current commit (:func:`curvdist.io.query.current_rows`), which must be whole.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curvdist.io import store
+from curvdist.io import query, store
 from curvdist.io.lock import holder
 
 STALE_TEMP_S = 3600.0  # a temporary file this old (or older than its run's runs row) is a leftover
@@ -50,7 +50,7 @@ class Report:
 def verify(out: str | os.PathLike) -> Report:
     """Check every Parquet file and the consistency of the tables of the dataset at ``out``."""
     root = Path(out)
-    if not store.is_dataset(root):
+    if not query.is_dataset(root):
         raise ValueError(f"{str(out)!r} holds no curvdist dataset (no {store.MARKER}); give the `out` of a run")
     r = Report()
     marker = root / store.MARKER
@@ -67,7 +67,7 @@ def verify(out: str | os.PathLike) -> Report:
     r.counts.update({t: tab.num_rows for t, tab in tables.items()})
     r.counts["runs"] = len(set(tables["runs"].column("run_id").to_pylist()))
     # what a reader sees: each layer's current commit (a layer committed twice counts once)
-    current = store.current_rows(tables["layers"].to_pylist()) if tables["layers"].num_rows else {}
+    current = query.current_rows(tables["layers"].to_pylist()) if tables["layers"].num_rows else {}
     r.counts["layers"] = len(current)
     for t in ("directions", "spectra"):
         tab = tables[t]
@@ -99,11 +99,11 @@ def _read_table(root: Path, table: str, r: Report) -> pa.Table:
     parts = []
     for d in sorted((root / table).glob("run_id=*")):
         run_id = d.name[len("run_id="):]
-        for f in store._visible_parquet(d):
+        for f in query.visible_parquet(d):
             r.counts["files"] = r.counts.get("files", 0) + 1
             try:
                 t = pq.read_table(f)
-                meta = store.file_schema_version(f)
+                meta = query.file_schema_version(f)
             except (OSError, pa.ArrowException) as e:
                 r.problems.append(f"{f}: unreadable Parquet ({' '.join(str(e).split())[:200]}); delete it (and the "
                                   f"layers part of the same name) and rerun the same command to rewrite it")
@@ -127,7 +127,7 @@ def _read_table(root: Path, table: str, r: Report) -> pa.Table:
 
 
 def _consistency(tables: dict[str, pa.Table], r: Report, writing: set[str] = frozenset()) -> None:
-    """Per layer, its current commit (:func:`curvdist.io.store.current_rows`: highest phase, latest part) must hold
+    """Per layer, its current commit (:func:`curvdist.io.query.current_rows`: highest phase, latest part) must hold
     one row and its directions k = 1..K; a Kronecker commit still waiting for its exact pass is a warning (an
     interrupted run: rerunning completes it)."""
     layers = tables["layers"].to_pylist()
@@ -138,7 +138,7 @@ def _consistency(tables: dict[str, pa.Table], r: Report, writing: set[str] = fro
         if len(rows) > 1:
             r.problems.append(f"layers: run {run_id} has {len(rows)} rows for layer {layer} in one commit (in "
                               f"{', '.join(sorted({x['_file'] for x in rows}))}); delete the extra part file(s)")
-    current = store.current_rows(layers)
+    current = query.current_rows(layers)
     files = {key: [row["_file"]] for key, row in current.items()}
     top_k = {}
     for row in tables["runs"].to_pylist():
@@ -153,7 +153,7 @@ def _consistency(tables: dict[str, pa.Table], r: Report, writing: set[str] = fro
         ks[row["run_id"], row["layer"], row.get("part")].append(row["k"])
     pending = Counter()
     for key, row in current.items():
-        if not store.is_final(row):
+        if not query.is_final(row):
             pending[row["run_id"]] += 1
         got = sorted(ks.get((*key, row.get("part")), []))
         if row.get("status") != "ok":

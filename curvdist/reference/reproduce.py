@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from curvdist.io import store
+from curvdist.io import query, store
 
 from . import models, tasks, train
 
@@ -190,7 +190,7 @@ def _runner(config: str, overrides: list[str], run_id: str, out: Path) -> bool:
     from curvdist import config as C
     from curvdist.runner import driver
 
-    run = store.read_run(out, run_id) if store.is_dataset(out) else None
+    run = query.read_run(out, run_id) if query.is_dataset(out) else None
     if run is not None and str(run.get("status", "")).startswith("complete"):
         return False
     cfg = C.load_config(ROOT / "configs" / "reproduce" / config, [*overrides, f"out={out}", f"run_id={run_id}"])
@@ -226,7 +226,7 @@ def phase_small(out: Path, prof: Profile) -> bool:
         model = None
         for suffix, n, fisher, exact in prof.small_runs:
             run_id = kind + suffix
-            if store.is_dataset(out) and store.run_exists(out, run_id):
+            if query.is_dataset(out) and query.run_exists(out, run_id):
                 continue
             model = model or train.load(kind, out / "checkpoints" / kind)
             key = "pixel_values" if kind == "cnn" else None
@@ -279,7 +279,7 @@ def phase_minilm(out: Path, prof: Profile, run_id: str = "minilm", exact: bool =
     import curvdist
     from curvdist.io.checkpoint import minilm_path
 
-    if store.is_dataset(out) and store.run_exists(out, run_id):
+    if query.is_dataset(out) and query.run_exists(out, run_id):
         return False
     path = minilm_path()
     if path is None:
@@ -356,7 +356,7 @@ def phase_trajectory(out: Path, prof: Profile) -> bool:
                          f"data.path={out / 'data' / 'lm_eval.npy'}", f"data.seq_len={size['seq_len']}",
                          *prof.trajectory, f"out={out}", f"run_id={TRAJECTORY}"])
     runs = [s.run_id for s in trajectory.step_configs(cfg)]
-    if store.is_dataset(out) and all(str((store.read_run(out, r) or {}).get("status", "")).startswith("complete")
+    if query.is_dataset(out) and all(str((query.read_run(out, r) or {}).get("status", "")).startswith("complete")
                                      for r in runs):
         return False
     trajectory.main(cfg)

@@ -47,12 +47,12 @@ def _same_model(prev: dict, cfg: RunConfig) -> bool:
 def suggest_sizes(cfg: RunConfig) -> SizeSuggestion | None:
     """N and n for ``cfg`` from the latest finished run of the same model (model.name and model.path) in
     ``cfg.out`` that measured ``noise_scale``; None when there is none."""
-    from curvdist.io import store
+    from curvdist.io import query
 
     out = Path(cfg.out)
-    if not store.is_dataset(out):
+    if not query.is_dataset(out):
         return None
-    con = store.open(out)
+    con = query.open(out)
     try:
         runs = con.sql("select run_id, config_json from runs where status like 'complete%' "
                        "order by created_at desc").fetchall()
