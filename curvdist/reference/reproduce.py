@@ -65,6 +65,9 @@ class Profile:
     # α over training (model.checkpoints): the LM's saved checkpoints measured as one trajectory, directions from
     # all held-out sequences, exact h on a seeded subsample (data.exact_sequences) with error bars; runner overrides
     trajectory: list = field(default_factory=list)
+    # runs of the same checkpoints the earlier way (directions and exact h from one small batch), beside the
+    # trajectory: (run_id, checkpoint, overrides), measured in the trajectory phase first
+    trajectory_beside: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
 
@@ -105,7 +108,9 @@ PROFILES = {
                 ("lm-epoch1-b128", "epoch1", ["data.sequences=128"]), ("lm-b128", "lm", ["data.sequences=128"])],
         signal_real=[("smollm2-kron", ["exact=false", "data.micro_batch=2"]), ("minilm-kron", None)],
         # 2048 sequences in 128 micro-batches for the directions; exact h on 8 of them (128 sequences, 1/16)
-        trajectory=["data.sequences=2048", "data.micro_batch=16", "data.exact_sequences=128"]),
+        trajectory=["data.sequences=2048", "data.micro_batch=16", "data.exact_sequences=128"],
+        # the final LM as retrained (`lm` and `lm-b128` were measured on the checkpoint of an earlier invocation)
+        trajectory_beside=[("lm-final-b128", "lm", ["data.sequences=128", "data.micro_batch=16"])]),
     "tiny": Profile(
         size="tiny", lm_train=256, cls_train=256, epochs=2, lm_eval=32,
         lm_runs=[("lm", "lm", ["data.sequences=16", "top_k=5"])], lm_checks=[],
@@ -349,6 +354,7 @@ def phase_trajectory(out: Path, prof: Profile) -> bool:
     from curvdist import config as C
     from curvdist.runner import trajectory
 
+    did = phase_lm(out, prof, prof.trajectory_beside)
     links = trajectory_links(out, prof)
     size = models.SIZES[prof.size]["lm"]
     cfg = C.load_config(ROOT / "configs" / "reproduce" / "lm.yaml",
@@ -358,7 +364,7 @@ def phase_trajectory(out: Path, prof: Profile) -> bool:
     runs = [s.run_id for s in trajectory.step_configs(cfg)]
     if query.is_dataset(out) and all(str((query.read_run(out, r) or {}).get("status", "")).startswith("complete")
                                      for r in runs):
-        return False
+        return did
     trajectory.main(cfg)
     return True
 
