@@ -247,18 +247,20 @@ _TRAJECTORY = (("alpha", "α"), ("alpha_kron", "α_Kron"), ("beta", "β"), ("phi
                ("power_law_best", "share of layers best fit by a power law (BIC)"))
 
 
-def plot_trajectory(out: str | os.PathLike, path: Path) -> Path:
+def trajectory_rows(con, where: str = "") -> list[dict]:
+    """Medians per (step, layer type) of the quantities :func:`trajectory_figure` draws, over the ``layers`` rows
+    with a ``step`` (and the SQL condition ``where``, e.g. a run-id pattern)."""
+    return _rows(con, "SELECT step, coalesce(layer_type, 'other') AS layer_type, "
+                      "median(alpha) AS alpha, median(alpha_kron) AS alpha_kron, median(beta) AS beta, "
+                      "median(phi) AS phi, median(grad_snr) AS grad_snr, "
+                      "avg(CASE WHEN rank_model = 'power_law' THEN 1.0 ELSE 0.0 END) AS power_law_best "
+                      f"FROM layers WHERE step IS NOT NULL {f'AND ({where})' if where else ''} "
+                      "GROUP BY ALL ORDER BY step")
+
+
+def trajectory_figure(rows: list[dict], path: Path, title: str) -> Path:
     """α, α_Kron, β, φ, the gradient SNR (medians per layer type) and the share of layers whose rank profile a
-    power law fits best by BIC, against the training step, over every run of ``out`` with a ``step``."""
-    con = query.open(out)
-    try:
-        rows = _rows(con, "SELECT step, coalesce(layer_type, 'other') AS layer_type, "
-                          "median(alpha) AS alpha, median(alpha_kron) AS alpha_kron, median(beta) AS beta, "
-                          "median(phi) AS phi, median(grad_snr) AS grad_snr, "
-                          "avg(CASE WHEN rank_model = 'power_law' THEN 1.0 ELSE 0.0 END) AS power_law_best "
-                          "FROM layers WHERE step IS NOT NULL GROUP BY ALL ORDER BY step")
-    finally:
-        con.close()
+    power law fits best by BIC, against the training step (rows of :func:`trajectory_rows`)."""
     fig = Figure(figsize=(12, 6.5), layout="constrained")
     axes = fig.subplots(2, 3).ravel()
     types = _order({r["layer_type"] for r in rows})
@@ -275,8 +277,18 @@ def plot_trajectory(out: str | os.PathLike, path: Path) -> Path:
         ax.set_title(label, fontsize=10)
     if types:
         axes[0].legend(fontsize=7)
-    fig.suptitle(f"over training — {out}", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+def plot_trajectory(out: str | os.PathLike, path: Path) -> Path:
+    """The trajectory figure over every run of ``out`` with a ``step``."""
+    con = query.open(out)
+    try:
+        rows = trajectory_rows(con)
+    finally:
+        con.close()
+    return trajectory_figure(rows, path, f"over training — {out}")
 
 
 def plot_run(con, out: str | os.PathLike, run_id: str) -> list[Path]:

@@ -36,9 +36,17 @@ def test_tiny_reproduce_pipeline(tmp_path):
     text = (docs / "reproduction.md").read_text()
     assert "## Paper vs ours: α by layer type" in text and "| ResNet convolutions | `conv` | 1.94–2.17 |" in text
     assert (docs / "reproduction" / "h_vs_sigma_lm.png").stat().st_size > 0
+    # the LM's checkpoints as one trajectory: a run per checkpoint, named and ordered by its optimiser steps,
+    # directions from all 32 sequences (4 micro-batches), exact h from a seeded 2 of them, with error bars
+    traj = con.execute("SELECT run_id, min(step), max(step), min(exact_units), max(n_units), count(alpha_se_h) "
+                       "FROM layers WHERE run_id LIKE 'lm-traj-step%' GROUP BY run_id ORDER BY 2").fetchall()
+    steps = [int(r[1]) for r in traj]
+    assert [r[0] for r in traj] == [f"lm-traj-step{k}" for k in steps] and steps == [4, 8, 16]
+    assert all(r[1] == r[2] and r[3] == 2 and r[4] is not None and r[5] > 0 for r in traj), traj
+    assert "## α over training" in text and (docs / "reproduction" / "trajectory_lm.png").stat().st_size > 0
     # resumable: a second invocation does no work, adds no phase row and leaves the document as it was
     phases = reproduce.Phases(out).rows
-    reproduce.run(out, docs, reproduce.PROFILES["tiny"], only=["train", "small"])
+    reproduce.run(out, docs, reproduce.PROFILES["tiny"], only=["train", "small", "trajectory"])
     assert reproduce.Phases(out).rows == phases
     assert report.render(docs / "reproduction") + "\n" == text
 
@@ -163,3 +171,47 @@ def test_signal_or_noise_sections_match_the_snapshot():
             if report.has_run(con, run) and con.execute(
                     "SELECT count(grad_snr) FROM layers WHERE run_id = ?", [run]).fetchone()[0]:
                 assert f"| `{run}` |" in text, run
+
+
+@committed
+def test_trajectory_section_matches_the_snapshot():
+    """α over training (issues 13 and 16): the LM's checkpoints in step order, directions from every held-out
+    sequence and exact h from a seeded sample, with a nonzero error of h in every α; the Kronecker part equal
+    to the same checkpoints' runs cut into other micro-batches; the document's count recomputed here."""
+    import json
+    import math
+
+    import pyarrow.parquet as pq
+
+    from curvdist.reference import trajectorycheck
+
+    con = report.connect(SNAP)
+    text = DOC.read_text()
+    rs = trajectorycheck.runs(con)
+    assert len(rs) >= 3 and "## α over training" in text
+    steps = [r["step"] for r in rs]
+    assert steps == sorted(set(steps)) and all(r["model"] is not None for r in rs)
+    layers = [r for r in pq.read_table(SNAP / "layers.parquet").to_pylist()]
+    runs = {r["run_id"]: json.loads(r["config_json"]) for r in pq.read_table(SNAP / "runs.parquet").to_pylist()}
+    for r in rs:
+        d = runs[r["run_id"]]["data"]
+        units = math.ceil(d["exact_sequences"] / d["micro_batch"])
+        rows = [x for x in layers if x["run_id"] == r["run_id"]]
+        assert d["exact_sequences"] < d["sequences"] and rows
+        assert all(x["exact_units"] == units and x["step"] == r["step"] for x in rows)
+        fitted = [x for x in rows if x["alpha"] is not None]
+        assert fitted and all(x["alpha_se"] is not None and (x["alpha_se_h"] or 0) > 0 for x in fitted)
+        kron = trajectorycheck.KRON.get(r["model"])
+        if kron and report.has_run(con, kron):     # same sequences, other micro-batches: same Kronecker part
+            assert trajectorycheck.kron_gap(con, r["run_id"], kron) < 1e-3, (r["run_id"], kron)
+    by = {(x["run_id"], x["layer"]): x for x in layers}
+    inside = n = 0
+    for r in rs:
+        for other in trajectorycheck.BESIDE.get(r["model"], ()):
+            for (run, layer), x in by.items():
+                y = by.get((other, layer))
+                if run == r["run_id"] and y and x["layer_type"] in report.LM_TYPES and None not in (
+                        x["alpha"], y["alpha"], x["alpha_se"]):
+                    n += 1
+                    inside += abs(x["alpha"] - y["alpha"]) <= 2 * x["alpha_se"]
+    assert n > 0 and f"In all, {inside} of {n} layers of the small-batch runs lie within 2·alpha_se" in text

@@ -40,13 +40,15 @@ TYPE_ORDER = "[" + ", ".join(f"'{t}'" for t in LAYER_TYPES) + "]"
 
 LAYER_COLS = ("run_id, layer, layer_type, block, family, m, n, rows, n_terms, fisher, alpha, r2_alpha, alpha_kron, "
                "r2_alpha_kron, beta, phi, chi_slope, gamma, s, triangle_rel_error, n_valid, n_valid_kron, status, "
-               "t_exact_s, n_units, grad_snr, noise_scale, stable_directions, alpha_se, alpha_half_a, alpha_half_b")
+               "t_exact_s, n_units, grad_snr, noise_scale, stable_directions, alpha_se, alpha_half_a, alpha_half_b, "
+               "alpha_se_h, exact_units, rank_model, step")
 
 
-# columns of issue 12 that older snapshots lack (read as null)
+# columns of issues 12, 13 and 16 that older snapshots lack (read as null)
 SIGNAL_COLS = {"layers": [("n_units", "BIGINT"), ("grad_snr", "DOUBLE"), ("noise_scale", "DOUBLE"),
                           ("stable_directions", "INTEGER"), ("alpha_se", "DOUBLE"), ("alpha_half_a", "DOUBLE"),
-                          ("alpha_half_b", "DOUBLE")],
+                          ("alpha_half_b", "DOUBLE"), ("alpha_se_h", "DOUBLE"), ("exact_units", "BIGINT"),
+                          ("rank_model", "VARCHAR"), ("step", "BIGINT")],
                "directions": [("stability", "DOUBLE"), ("kron_floor_ratio", "DOUBLE")],
                "runs": [("created_at", "TIMESTAMP WITH TIME ZONE")]}
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curvdist.io import store
+from curvdist.io import query, store
 
-from . import batchcheck, signalcheck
+from . import batchcheck, signalcheck, trajectorycheck
 from .queries import (
     LAYER_COLS,
     LLAMA_TYPES,
@@ -87,7 +87,7 @@ def export_snapshot(out: str | Path, snap: str | Path, carry: bool = True) -> Pa
     snap.mkdir(parents=True, exist_ok=True)
     old = {n: pq.read_table(snap / f"{n}.parquet") for n in ("layers", "directions", "runs", "dirstats")
            if carry and (snap / f"{n}.parquet").exists()}
-    con = store.open(out)
+    con = query.open(out)
     con.execute("SET threads = 1")
     dirs = ", ".join(f"'{r}'" for r in MAIN_DIRS)
     done = "SELECT run_id FROM runs WHERE status LIKE 'complete%'"   # an interrupted run is left out
@@ -104,7 +104,7 @@ def export_snapshot(out: str | Path, snap: str | Path, carry: bool = True) -> Pa
     for name, sql in queries.items():
         if name == "dirstats" and "directions" in old and "dirstats" not in old:
             con.register("old_directions", old["directions"])     # a snapshot from before dirstats existed
-            con.register("old_dirstats", store.arrow(con.sql(DIRSTATS.format(
+            con.register("old_dirstats", query.arrow(con.sql(DIRSTATS.format(
                 src="(SELECT *, NULL::DOUBLE AS stability, NULL::DOUBLE AS kron_floor_ratio FROM old_directions "
                     "WHERE true)"))))
             have_old = True
@@ -115,7 +115,7 @@ def export_snapshot(out: str | Path, snap: str | Path, carry: bool = True) -> Pa
         if have_old:
             sql = (f"SELECT * FROM ({sql}) UNION ALL BY NAME SELECT * FROM old_{name} "
                    f"WHERE run_id NOT IN ({new_runs})")
-        t = store.arrow(con.sql(f"SELECT * FROM ({sql}) ORDER BY {order[name]}"))
+        t = query.arrow(con.sql(f"SELECT * FROM ({sql}) ORDER BY {order[name]}"))
         store.atomic_write(snap / f"{name}.parquet", lambda p, t=t: pq.write_table(t, p))
     for name, src in (("phases", "reproduce_meta.parquet"), ("training", "training.parquet")):
         t = pq.read_table(out / src)
@@ -251,6 +251,7 @@ def render(snap: str | Path) -> str:
         *signalcheck.chi_levels(con),
     ]
     parts += _discussion(con, c)
+    parts += trajectorycheck.section(con)
     parts += [
         "## Real pretrained models",
         "",
@@ -329,6 +330,8 @@ def figures(snap: str | Path, fig_dir: str | Path) -> list[Path]:
         if has_run(con, run):
             paths.append(plots.plot_h_vs_sigma(con, run, fig_dir / f"h_vs_sigma_{run}.png"))
             paths.append(plots.plot_alpha_by_depth(con, run, fig_dir / f"alpha_by_depth_{run}.png"))
+    p = trajectorycheck.figure(con, fig_dir / "trajectory_lm.png")
+    paths += [p] if p is not None else []
     if has_run(con, "smollm2"):
         rows = q(con, "SELECT layer_type, block, alpha_kron FROM layers WHERE run_id = 'smollm2' "
                       "AND alpha_kron IS NOT NULL ORDER BY block")

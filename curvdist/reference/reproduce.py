@@ -14,7 +14,10 @@ Phases (each resumable; the wall time of every phase that did work is stored in 
 6. ``lm_checks``: the LM's costly exact checks (half evaluation batch; the epoch-1 checkpoint), run last.
 7. ``smollm2_checks``: SmolLM2 on a 4× larger batch of the same text (``smollm2-b1024``: 16 sequences, whose
    seeded windows include the 4 of ``smollm2``), exact h for block 29 only (skipped per run_id).
-8. ``report``: snapshot (docs/reproduction/*.parquet), figures and docs/reproduction.md (curvdist.reference.report).
+8. ``signal``, ``signal_real``: the signal-or-noise runs (batch sweeps, null runs, early checkpoints).
+9. ``trajectory``: the LM's checkpoints (steps 20, 80, 200, epoch 1, final) as one ``model.checkpoints``
+   trajectory (runs ``lm-traj-step<N>``): directions from all held-out sequences, exact h on a seeded 1/16.
+10. ``report``: snapshot (docs/reproduction/*.parquet), figures and docs/reproduction.md (curvdist.reference.report).
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from curvdist.io import store
+from curvdist.io import query, store
 
 from . import models, tasks, train
 
@@ -59,6 +62,12 @@ class Profile:
     smollm2_checks: list = field(default_factory=list)   # (run_id, runner overrides of smollm2.yaml)
     signal: list = field(default_factory=list)   # signal-or-noise runs of the LM: (run_id, checkpoint, overrides)
     signal_real: list = field(default_factory=list)   # Kronecker-only reruns of the real models for grad_snr
+    # α over training (model.checkpoints): the LM's saved checkpoints measured as one trajectory, directions from
+    # all held-out sequences, exact h on a seeded subsample (data.exact_sequences) with error bars; runner overrides
+    trajectory: list = field(default_factory=list)
+    # runs of the same checkpoints the earlier way (directions and exact h from one small batch), beside the
+    # trajectory: (run_id, checkpoint, overrides), measured in the trajectory phase first
+    trajectory_beside: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
 
@@ -97,13 +106,18 @@ PROFILES = {
                 *[(f"{p}-null-b64", ck, ["data.sequences=64", "data.micro_batch=32", "gradient_labels=sampled"])
                   for p, ck in (("lm-epoch1", "epoch1"), ("lm", "lm"))],
                 ("lm-epoch1-b128", "epoch1", ["data.sequences=128"]), ("lm-b128", "lm", ["data.sequences=128"])],
-        signal_real=[("smollm2-kron", ["exact=false", "data.micro_batch=2"]), ("minilm-kron", None)]),
+        signal_real=[("smollm2-kron", ["exact=false", "data.micro_batch=2"]), ("minilm-kron", None)],
+        # 2048 sequences in 128 micro-batches for the directions; exact h on 8 of them (128 sequences, 1/16)
+        trajectory=["data.sequences=2048", "data.micro_batch=16", "data.exact_sequences=128"],
+        # the final LM as retrained (`lm` and `lm-b128` were measured on the checkpoint of an earlier invocation)
+        trajectory_beside=[("lm-final-b128", "lm", ["data.sequences=128", "data.micro_batch=16"])]),
     "tiny": Profile(
         size="tiny", lm_train=256, cls_train=256, epochs=2, lm_eval=32,
         lm_runs=[("lm", "lm", ["data.sequences=16", "top_k=5"])], lm_checks=[],
         eval_n=64, small_runs=[("", 64, "empirical", True), ("-b1024", 32, "empirical", True),
                                ("-mc", 64, "mc", False)],
-        micro_batch=32, smollm2=None, minilm=None, batch=32, extra={"top_k": 5}),
+        micro_batch=32, smollm2=None, minilm=None, batch=32, extra={"top_k": 5}, lm_early=(4,),
+        trajectory=["data.sequences=32", "data.micro_batch=8", "data.exact_sequences=16", "top_k=5"]),
 }
 
 
@@ -112,7 +126,7 @@ class Phases:
     in an invocation, or that never did); earlier invocations' rows are kept, so a resumed command adds rows."""
 
     ORDER = ("train", "lm", "small", "smollm2", "minilm", "lm_checks", "smollm2_checks", "signal", "signal_real",
-             "report")
+             "trajectory", "report")
 
     def __init__(self, out: Path):
         self.out = out
@@ -181,7 +195,7 @@ def _runner(config: str, overrides: list[str], run_id: str, out: Path) -> bool:
     from curvdist import config as C
     from curvdist.runner import driver
 
-    run = store.read_run(out, run_id) if store.is_dataset(out) else None
+    run = query.read_run(out, run_id) if query.is_dataset(out) else None
     if run is not None and str(run.get("status", "")).startswith("complete"):
         return False
     cfg = C.load_config(ROOT / "configs" / "reproduce" / config, [*overrides, f"out={out}", f"run_id={run_id}"])
@@ -217,7 +231,7 @@ def phase_small(out: Path, prof: Profile) -> bool:
         model = None
         for suffix, n, fisher, exact in prof.small_runs:
             run_id = kind + suffix
-            if store.is_dataset(out) and store.run_exists(out, run_id):
+            if query.is_dataset(out) and query.run_exists(out, run_id):
                 continue
             model = model or train.load(kind, out / "checkpoints" / kind)
             key = "pixel_values" if kind == "cnn" else None
@@ -270,7 +284,7 @@ def phase_minilm(out: Path, prof: Profile, run_id: str = "minilm", exact: bool =
     import curvdist
     from curvdist.io.checkpoint import minilm_path
 
-    if store.is_dataset(out) and store.run_exists(out, run_id):
+    if query.is_dataset(out) and query.run_exists(out, run_id):
         return False
     path = minilm_path()
     if path is None:
@@ -311,6 +325,48 @@ def phase_signal_real(out: Path, prof: Profile) -> bool:
         elif prof.minilm is not None:
             did |= phase_minilm(out, prof, run_id, exact=False)
     return did
+
+
+TRAJECTORY = "lm-traj"     # base run id of the LM's trajectory: runs lm-traj-step<N>
+
+
+def trajectory_links(out: Path, prof: Profile) -> Path:
+    """``OUT/trajectory/step<N>``: links to the LM's checkpoints (early steps, epoch 1, final) named by the optimiser
+    steps in their metrics.json, so that ``model.checkpoints=[OUT/trajectory/step*]`` orders them by step."""
+    ck, d = out / "checkpoints", out / "trajectory"
+    d.mkdir(parents=True, exist_ok=True)
+    for name in (*(f"lm-step{k}" for k in prof.lm_early), "lm-epoch1", "lm"):
+        m = train.load_metrics(ck / name)
+        if m is None:
+            raise FileNotFoundError(f"{ck / name} has no metrics.json: run the train phase first")
+        link = d / f"step{int(m['steps'])}"
+        target = Path("..") / "checkpoints" / name
+        if link.is_symlink() and Path(os.readlink(link)) != target:
+            link.unlink()
+        if not link.is_symlink():
+            link.symlink_to(target, target_is_directory=True)
+    return d
+
+
+def phase_trajectory(out: Path, prof: Profile) -> bool:
+    """α over training: every checkpoint of the LM through ``model.checkpoints`` (one run per checkpoint, a ``step``
+    column), skipped when every run is complete; a cut-off trajectory resumes at the checkpoint it was measuring."""
+    from curvdist import config as C
+    from curvdist.runner import trajectory
+
+    did = phase_lm(out, prof, prof.trajectory_beside)
+    links = trajectory_links(out, prof)
+    size = models.SIZES[prof.size]["lm"]
+    cfg = C.load_config(ROOT / "configs" / "reproduce" / "lm.yaml",
+                        ["model.path=null", f"model.checkpoints=[{links}/step*]",
+                         f"data.path={out / 'data' / 'lm_eval.npy'}", f"data.seq_len={size['seq_len']}",
+                         *prof.trajectory, f"out={out}", f"run_id={TRAJECTORY}"])
+    runs = [s.run_id for s in trajectory.step_configs(cfg)]
+    if query.is_dataset(out) and all(str((query.read_run(out, r) or {}).get("status", "")).startswith("complete")
+                                     for r in runs):
+        return did
+    trajectory.main(cfg)
+    return True
 
 
 def phase_report(out: Path, docs: Path, prof: Profile) -> bool:
@@ -355,6 +411,8 @@ def run(out: Path, docs: Path, prof: Profile, only=None) -> None:
         steps.append(("signal", lambda: phase_signal(out, prof)))
     if prof.signal_real and prof.smollm2 is not None:
         steps.append(("signal_real", lambda: phase_signal_real(out, prof)))
+    if prof.trajectory:
+        steps.append(("trajectory", lambda: phase_trajectory(out, prof)))
     steps.append(("report", lambda: phase_report(out, docs, prof)))
     for name, fn in steps:
         if only is None or name in only:
