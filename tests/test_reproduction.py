@@ -176,8 +176,8 @@ def test_signal_or_noise_sections_match_the_snapshot():
 @committed
 def test_trajectory_section_matches_the_snapshot():
     """α over training (issues 13 and 16): the LM's checkpoints in step order, directions from every held-out
-    sequence and exact h from a seeded sample, with a nonzero error of h in every α; the Kronecker part equal
-    to the same checkpoints' runs cut into other micro-batches; the document's count recomputed here."""
+    sequence and exact h from a seeded sample, with a nonzero error of h in every α; the document's count
+    recomputed here."""
     import json
     import math
 
@@ -201,9 +201,6 @@ def test_trajectory_section_matches_the_snapshot():
         assert all(x["exact_units"] == units and x["step"] == r["step"] for x in rows)
         fitted = [x for x in rows if x["alpha"] is not None]
         assert fitted and all(x["alpha_se"] is not None and (x["alpha_se_h"] or 0) > 0 for x in fitted)
-        kron = trajectorycheck.KRON.get(r["model"])
-        if kron and report.has_run(con, kron):     # same sequences, other micro-batches: same Kronecker part
-            assert trajectorycheck.kron_gap(con, r["run_id"], kron) < 1e-3, (r["run_id"], kron)
     by = {(x["run_id"], x["layer"]): x for x in layers}
     inside = n = 0
     for r in rs:

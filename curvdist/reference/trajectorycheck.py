@@ -171,9 +171,9 @@ def _beside(con, rs: list[dict]) -> list[str]:
         ]
     if kron:
         gaps = [(r, k, kron_gap(con, r["run_id"], k)) for r, k in kron]
-        out += [("The Kronecker part does not depend on how the batch is cut: the trajectory (16-sequence "
-                 "micro-batches) against the `*-kron-b2048` runs of the same checkpoints (64-sequence micro-batches, "
-                 "the same 2048 sequences), largest |Δα_Kron| over layers: "
+        out += [("The Kronecker part against the `*-kron-b2048` runs of the same checkpoints (the same 2048 "
+                 "sequences in 64-sequence micro-batches, measured by an earlier commit), largest |Δα_Kron| over "
+                 "layers — not zero, and not yet explained (open in issue 16's closing note): "
                  + "; ".join(f"step {f(r['step'], 0)} (`{k}`) {g:.1e}" if g is not None else f"step {f(r['step'], 0)} —"
                              for r, k, g in gaps) + "."), ""]
     return out
