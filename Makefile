@@ -40,7 +40,7 @@ test: dev
 	$(BIN)/python -m pytest -q -x
 
 # train the reference models (cached under out/reproduce/checkpoints), measure them and SmolLM2 / MiniLM into
-# out/reproduce, write docs/reproduction.md (~45 min on 2 CPU cores; every phase resumes)
+# out/reproduce, write docs/reproduction.md (~2.5 h on 2 CPU cores, see its phase table; every phase resumes)
 .PHONY: reproduce
 reproduce: setup
 	$(BIN)/python -m curvdist.reference.reproduce
