@@ -1,4 +1,6 @@
 """Fixtures shared by several test files: real DeepSpeed checkpoints (slow to make, so made once per session)."""
+import os
+
 import pytest
 
 
@@ -16,3 +18,14 @@ def ds_runs(tmp_path_factory):
         log, _ = job.communicate(timeout=600)
         assert job.returncode == 0, f"{name}: {log[-3000:]}"
     return {name: root / name for name in jobs}
+
+
+# a local Ray cluster per module, for the DeepSpeed and trajectory tests
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory):
+    import ray
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ["CURVDIST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    ray.init("local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield
+    ray.shutdown()

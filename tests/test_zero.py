@@ -31,14 +31,6 @@ COMMON = ["model.dtype=float64", "stat_dtype=float64", "top_k=6", "data.source=s
           "data.seq_len=16", "data.micro_batch=2", "plots=false"]
 
 
-@pytest.fixture(scope="module")
-def ray_local(tmp_path_factory):
-    import ray
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ["CURVDIST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    ray.init("local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.parametrize("kind,tag", [("zero2", "global_step3"), ("zero3", "global_step2")])
