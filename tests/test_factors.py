@@ -507,6 +507,22 @@ def test_dense_factors_of_wide_layers_accumulate_one_triangle():
     assert_close(both.finalize()["lin"].C_A, ours.C_A, rtol=1e-12, atol=1e-14)
 
 
+def test_the_mirrored_triangle_is_the_full_second_moment_at_every_width():
+    """Every width across the first four block sizes (d < 128: one product; 128: block 16, narrower than the
+    64-wide mirror tile; 129–256: 32; 257–384: 48; 385–512: 64), ragged rows included: the triangle read back
+    equals Σ x xᵀ.  (d = 128 once lost the upper blocks to not-yet-mirrored zeros.)"""
+    from curvdist.math.moments import DenseSecondMoment
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(37, 530, generator=g, dtype=DT)
+    for d in range(100, 530):
+        acc = DenseSecondMoment(d, DT)
+        acc.update(x[:20, :d])
+        acc.update(x[20:, :d])
+        want = x[:, :d].T @ x[:, :d]
+        err = (acc.value(1) - want).abs().max().item()
+        assert err < 1e-12 * want.abs().max().item(), (d, acc.block, err)
+
+
 def test_errors():
     net = mlp()
     with pytest.raises(ValueError, match="not supported"):

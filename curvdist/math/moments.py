@@ -58,7 +58,11 @@ class DenseSecondMoment:
         b, t = self.block, _MIRROR_TILE
         for i in range(b, self.dim, b):     # the blocks below the diagonal from those above it, in square tiles
             for j in range(0, i, t):        # (a whole strided block-transpose copy is 4× slower: 13 vs 3 ms at 2048)
-                s[i:i + b, j:j + t] = s[j:j + t, i:i + b].T
+                e = min(j + t, i)           # a tile wider than the block must stop at the diagonal block: the rows
+                s[i:i + b, j:e] = s[j:e, i:i + b].T     # below it are not mirrored yet (d = 128: b = 16 < t)
+        for i in range(0, self.dim, b):     # a diagonal block is a GEMM, symmetric only to rounding: its upper
+            d = s[i:i + b, i:i + b]         # triangle, mirrored, makes the whole value exactly symmetric
+            d.copy_(d.triu() + d.triu(1).T)
         return s
 
 
