@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from curvdist import config as C  # noqa: E402
-from curvdist.io import store  # noqa: E402
+from curvdist.io import query  # noqa: E402
 from curvdist.runner import driver, trajectory  # noqa: E402
 
 
@@ -42,7 +42,7 @@ def save_checkpoints(root: Path, n: int, hidden: int, layers: int) -> Path:
 
 
 def timings(out: Path) -> list[tuple[int, dict]]:
-    con = store.open(out)
+    con = query.open(out)
     rows = con.sql("select step, timings_json from runs order by step").fetchall()
     con.close()
     return [(s, json.loads(t)) for s, t in rows]

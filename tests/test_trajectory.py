@@ -16,7 +16,7 @@ import torch
 
 from curvdist import config as C
 from curvdist.io import checkpoint as ckpt
-from curvdist.io import store, zero
+from curvdist.io import query, zero
 from curvdist.io.slice import build_slice, reload_weights
 from curvdist.runner import driver
 
@@ -72,26 +72,26 @@ def test_trajectory_keeps_its_actors_and_equals_separate_runs(ray_local, ds_runs
                                         f"out={tmp_path / 'traj'}",
                                         f"model.checkpoints=[{ds_runs['zero2']}/global_step*]"])
     assert driver.main(cfg) == "traj-step3"
-    con = store.open(tmp_path / "traj")
+    con = query.open(tmp_path / "traj")
     t = {r[0]: json.loads(r[1]) for r in con.sql("select step, timings_json from runs").fetchall()}
     assert [t[s]["setup"] for s in (1, 2, 3)] == ["full", "weights", "weights"]
     assert len({tuple(t[s]["worker_pids"]) for s in (1, 2, 3)}) == 1 and len(t[1]["worker_pids"]) == 2
     assert t[1]["setup_s"] == t[2]["first_setup_s"] == t[3]["first_setup_s"] >= t[1]["load_s"] > 0
     assert all(len(t[s]["weights_s"]) == 2 and t[s]["setup_s"] == t[s]["load_s"] for s in (2, 3))
-    traj = {(r["step"], r["layer"]): r for r in store.arrow(con.sql("select * from layers")).to_pylist()}
-    dirs = {(r["run_id"], r["layer"], r["k"]): r for r in store.arrow(con.sql("select * from directions")).to_pylist()}
+    traj = {(r["step"], r["layer"]): r for r in query.arrow(con.sql("select * from layers")).to_pylist()}
+    dirs = {(r["run_id"], r["layer"], r["k"]): r for r in query.arrow(con.sql("select * from directions")).to_pylist()}
     for step in (1, 2, 3):
         one = C.load_config(None, COMMON + ["stages=2", "exact_layers=['*.1.*']", f"out={tmp_path / f'one{step}'}",
                                             f"model.path={ds_runs['zero2']}/global_step{step}"])
         run_id = driver.main(one)
-        c1 = store.open(tmp_path / f"one{step}")
-        assert json.loads(store.read_run(tmp_path / f"one{step}", run_id)["timings_json"])["setup"] == "full"
-        rows = store.arrow(c1.sql("select * from layers")).to_pylist()
+        c1 = query.open(tmp_path / f"one{step}")
+        assert json.loads(query.read_run(tmp_path / f"one{step}", run_id)["timings_json"])["setup"] == "full"
+        rows = query.arrow(c1.sql("select * from layers")).to_pylist()
         assert len(rows) >= 8 and sum(r["alpha"] is not None for r in rows) > 0
         for r in rows:
             for key in ("alpha", "alpha_kron", "beta", "phi", "gamma", "grad_snr"):
                 assert _same(traj[(step, r["layer"])][key], r[key]), (step, r["layer"], key)
-        drows = store.arrow(c1.sql("select * from directions")).to_pylist()
+        drows = query.arrow(c1.sql("select * from directions")).to_pylist()
         assert sum(d["h"] is not None for d in drows) > 0
         for d in drows:
             mine = dirs[(f"traj-step{step}", d["layer"], d["k"])]
@@ -135,26 +135,26 @@ def test_trajectory_resumed_after_sigkill_equals_separate_runs(ray_local, ds_run
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
-        while not store.run_exists(tmp_path / "traj", "traj-step1") and time.time() < deadline \
+        while not query.run_exists(tmp_path / "traj", "traj-step1") and time.time() < deadline \
                 and job.poll() is None:
             time.sleep(0.2)
-        assert store.run_exists(tmp_path / "traj", "traj-step1"), "the first checkpoint never completed"
+        assert query.run_exists(tmp_path / "traj", "traj-step1"), "the first checkpoint never completed"
     finally:
         os.killpg(job.pid, signal.SIGKILL)   # the driver and the Ray processes it started
         job.wait()
-    assert not store.run_exists(tmp_path / "traj", "traj-step3")
+    assert not query.run_exists(tmp_path / "traj", "traj-step3")
     first = sorted(p.name for p in (tmp_path / "traj" / "layers" / "run_id=traj-step1").iterdir())
     assert driver.main(cfg) == "traj-step3"
     assert sorted(p.name for p in (tmp_path / "traj" / "layers" / "run_id=traj-step1").iterdir()) == first
-    con = store.open(tmp_path / "traj")
+    con = query.open(tmp_path / "traj")
     assert con.sql("select run_id, step from runs order by step").fetchall() == \
         [("traj-step1", 1), ("traj-step2", 2), ("traj-step3", 3)]
-    traj = {(r["step"], r["layer"]): r for r in store.arrow(con.sql("select * from layers")).to_pylist()}
+    traj = {(r["step"], r["layer"]): r for r in query.arrow(con.sql("select * from layers")).to_pylist()}
     for step in (1, 2, 3):
         one = C.load_config(None, COMMON + ["stages=2", "exact=false", f"out={tmp_path / f'one{step}'}",
                                             f"model.path={ds_runs['zero2']}/global_step{step}"])
         run_id = driver.main(one)
-        rows = store.arrow(store.open(tmp_path / f"one{step}").sql("select * from layers")).to_pylist()
+        rows = query.arrow(query.open(tmp_path / f"one{step}").sql("select * from layers")).to_pylist()
         assert len(rows) >= 8 and all(r["step"] == step and r["run_id"] == run_id for r in rows)
         for r in rows:
             t = traj[(step, r["layer"])]

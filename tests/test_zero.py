@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from ds_train import launch
 from safetensors.torch import load_file
 
 from curvdist import config as C
 from curvdist.io import checkpoint as ckpt
-from curvdist.io import store, zero
+from curvdist.io import query, zero
 from curvdist.io.slice import build_slice
 from curvdist.runner import driver
-from ds_train import launch
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
@@ -134,9 +134,9 @@ def _runs_equal(a: Path, b: Path, tmp_path: Path, *, exact: bool) -> None:
         cfg = C.load_config(None, COMMON + [f"model.path={path}", "stages=2", f"out={tmp_path / name}",
                                             "exact_layers=['*.1.*']"])
         assert driver.main(cfg)
-        con = store.open(tmp_path / name)
-        res[name] = ({r["layer"]: r for r in store.arrow(con.sql("select * from layers")).to_pylist()},
-                     {(r["layer"], r["k"]): r for r in store.arrow(con.sql("select * from directions")).to_pylist()})
+        con = query.open(tmp_path / name)
+        res[name] = ({r["layer"]: r for r in query.arrow(con.sql("select * from layers")).to_pylist()},
+                     {(r["layer"], r["k"]): r for r in query.arrow(con.sql("select * from directions")).to_pylist()})
     (a_l, a_d), (b_l, b_d) = res["a"], res["b"]
     assert set(a_l) == set(b_l) and len(a_l) >= 8 and {r["stage"] for r in a_l.values()} == {0, 1}
 

@@ -259,16 +259,3 @@ def write_run(out: str | os.PathLike, run_id: str, row: Mapping[str, Any]) -> Pa
     row = {k: (json.dumps(v, sort_keys=True, default=str) if isinstance(v, (dict, list)) else v)
            for k, v in row.items()}
     return write_part(out, "runs", run_id, "run", [row])
-
-
-# driver.py and reference/ (edited on other branches while these names moved to curvdist.io.query) still call them
-# as store.<name>; this forward keeps those call sites unchanged until they move to query.<name>, then goes.  A
-# plain re-export would be circular (query imports store).
-_MOVED_TO_QUERY = ("arrow", "done_layers", "is_dataset", "open", "read_run", "run_exists")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_QUERY:
-        from curvdist.io import query
-        return getattr(query, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,7 +26,7 @@ from rich.console import Console
 
 from curvdist import __version__
 from curvdist import config as C
-from curvdist.io import store, summary
+from curvdist.io import query, store, summary
 from curvdist.io.checkpoint import CheckpointIndex
 from curvdist.io.lock import run_lock
 from curvdist.math.sequence import exact_microbatches
@@ -109,9 +109,9 @@ def measure(session: Session, cfg: C.RunConfig, run_id: str, ckpt, index: Checkp
     timings: dict = {}
     out = Path(cfg.out)
     plans = session.plans
-    if store.is_dataset(out):
+    if query.is_dataset(out):
         drop_orphans(out, run_id)
-    done = store.done_layers(out, run_id) if store.is_dataset(out) else set()
+    done = query.done_layers(out, run_id) if query.is_dataset(out) else set()
     todo = {p.index: [n for n in p.layers if n not in done] for p in plans}
     n_todo = sum(len(v) for v in todo.values())
     base_run = {"created_at": None, "config_json": json.dumps(C.to_dict(cfg)), "config_hash": C.config_hash(cfg),
@@ -143,7 +143,7 @@ def measure(session: Session, cfg: C.RunConfig, run_id: str, ckpt, index: Checkp
         info = ray.get([a.info.remote() for a in session.pool.actors])
     except KeyboardInterrupt as e:   # Ctrl-C, or SIGTERM (Terminated) from a scheduler's preemption
         session.close()
-        kept = len(store.done_layers(out, run_id)) if store.is_dataset(out) else 0
+        kept = len(query.done_layers(out, run_id)) if query.is_dataset(out) else 0
         what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         console.print(f"[yellow]{what}: workers stopped; {kept} finished layers kept in {out}; rerun the "
                       "same command to resume[/]", soft_wrap=True)
@@ -206,7 +206,7 @@ def run_group(ctx: GroupContext, actors: list) -> None:
     from rich.progress import Progress
 
     pl = ctx.placement
-    done = store.done_layers(ctx.out, ctx.run_id) if store.is_dataset(ctx.out) else set()
+    done = query.done_layers(ctx.out, ctx.run_id) if query.is_dataset(ctx.out) else set()
     mine = [[n for n in (p.passes[ctx.group] if ctx.group < len(p.passes) else []) if n not in done]
             for p in ctx.plans]
     if not any(mine):
@@ -289,7 +289,7 @@ def _finish(cfg, out: Path, run_id: str, base_run: dict, timings: dict, status: 
     row = dict(base_run, created_at=dt.datetime.now(dt.timezone.utc), timings_json=json.dumps(timings),
                hardware_json=json.dumps(hardware or {}), status=status)
     store.write_run(out, run_id, row)
-    con = store.open(out)
+    con = query.open(out)
     console.print(summary.format_summary(summary.summary(con, run_id)), highlight=False)
     con.close()
     if cfg.plots:
