@@ -63,6 +63,10 @@ _FLOORC = {"svd": 1.0, "eig": 2.0}
 _RANKC = 8.0  # values ≤ _RANKC ν are returned as exact zeros
 _STALL = 10  # steps without progress at the rounding floor before stopping
 _BREAKDOWN = 1e-3  # a Krylov block whose projected columns shrank below this fraction is re-orthogonalised
+# The Gram route (gram_top_singular): float32 eigh basis of k + _GRAM_OVERSAMPLE vectors, up to _GRAM_REFINE
+# float64 subspace steps after the first Rayleigh–Ritz before a full float64 eigh.
+_GRAM_OVERSAMPLE = 10
+_GRAM_REFINE = 2
 
 Operator = Callable[[Tensor], Tensor]
 
@@ -158,23 +162,66 @@ def dense_top_singular(G: Tensor, k: int):
     return _zero_below_rank_floor(S[:k], max(A.shape)), U, V
 
 
+def _gram(X: Tensor) -> Tensor:
+    """XᵀX (r×r) of a tall X, from its upper block triangle (4 block rows of 16-aligned width: ~3/4 of the full
+    product's time at r = 384) mirrored."""
+    r = X.shape[1]
+    b = max(16, -(-r // 64) * 16)
+    M = torch.zeros(r, r, dtype=X.dtype, device=X.device)
+    for i in range(0, r, b):
+        M[i:i + b, i:].addmm_(X[:, i:i + b].mT, X[:, i:])
+    M.triu_()
+    return M + M.triu(1).mT
+
+
+def _gram_ritz(M: Tensor, k: int, big: int, tol: float):
+    """Top-k eigenpairs (θ_j = σ_j², v_j) of the float64 Gram M for the SVD contract, cheaply: a float32 ``eigh`` of
+    M gives a basis of its top k + _GRAM_OVERSAMPLE eigenvectors, one float64 Rayleigh–Ritz step on M refines it,
+    and each pair must pass the SVD residual test (module docstring) with r_j = ‖M v_j − θ_j v_j‖ / σ_j, which is
+    ‖Gᵀu_j − σ_j v_j‖ for u_j = G v_j / σ_j.  Up to _GRAM_REFINE subspace steps more; None if still short."""
+    r = M.shape[0]
+    l = min(r, k + _GRAM_OVERSAMPLE)
+    Q = _orth(torch.linalg.eigh(M.to(torch.float32))[1][:, r - l:].to(M.dtype))
+    for _ in range(_GRAM_REFINE + 1):
+        Z = M @ Q
+        theta, S = torch.linalg.eigh(Q.mT @ Z)
+        theta, S = theta.flip(0)[:k].clamp_min(0), S.flip(1)
+        V = Q @ S[:, :k]
+        res = torch.linalg.vector_norm(Z @ S[:, :k] - V * theta, dim=0)
+        sigma = theta.sqrt()
+        nu = big ** 0.25 * torch.finfo(torch.float32).eps * sigma[0]   # ν of the float32 contract
+        live = sigma > _RANKC * nu                                  # below: returned as exact zeros anyway
+        if bool((res[live] <= sigma[live] * (tol * sigma[live] + _FLOORC["svd"] * nu)).all()):
+            return theta, V
+        Q = _orth(Z @ S)
+    return None
+
+
 def gram_top_singular(G: Tensor, k: int, *, seed: int = 0):
     """Top-k singular triplets of a float32 (or lower) G from its float64 Gram matrix: the eigenpairs (σ_j², v_j) of
-    GᵀG (n×n; G Gᵀ and u_j when m < n) by a dense float64 ``eigh``, then u_j = G v_j / σ_j; returned in float32.
+    GᵀG (n×n; G Gᵀ and u_j when m < n), then u_j = G v_j / σ_j; returned in float32.
 
-    Squaring costs precision only at float64's scale: the error of σ_j² is ~eps₆₄ σ_1², i.e. a relative error
-    ~eps₆₄ (σ_1/σ_j)² in σ_j, which stays under float32's rounding floor ν (module docstring) for every
-    σ_j ≥ 2e-9 σ_1, far below the rank floor 8ν under which σ_j comes back as an exact zero (its vector an
-    orthonormal completion drawn from ``seed``).  So it meets the float32 contract everywhere and is more accurate
-    than a float32 SVD.  Cost (one CPU core, the GPT-2 layers of bench_kronecker.py): 14–24 ms against 17–72 ms
-    for a float32 ``torch.linalg.svd`` of the same 384–2048 × 384 matrices.
+    The eigenpairs come from a float32 ``eigh`` of the Gram matrix refined by one float64 Rayleigh–Ritz step on it
+    (:func:`_gram_ritz`), which must pass the float32 contract's residual test for every pair (else up to two
+    subspace steps, then a full float64 ``eigh``).  The Ritz values' error is ~ r_j²/gap_j (Kato–Temple): measured
+    ~1e-11 relative on the GPT-2 layers of bench_kronecker.py, far below float32's rounding.  Squaring costs
+    precision only at float64's scale: the error of σ_j² is ~eps₆₄ σ_1², i.e. a relative error ~eps₆₄ (σ_1/σ_j)²
+    in σ_j, which stays under float32's rounding floor ν (module docstring) for every σ_j ≥ 2e-9 σ_1, far below
+    the rank floor 8ν under which σ_j comes back as an exact zero (its vector an orthonormal completion drawn from
+    ``seed``).  So it meets the float32 contract everywhere and is more accurate than a float32 SVD.  Cost (one CPU
+    core, the GPT-2 layers): see docs/design.md, issue 15.
     """
     A = G.to(torch.float64)
     m, n = A.shape
     k = _check_k(k, min(m, n), False, "top_singular")
     tall = m >= n
-    lam, Q = torch.linalg.eigh(A.mT @ A if tall else A @ A.mT)
-    lam, Q = lam.flip(0)[:k].clamp_min(0), Q.flip(1)[:, :k]
+    M = _gram(A if tall else A.mT)
+    ritz = _gram_ritz(M, k, max(m, n), default_tol(G.dtype))
+    if ritz is None:
+        lam, Q = torch.linalg.eigh(M)
+        lam, Q = lam.flip(0)[:k].clamp_min(0), Q.flip(1)[:, :k]
+    else:
+        lam, Q = ritz
     sigma = _zero_below_rank_floor(lam.sqrt().to(G.dtype), max(m, n))
     other = (A @ Q if tall else A.mT @ Q) / lam.sqrt().clamp_min(torch.finfo(A.dtype).tiny)
     live = sigma > 0
