@@ -326,11 +326,11 @@ def _as_operator(C, n, dtype, device):
     return (lambda X: _tmm(A, X)), A.shape[0], A.dtype, A.device, A  # C symmetric: Cᵀ X = C X
 
 
-def _project_out(W: Tensor, B: Tensor) -> Tensor:
-    """W minus its component in span(B) (B orthonormal), two passes of classical Gram–Schmidt (CGS2)."""
-    for _ in range(2):
-        W = W - B @ (B.mT @ W)
-    return W
+def _project_out(W: Tensor, B: Tensor, first: Tensor | None = None) -> Tensor:
+    """W minus its component in span(B) (B orthonormal), two passes of classical Gram–Schmidt (CGS2); ``first``:
+    Bᵀ W when already known (the first pass then costs one product instead of two)."""
+    W = W - B @ (B.mT @ W if first is None else first)
+    return W - B @ (B.mT @ W)
 
 
 def top_eigen(C: Tensor | Operator, k: int, *, n: int | None = None, dtype: torch.dtype | None = None,
@@ -388,68 +388,7 @@ def top_eigen(C: Tensor | Operator, k: int, *, n: int | None = None, dtype: torc
         (Q,) = _fix_signs(Q)
         lam = _zero_below_rank_floor(lam, n)
         return (lam, Q, {"method": "lobpcg", "iterations": None, "converged": None}) if return_info else (lam, Q)
-    lam, Y, info = _krylov(op, n, k, b, tol, seed, dt, dev, max_basis, max_iter, method)
+    from curvdist.math.krylov import krylov     # it builds on this module's helpers
+    lam, Y, info = krylov(op, n, k, b, tol, seed, dt, dev, max_basis, max_iter, method)
     (Y,) = _fix_signs(Y)
     return (lam, Y, info) if return_info else (lam, Y)
-
-
-def _default_basis(n: int, k: int, b: int) -> int:
-    return max(min(n // 2, max(12 * b, k + 8 * b)), k + 2 * b)
-
-
-def _krylov(op: Operator, n: int, k: int, b: int, tol: float, seed: int, dt, dev, max_basis: int | None,
-            max_iter: int, method: str):
-    """The iteration of :func:`top_eigen` (block Lanczos, or subspace iteration): ``(lam (k,), Y (n, k), info)``."""
-    max_basis = max(int(max_basis), k + 2 * b) if max_basis is not None else _default_basis(n, k, b)
-    # the basis Q, its image W = C Q and T = Qᵀ C Q live in buffers of max_basis columns, filled block by block
-    # (no concatenation per step: on one core that was ~15% of a 2048-dim solve)
-    Qbuf = torch.empty(n, max_basis, dtype=dt, device=dev)
-    Wbuf, Tbuf = torch.empty_like(Qbuf), torch.zeros(max_basis, max_basis, dtype=dt, device=dev)
-    Qbuf[:, :b] = _orth(_gaussian((n, b), seed, dt, dev))
-    Wbuf[:, :b] = op(Qbuf[:, :b])
-    L, products, restarts, scores = b, 1, 0, []
-    Tbuf[:b, :b] = Qbuf[:, :b].mT @ Wbuf[:, :b]
-    last = slice(0, b)        # columns of the newest block
-    while True:
-        Qa, Wa, T = Qbuf[:, :L], Wbuf[:, :L], Tbuf[:L, :L]
-        theta, S = torch.linalg.eigh((T + T.mT) / 2)
-        theta, S = theta.flip(0), S.flip(1)
-        Y = Qa @ S[:, :k]
-        res = torch.linalg.vector_norm(Wa @ S[:, :k] - Y * theta[:k], dim=0)
-        stop = _monitor(res, theta[:k], tol, _floor(theta[0], n), scores, "eig") or (
-            "max_iter" if products >= max_iter else None)
-        if stop is not None:
-            break
-        if method == "subspace":  # Q ← orth(C Q S_b): one power step, then Rayleigh–Ritz on the block
-            Qbuf[:, :b] = _orth(Wa @ S[:, :b])
-            Wbuf[:, :b] = op(Qbuf[:, :b])
-            Tbuf[:b, :b] = Qbuf[:, :b].mT @ Wbuf[:, :b]
-            L = b
-        else:
-            Wl = Wbuf[:, last]
-            Qn, Rn = torch.linalg.qr(_project_out(Wl, Qa))
-            # breakdown (C Q_i nearly inside span(Q), rank(C) < basis): the new block is rounding noise, blown up
-            # by the QR; a second CGS2 pass makes it orthogonal to Q again (not needed otherwise: saves 4 thin
-            # products a step)
-            if bool((Rn.diagonal().abs() <= _BREAKDOWN * torch.linalg.vector_norm(Wl, dim=0).max()).any()):
-                Qn = _orth(_project_out(Qn, Qa))
-            if L + b > max_basis:  # thick restart: top k + b Ritz vectors, their images, next block
-                keep = min(k + b, L)
-                Qk, Wk = Qa @ S[:, :keep], Wa @ S[:, :keep]
-                Qbuf[:, :keep], Wbuf[:, :keep] = Qk, Wk
-                Tbuf[:keep, :keep] = torch.diag(theta[:keep])
-                L, restarts = keep, restarts + 1
-            last = slice(L, L + b)
-            Qbuf[:, last] = Qn
-            Wbuf[:, last] = op(Qn)
-            c = Qbuf[:, :L + b].mT @ Wbuf[:, last]  # the new column block of T = Qᵀ C Q; the rest is known
-            Tbuf[:L + b, last] = c
-            Tbuf[last, :L] = c[:L].mT
-            L += b
-        products += 1
-    if stop == "max_iter":
-        _warn_unconverged("top_eigen", stop, products, scores[-1], tol)
-    lam = _zero_below_rank_floor(theta[:k].clone(), n)
-    return lam, Y, {"method": method, "iterations": products, "converged": stop != "max_iter", "stop": stop,
-                    "restarts": restarts, "residuals": res}
-
