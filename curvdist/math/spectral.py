@@ -389,6 +389,6 @@ def top_eigen(C: Tensor | Operator, k: int, *, n: int | None = None, dtype: torc
         lam = _zero_below_rank_floor(lam, n)
         return (lam, Q, {"method": "lobpcg", "iterations": None, "converged": None}) if return_info else (lam, Q)
     from curvdist.math.krylov import krylov     # it builds on this module's helpers
-    lam, Y, info = krylov(op, n, k, b, tol, seed, dt, dev, max_basis, max_iter, method)
+    lam, Y, info = krylov(op, n, k, b, tol, seed, dt, dev, max_basis, max_iter, method, dense)
     (Y,) = _fix_signs(Y)
     return (lam, Y, info) if return_info else (lam, Y)
