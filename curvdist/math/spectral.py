@@ -223,7 +223,8 @@ def gram_top_singular(G: Tensor, k: int, *, seed: int = 0):
     else:
         lam, Q = ritz
     sigma = _zero_below_rank_floor(lam.sqrt().to(G.dtype), max(m, n))
-    other = (A @ Q if tall else A.mT @ Q) / lam.sqrt().clamp_min(torch.finfo(A.dtype).tiny)
+    # the other side, u_j = G v_j / σ_j: as (Qᵀ Gᵀ)ᵀ (_mm; for a wide G, Gᵀ Q as (Qᵀ G)ᵀ: 0.9 against 17 ms at 384 × 1536)
+    other = (_mm(A, Q) if tall else _tmm(A, Q)) / lam.sqrt().clamp_min(torch.finfo(A.dtype).tiny)
     live = sigma > 0
     if not bool(live.all()):        # rank-deficient: complete the other side orthonormally
         fill = _gaussian((other.shape[0], int((~live).sum())), seed, A.dtype, A.device)
