@@ -174,17 +174,19 @@ def _gram(X: Tensor) -> Tensor:
     return M + M.triu(1).mT
 
 
-def _gram_ritz(M: Tensor, k: int, big: int, tol: float):
-    """Top-k eigenpairs (θ_j = σ_j², v_j) of the float64 Gram M for the SVD contract, cheaply: a float32 ``eigh`` of
-    M gives a basis of its top k + _GRAM_OVERSAMPLE eigenvectors, one float64 Rayleigh–Ritz step on M refines it,
-    and each pair must pass the SVD residual test (module docstring) with r_j = ‖M v_j − θ_j v_j‖ / σ_j, which is
-    ‖Gᵀu_j − σ_j v_j‖ for u_j = G v_j / σ_j.  Up to _GRAM_REFINE subspace steps more; None if still short."""
-    r = M.shape[0]
+def _gram_ritz(X32: Tensor, X: Tensor, k: int, tol: float):
+    """Top-k eigenpairs (θ_j = σ_j², v_j) of XᵀX for the SVD contract, and X v_j, cheaply: a float32 ``eigh`` of the
+    float32 Gram matrix gives a basis Q of its top k + _GRAM_OVERSAMPLE eigenvectors; one float64 Rayleigh–Ritz step
+    on it, with Y = X Q, YᵀY = Qᵀ(XᵀX)Q and Z = XᵀY, refines it, and each pair must pass the SVD residual test
+    (module docstring) with r_j = ‖Z s_j − θ_j v_j‖ / σ_j, which is ‖Gᵀu_j − σ_j v_j‖ for u_j = G v_j / σ_j.  Up
+    to _GRAM_REFINE subspace steps more; None if still short."""
+    big, r = X.shape
     l = min(r, k + _GRAM_OVERSAMPLE)
-    Q = _orth(torch.linalg.eigh(M.to(torch.float32))[1][:, r - l:].to(M.dtype))
+    Q = _orth(torch.linalg.eigh(_gram(X32))[1][:, r - l:].to(X.dtype))
     for _ in range(_GRAM_REFINE + 1):
-        Z = M @ Q
-        theta, S = torch.linalg.eigh(Q.mT @ Z)
+        Y = _mm(X, Q)
+        Z = _tmm(X, Y)
+        theta, S = torch.linalg.eigh(Y.mT @ Y)
         theta, S = theta.flip(0)[:k].clamp_min(0), S.flip(1)
         V = Q @ S[:, :k]
         res = torch.linalg.vector_norm(Z @ S[:, :k] - V * theta, dim=0)
@@ -192,39 +194,40 @@ def _gram_ritz(M: Tensor, k: int, big: int, tol: float):
         nu = big ** 0.25 * torch.finfo(torch.float32).eps * sigma[0]   # ν of the float32 contract
         live = sigma > _RANKC * nu                                  # below: returned as exact zeros anyway
         if bool((res[live] <= sigma[live] * (tol * sigma[live] + _FLOORC["svd"] * nu)).all()):
-            return theta, V
+            return theta, V, Y @ S[:, :k]
         Q = _orth(Z @ S)
     return None
 
 
 def gram_top_singular(G: Tensor, k: int, *, seed: int = 0):
-    """Top-k singular triplets of a float32 (or lower) G from its float64 Gram matrix: the eigenpairs (σ_j², v_j) of
-    GᵀG (n×n; G Gᵀ and u_j when m < n), then u_j = G v_j / σ_j; returned in float32.
+    """Top-k singular triplets of a float32 (or lower) G through its Gram matrix: the eigenpairs (σ_j², v_j) of GᵀG
+    (n×n; G Gᵀ and u_j when m < n), then u_j = G v_j / σ_j; returned in float32.
 
-    The eigenpairs come from a float32 ``eigh`` of the Gram matrix refined by one float64 Rayleigh–Ritz step on it
+    The eigenpairs come from a float32 ``eigh`` of the float32 Gram matrix refined by one float64 Rayleigh–Ritz step
     (:func:`_gram_ritz`), which must pass the float32 contract's residual test for every pair (else up to two
-    subspace steps, then a full float64 ``eigh``).  The Ritz values' error is ~ r_j²/gap_j (Kato–Temple): measured
-    ~1e-11 relative on the GPT-2 layers of bench_kronecker.py, far below float32's rounding.  Squaring costs
-    precision only at float64's scale: the error of σ_j² is ~eps₆₄ σ_1², i.e. a relative error ~eps₆₄ (σ_1/σ_j)²
-    in σ_j, which stays under float32's rounding floor ν (module docstring) for every σ_j ≥ 2e-9 σ_1, far below
-    the rank floor 8ν under which σ_j comes back as an exact zero (its vector an orthonormal completion drawn from
-    ``seed``).  So it meets the float32 contract everywhere and is more accurate than a float32 SVD.  Cost (one CPU
-    core, the GPT-2 layers): see docs/design.md, issue 15.
+    subspace steps, then a full float64 ``eigh`` of the float64 Gram matrix).  The Ritz values' error is
+    ~ r_j²/gap_j (Kato–Temple): measured ≤ 1e-11 relative on the GPT-2 layers of bench_kronecker.py, far below
+    float32's rounding.  Squaring costs precision only at float64's scale: the error of σ_j² is ~eps₆₄ σ_1², i.e. a
+    relative error ~eps₆₄ (σ_1/σ_j)² in σ_j, which stays under float32's rounding floor ν (module docstring) for
+    every σ_j ≥ 2e-9 σ_1, far below the rank floor 8ν under which σ_j comes back as an exact zero (its vector an
+    orthonormal completion drawn from ``seed``).  So it meets the float32 contract everywhere and is more accurate
+    than a float32 SVD.  Cost: docs/design.md, issue 15.
     """
+    G32 = G.to(torch.float32)
     A = G.to(torch.float64)
     m, n = A.shape
     k = _check_k(k, min(m, n), False, "top_singular")
     tall = m >= n
-    M = _gram(A if tall else A.mT)
-    ritz = _gram_ritz(M, k, max(m, n), default_tol(G.dtype))
+    X = A if tall else A.mT
+    ritz = _gram_ritz(G32 if tall else G32.mT, X, k, default_tol(G.dtype))
     if ritz is None:
-        lam, Q = torch.linalg.eigh(M)
+        lam, Q = torch.linalg.eigh(_gram(X))
         lam, Q = lam.flip(0)[:k].clamp_min(0), Q.flip(1)[:, :k]
+        XQ = _mm(X, Q)    # as (Qᵀ Xᵀ)ᵀ: for a wide G, X = Gᵀ, 0.9 against 17 ms for Gᵀ Q at 384 × 1536
     else:
-        lam, Q = ritz
+        lam, Q, XQ = ritz
     sigma = _zero_below_rank_floor(lam.sqrt().to(G.dtype), max(m, n))
-    # the other side, u_j = G v_j / σ_j: as (Qᵀ Gᵀ)ᵀ (_mm; for a wide G, Gᵀ Q as (Qᵀ G)ᵀ: 0.9 against 17 ms at 384 × 1536)
-    other = (_mm(A, Q) if tall else _tmm(A, Q)) / lam.sqrt().clamp_min(torch.finfo(A.dtype).tiny)
+    other = XQ / lam.sqrt().clamp_min(torch.finfo(A.dtype).tiny)
     live = sigma > 0
     if not bool(live.all()):        # rank-deficient: complete the other side orthonormally
         fill = _gaussian((other.shape[0], int((~live).sum())), seed, A.dtype, A.device)
