@@ -11,6 +11,11 @@ the next block), so the residual of a Ritz pair (θ_j, Q s_j) is ‖R_{i+1} s_j[
 two n × L × k products a step.  That identity holds up to rounding, so from the first step whose estimates pass the
 test, or are all within the rounding floor's range (100 ν, where the two can differ), the iteration tests the true
 residuals ‖C y_j − θ_j y_j‖ = ‖W s_j − θ_j Q s_j‖: it stops on those only.
+While the score (max_j r_j / (tol·θ_j + 2ν)) is far above 1 the small ``eigh`` is skipped for as many products as
+it cannot fall by (:data:`_RATE` per product); a restart, a breakdown and ``max_iter`` always check.  Measured on the
+13 large factors of bench_kronecker.py (float32, one core, a shared machine): 656 → 477 ms for the same products
+(188; one factor took one more), against the previous loop, which formed the Ritz vectors and their images every
+step and copied each product into a strided buffer.
 """
 from __future__ import annotations
 
