@@ -392,7 +392,8 @@ def top_eigen(C: Tensor | Operator, k: int, *, n: int | None = None, dtype: torc
         (Q,) = _fix_signs(Q)
         lam = _zero_below_rank_floor(lam, n)
         return (lam, Q, {"method": "lobpcg", "iterations": None, "converged": None}) if return_info else (lam, Q)
-    from curvdist.math.krylov import krylov     # it builds on this module's helpers
+    # imported here: curvdist.math.krylov builds on this module's helpers
+    from curvdist.math.krylov import krylov
     lam, Y, info = krylov(op, n, k, b, tol, seed, dt, dev, max_basis, max_iter, method, dense)
     (Y,) = _fix_signs(Y)
     return (lam, Y, info) if return_info else (lam, Y)
