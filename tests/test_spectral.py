@@ -148,6 +148,31 @@ def test_float32_dense_path_is_the_float64_gram_route(shape):
         assert float((X.T @ X - torch.eye(10)).abs().max()) <= 1e-5
 
 
+@pytest.mark.parametrize("refine", [2, -1])
+def test_gram_route_refines_or_falls_back(monkeypatch, refine):
+    """The float32 eigh basis of the Gram route: without oversampling, on a steep spectrum (σ_20 = 0.011 σ_1, where
+    float32's rounding of σ_1² is large against the contract's σ_20 (tol σ_20 + ν)), the first Rayleigh–Ritz step and
+    one subspace step miss the residual test and a second meets it (refine=2); with none allowed (-1) the full float64
+    eigh takes over.  Either way σ_k within 1e-7 of the dense float64 SVD and the residual test met."""
+    from curvdist.math import spectral
+    G = planted_matrix(400, 200, power_law(200, 1.5), seed=6).float()
+    monkeypatch.setattr(spectral, "_GRAM_OVERSAMPLE", 0)
+    monkeypatch.setattr(spectral, "_GRAM_REFINE", 1)
+    assert spectral._gram_ritz(G, G.double(), 20, 1e-5) is None
+    monkeypatch.setattr(spectral, "_GRAM_OVERSAMPLE", 0)
+    monkeypatch.setattr(spectral, "_GRAM_REFINE", refine)
+    calls = []
+    ritz = spectral._gram_ritz
+    monkeypatch.setattr(spectral, "_gram_ritz", lambda *a: calls.append(ritz(*a)) or calls[-1])
+    sig, U, V = top_singular(G, 20)
+    sig0, _, _ = dense_top_singular(G.double(), 20)
+    assert max_rel(sig.double(), sig0) <= 1e-7
+    G64, s64 = G.double(), sig.double()
+    r = (G64.T @ U.double() - V.double() * s64).norm(dim=0)
+    assert bool((r <= 1e-5 * s64 + 2 * 400 ** 0.25 * 1.2e-7 * s64[0]).all())
+    assert (calls[0] is None) == (refine < 0)
+
+
 def test_top_singular_sign_determinism():
     G = planted_matrix(400, 300, power_law(300, 0.7), seed=4)
     a = top_singular(G, 15, exact_below=0, seed=0)

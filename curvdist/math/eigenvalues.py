@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from curvdist.math.krylov import krylov
 from curvdist.math.spectral import (
     EXACT_BELOW_CUDA,
     Operator,
     _as_operator,
     _check_k,
-    _krylov,
     _zero_below_rank_floor,
     default_tol,
 )
@@ -61,5 +61,5 @@ def top_eigenvalues(C: Tensor | Operator, k: int, *, n: int | None = None, dtype
             dense = op(torch.eye(n, dtype=dt, device=dev))
         lam = _zero_below_rank_floor(torch.linalg.eigvalsh((dense + dense.mT) / 2).flip(0)[:k], n)
         return (lam, {"method": "dense", "iterations": 0, "converged": True}) if return_info else lam
-    lam, _, info = _krylov(op, n, k, b, tol, seed, dt, dev, max_basis, max_iter, "krylov")
+    lam, _, info = krylov(op, n, k, b, tol, seed, dt, dev, max_basis, max_iter, dense=dense)
     return (lam, info) if return_info else lam

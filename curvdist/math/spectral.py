@@ -63,6 +63,10 @@ _FLOORC = {"svd": 1.0, "eig": 2.0}
 _RANKC = 8.0  # values ≤ _RANKC ν are returned as exact zeros
 _STALL = 10  # steps without progress at the rounding floor before stopping
 _BREAKDOWN = 1e-3  # a Krylov block whose projected columns shrank below this fraction is re-orthogonalised
+# The Gram route (gram_top_singular): float32 eigh basis of k + _GRAM_OVERSAMPLE vectors, up to _GRAM_REFINE
+# float64 subspace steps after the first Rayleigh–Ritz before a full float64 eigh.
+_GRAM_OVERSAMPLE = 10
+_GRAM_REFINE = 2
 
 Operator = Callable[[Tensor], Tensor]
 
@@ -158,25 +162,72 @@ def dense_top_singular(G: Tensor, k: int):
     return _zero_below_rank_floor(S[:k], max(A.shape)), U, V
 
 
-def gram_top_singular(G: Tensor, k: int, *, seed: int = 0):
-    """Top-k singular triplets of a float32 (or lower) G from its float64 Gram matrix: the eigenpairs (σ_j², v_j) of
-    GᵀG (n×n; G Gᵀ and u_j when m < n) by a dense float64 ``eigh``, then u_j = G v_j / σ_j; returned in float32.
+def _gram(X: Tensor) -> Tensor:
+    """XᵀX (r×r) of a tall X, from its upper block triangle (4 block rows of 16-aligned width: ~3/4 of the full
+    product's time at r = 384) mirrored."""
+    r = X.shape[1]
+    b = max(16, -(-r // 64) * 16)
+    M = torch.zeros(r, r, dtype=X.dtype, device=X.device)
+    for i in range(0, r, b):
+        M[i:i + b, i:].addmm_(X[:, i:i + b].mT, X[:, i:])
+    M.triu_()
+    return M + M.triu(1).mT
 
-    Squaring costs precision only at float64's scale: the error of σ_j² is ~eps₆₄ σ_1², i.e. a relative error
-    ~eps₆₄ (σ_1/σ_j)² in σ_j, which stays under float32's rounding floor ν (module docstring) for every
-    σ_j ≥ 2e-9 σ_1, far below the rank floor 8ν under which σ_j comes back as an exact zero (its vector an
+
+def _gram_ritz(X32: Tensor, X: Tensor, k: int, tol: float):
+    """Top-k eigenpairs (θ_j = σ_j², v_j) of XᵀX for the SVD contract, and X v_j, cheaply: a float32 ``eigh`` of the
+    float32 Gram matrix gives a basis Q of its top k + _GRAM_OVERSAMPLE eigenvectors; one float64 Rayleigh–Ritz step
+    on it, with Y = X Q, YᵀY = Qᵀ(XᵀX)Q and Z = XᵀY, refines it, and each pair must pass the SVD residual test
+    (module docstring) with r_j = ‖Z s_j − θ_j v_j‖ / σ_j, which is ‖Gᵀu_j − σ_j v_j‖ for u_j = G v_j / σ_j.  Up
+    to _GRAM_REFINE subspace steps more; None if still short."""
+    big, r = X.shape
+    l = min(r, k + _GRAM_OVERSAMPLE)
+    Q = _orth(torch.linalg.eigh(_gram(X32))[1][:, r - l:].to(X.dtype))
+    for _ in range(_GRAM_REFINE + 1):
+        Y = _mm(X, Q)
+        Z = _tmm(X, Y)
+        theta, S = torch.linalg.eigh(Y.mT @ Y)
+        theta, S = theta.flip(0)[:k].clamp_min(0), S.flip(1)
+        V = Q @ S[:, :k]
+        res = torch.linalg.vector_norm(Z @ S[:, :k] - V * theta, dim=0)
+        sigma = theta.sqrt()
+        nu = big ** 0.25 * torch.finfo(torch.float32).eps * sigma[0]   # ν of the float32 contract
+        live = sigma > _RANKC * nu                                  # below: returned as exact zeros anyway
+        if bool((res[live] <= sigma[live] * (tol * sigma[live] + _FLOORC["svd"] * nu)).all()):
+            return theta, V, Y @ S[:, :k]
+        Q = _orth(Z @ S)
+    return None
+
+
+def gram_top_singular(G: Tensor, k: int, *, seed: int = 0):
+    """Top-k singular triplets of a float32 (or lower) G through its Gram matrix: the eigenpairs (σ_j², v_j) of GᵀG
+    (n×n; G Gᵀ and u_j when m < n), then u_j = G v_j / σ_j; returned in float32.
+
+    The eigenpairs come from a float32 ``eigh`` of the float32 Gram matrix refined by one float64 Rayleigh–Ritz step
+    (:func:`_gram_ritz`), which must pass the float32 contract's residual test for every pair (else up to two
+    subspace steps, then a full float64 ``eigh`` of the float64 Gram matrix).  The Ritz values' error is
+    ~ r_j²/gap_j (Kato–Temple): measured ≤ 1e-11 relative on the GPT-2 layers of bench_kronecker.py, far below
+    float32's rounding.  Squaring costs precision only at float64's scale: the error of σ_j² is ~eps₆₄ σ_1², i.e. a
+    relative error ~eps₆₄ (σ_1/σ_j)² in σ_j, which stays under float32's rounding floor ν (module docstring) for
+    every σ_j ≥ 2e-9 σ_1, far below the rank floor 8ν under which σ_j comes back as an exact zero (its vector an
     orthonormal completion drawn from ``seed``).  So it meets the float32 contract everywhere and is more accurate
-    than a float32 SVD.  Cost (one CPU core, the GPT-2 layers of bench_kronecker.py): 14–24 ms against 17–72 ms
-    for a float32 ``torch.linalg.svd`` of the same 384–2048 × 384 matrices.
+    than a float32 SVD.  Cost: docs/design.md, issue 15.
     """
+    G32 = G.to(torch.float32)
     A = G.to(torch.float64)
     m, n = A.shape
     k = _check_k(k, min(m, n), False, "top_singular")
     tall = m >= n
-    lam, Q = torch.linalg.eigh(A.mT @ A if tall else A @ A.mT)
-    lam, Q = lam.flip(0)[:k].clamp_min(0), Q.flip(1)[:, :k]
+    X = A if tall else A.mT
+    ritz = _gram_ritz(G32 if tall else G32.mT, X, k, default_tol(G.dtype))
+    if ritz is None:
+        lam, Q = torch.linalg.eigh(_gram(X))
+        lam, Q = lam.flip(0)[:k].clamp_min(0), Q.flip(1)[:, :k]
+        XQ = _mm(X, Q)    # as (Qᵀ Xᵀ)ᵀ: for a wide G, X = Gᵀ, 0.9 against 17 ms for Gᵀ Q at 384 × 1536
+    else:
+        lam, Q, XQ = ritz
     sigma = _zero_below_rank_floor(lam.sqrt().to(G.dtype), max(m, n))
-    other = (A @ Q if tall else A.mT @ Q) / lam.sqrt().clamp_min(torch.finfo(A.dtype).tiny)
+    other = XQ / lam.sqrt().clamp_min(torch.finfo(A.dtype).tiny)
     live = sigma > 0
     if not bool(live.all()):        # rank-deficient: complete the other side orthonormally
         fill = _gaussian((other.shape[0], int((~live).sum())), seed, A.dtype, A.device)
@@ -279,11 +330,11 @@ def _as_operator(C, n, dtype, device):
     return (lambda X: _tmm(A, X)), A.shape[0], A.dtype, A.device, A  # C symmetric: Cᵀ X = C X
 
 
-def _project_out(W: Tensor, B: Tensor) -> Tensor:
-    """W minus its component in span(B) (B orthonormal), two passes of classical Gram–Schmidt (CGS2)."""
-    for _ in range(2):
-        W = W - B @ (B.mT @ W)
-    return W
+def _project_out(W: Tensor, B: Tensor, first: Tensor | None = None) -> Tensor:
+    """W minus its component in span(B) (B orthonormal), two passes of classical Gram–Schmidt (CGS2); ``first``:
+    Bᵀ W when already known (the first pass then costs one product instead of two)."""
+    W = W - B @ (B.mT @ W if first is None else first)
+    return W - B @ (B.mT @ W)
 
 
 def top_eigen(C: Tensor | Operator, k: int, *, n: int | None = None, dtype: torch.dtype | None = None,
@@ -341,68 +392,8 @@ def top_eigen(C: Tensor | Operator, k: int, *, n: int | None = None, dtype: torc
         (Q,) = _fix_signs(Q)
         lam = _zero_below_rank_floor(lam, n)
         return (lam, Q, {"method": "lobpcg", "iterations": None, "converged": None}) if return_info else (lam, Q)
-    lam, Y, info = _krylov(op, n, k, b, tol, seed, dt, dev, max_basis, max_iter, method)
+    # imported here: curvdist.math.krylov builds on this module's helpers
+    from curvdist.math.krylov import krylov
+    lam, Y, info = krylov(op, n, k, b, tol, seed, dt, dev, max_basis, max_iter, method, dense)
     (Y,) = _fix_signs(Y)
     return (lam, Y, info) if return_info else (lam, Y)
-
-
-def _default_basis(n: int, k: int, b: int) -> int:
-    return max(min(n // 2, max(12 * b, k + 8 * b)), k + 2 * b)
-
-
-def _krylov(op: Operator, n: int, k: int, b: int, tol: float, seed: int, dt, dev, max_basis: int | None,
-            max_iter: int, method: str):
-    """The iteration of :func:`top_eigen` (block Lanczos, or subspace iteration): ``(lam (k,), Y (n, k), info)``."""
-    max_basis = max(int(max_basis), k + 2 * b) if max_basis is not None else _default_basis(n, k, b)
-    # the basis Q, its image W = C Q and T = Qᵀ C Q live in buffers of max_basis columns, filled block by block
-    # (no concatenation per step: on one core that was ~15% of a 2048-dim solve)
-    Qbuf = torch.empty(n, max_basis, dtype=dt, device=dev)
-    Wbuf, Tbuf = torch.empty_like(Qbuf), torch.zeros(max_basis, max_basis, dtype=dt, device=dev)
-    Qbuf[:, :b] = _orth(_gaussian((n, b), seed, dt, dev))
-    Wbuf[:, :b] = op(Qbuf[:, :b])
-    L, products, restarts, scores = b, 1, 0, []
-    Tbuf[:b, :b] = Qbuf[:, :b].mT @ Wbuf[:, :b]
-    last = slice(0, b)        # columns of the newest block
-    while True:
-        Qa, Wa, T = Qbuf[:, :L], Wbuf[:, :L], Tbuf[:L, :L]
-        theta, S = torch.linalg.eigh((T + T.mT) / 2)
-        theta, S = theta.flip(0), S.flip(1)
-        Y = Qa @ S[:, :k]
-        res = torch.linalg.vector_norm(Wa @ S[:, :k] - Y * theta[:k], dim=0)
-        stop = _monitor(res, theta[:k], tol, _floor(theta[0], n), scores, "eig") or (
-            "max_iter" if products >= max_iter else None)
-        if stop is not None:
-            break
-        if method == "subspace":  # Q ← orth(C Q S_b): one power step, then Rayleigh–Ritz on the block
-            Qbuf[:, :b] = _orth(Wa @ S[:, :b])
-            Wbuf[:, :b] = op(Qbuf[:, :b])
-            Tbuf[:b, :b] = Qbuf[:, :b].mT @ Wbuf[:, :b]
-            L = b
-        else:
-            Wl = Wbuf[:, last]
-            Qn, Rn = torch.linalg.qr(_project_out(Wl, Qa))
-            # breakdown (C Q_i nearly inside span(Q), rank(C) < basis): the new block is rounding noise, blown up
-            # by the QR; a second CGS2 pass makes it orthogonal to Q again (not needed otherwise: saves 4 thin
-            # products a step)
-            if bool((Rn.diagonal().abs() <= _BREAKDOWN * torch.linalg.vector_norm(Wl, dim=0).max()).any()):
-                Qn = _orth(_project_out(Qn, Qa))
-            if L + b > max_basis:  # thick restart: top k + b Ritz vectors, their images, next block
-                keep = min(k + b, L)
-                Qk, Wk = Qa @ S[:, :keep], Wa @ S[:, :keep]
-                Qbuf[:, :keep], Wbuf[:, :keep] = Qk, Wk
-                Tbuf[:keep, :keep] = torch.diag(theta[:keep])
-                L, restarts = keep, restarts + 1
-            last = slice(L, L + b)
-            Qbuf[:, last] = Qn
-            Wbuf[:, last] = op(Qn)
-            c = Qbuf[:, :L + b].mT @ Wbuf[:, last]  # the new column block of T = Qᵀ C Q; the rest is known
-            Tbuf[:L + b, last] = c
-            Tbuf[last, :L] = c[:L].mT
-            L += b
-        products += 1
-    if stop == "max_iter":
-        _warn_unconverged("top_eigen", stop, products, scores[-1], tol)
-    lam = _zero_below_rank_floor(theta[:k].clone(), n)
-    return lam, Y, {"method": method, "iterations": products, "converged": stop != "max_iter", "stop": stop,
-                    "restarts": restarts, "residuals": res}
-

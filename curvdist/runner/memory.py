@@ -195,7 +195,7 @@ def spectral_workspace(m: int, n: int, k: int, stat_dtype: str, device: str, *, 
 
     SVD of G (m×n, r = min(m, n), l = k + oversample): dense (r at most the dense size, or 4l >= r) copies G for
     LAPACK/cuSOLVER and returns U (m×r), Vᵀ (r×n) with ~2r² of work arrays: m·n + (m + n)·r + 2r² (float32 on the
-    CPU: the float64 Gram route, 8 bytes × (m·n + 4r² + (m + n)·k)); randomized:
+    CPU: the Gram route, 4 bytes × (2m·n + 4r² + 4(max(m, n) + r)·l + 2(m + n)·k)); randomized:
     Ω, the blocks Q, P, Y and a product, about (2m + 3n)·l.  Eigenvalues of C (d×d, ``top_eigenvalues``): dense
     eigvalsh symmetrises ((C + Cᵀ)/2, a d² copy) and needs no eigenvectors: ~2d²; block Lanczos keeps a basis and
     its images in two buffers of max_basis = min(d/2, max(12b, k + 8b)) columns, 2·d·max_basis, plus the Ritz
@@ -211,9 +211,10 @@ def spectral_workspace(m: int, n: int, k: int, stat_dtype: str, device: str, *, 
     eig_below = (dense["eig"] if device == "cuda" else
                  DENSE_BELOW_FP64_CPU if stat_dtype == "float64" else EIGVALS_DENSE_BELOW_CPU)
     if (r <= svd_below or 4 * l >= r) and device != "cuda" and w < 8:
-        # float32 on the CPU: the float64 Gram route (spectral.gram_top_singular): G in float64, the r×r Gram
-        # matrix, its eigenvectors and the eigh work array, the other side's k vectors; in float32 units
-        svd = 2 * (m * n + 4 * r * r + (m + n) * k)
+        # float32 on the CPU: the Gram route (spectral.gram_top_singular): G in float64, the float32 r×r Gram
+        # matrix, its eigenvectors and eigh's work array, the float64 blocks X Q and Xᵀ X Q of l columns, the k
+        # vectors of each side; in float32 units (its rare fallback, the float64 Gram matrix's eigh, ~2m·n + 6r²)
+        svd = 2 * m * n + 4 * r * r + 4 * (max(m, n) + r) * l + 2 * (m + n) * k
     elif r <= svd_below or 4 * l >= r:
         svd = m * n + (m + n) * r + 2 * r * r
     else:
