@@ -190,7 +190,7 @@ def test_row_cache_held_from_the_statistics_pass_to_a_replayed_projections_pass(
     rows, r = 32 * 512, 4                                # 64 sequences over 2 replicas, float32
     for st, m in zip(plan.stages, est.memory.stages):
         assert m.rows == r * rows * sum(by[n].n + 2 * by[n].m for n in st.layers) > 0
-        assert m.replay == rows * 20 * r
+        assert m.replay == rows * 20 * r and m.kept
         pk = m.pass_peaks()
         assert pk["projections"] == m.weights + m.ritz + m.rows + m.replay
         assert pk["spectral"] == m.weights + m.factors + max(m.finalize, m.spectral) + m.rows
@@ -199,13 +199,17 @@ def test_row_cache_held_from_the_statistics_pass_to_a_replayed_projections_pass(
     _, _, off = _est(LLAMA7B, *over, "hardware.gpus=16", "layers=[model.layers.*.mlp.down_proj]", "fisher=mc",
                      "mc_samples=2", "row_cache_gb=0")
     for a, b in zip(small.memory.stages, off.memory.stages):
-        assert (a.rows, a.replay, b.rows, b.replay) == (2**29, 0, 0, 0)
+        assert (a.rows, a.replay, a.kept, b.rows, b.replay, b.kept) == (2**29, 0, False, 0, 0, False)
         pa, pb = a.pass_peaks(), b.pass_peaks()
         assert pa["statistics"] == pb["statistics"] + 2**29
         assert pa["spectral"] == pb["spectral"] and pa["projections"] == pb["projections"]
         assert pb["projections"] == b.weights + b.ritz + b.held * b.activations_projections + b.backward
     assert all(s.pass_peaks()["exact"] == t.pass_peaks()["exact"] for s, t in zip(est.memory.stages,
                                                                                  off.memory.stages))
+    # the cost estimate: a replayed projections pass sends nothing and runs no forward or backward
+    proj, streamed = est.cost.passes[2], off.cost.passes[2]
+    assert proj.replayed and not streamed.replayed and all(w.forward == w.sent == 0 for w in proj.stages)
+    assert [w.stat for w in proj.stages] == [w.stat for w in streamed.stages] and streamed.sent > 0
     # a device the cache overfills: the message offers to turn it off, and without it the plan fits
     device = int((max(s.peak for s in est.memory.stages) - 2**30) / 0.9)
     with pytest.raises(OverMemory, match=r"fix: .*no row cache \(row_cache_gb=0: the projections pass streams"):

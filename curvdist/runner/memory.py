@@ -22,16 +22,18 @@ Per stage j, with B micro_batch, T seq_len, t = B·T tokens per micro-batch, M_r
                  float32 numpy arrays and are kept as received, in host memory), M_r of them, for the exact pass
     rows         the row cache (``row_cache_gb``, :mod:`curvdist.math.rowcache`): the statistics pass's input and
                  fisher error rows of the largest group on the device, r · R · Σ_l (n + f·m) with R = M_r · t rows
-                 and f fisher seeds per micro-batch (1 for empirical: 4·R·Σ(m+n) in float32), kept to the
-                 projections pass when it fits the budget; over it, at most the budget until the cache empties itself
-    replay       the projections pass replayed from the rows: a layer's projected input rows, R · K · r
+                 and f fisher seeds per micro-batch (1 for empirical: 4·R·Σ(m+n) in float32, :func:`kept_rows`),
+                 kept to the projections pass when they fit the budget; over it, at most the budget until the cache
+                 empties itself
+    replay       the projections pass replayed from the rows (only when every stage's fit: the driver replays when
+                 every worker holds all of its rows, else streams): a layer's projected input rows, R · K · r
     finalize     G, C_A, C_δ again: ``finalize`` normalises into new tensors while the running sums are alive
     spectral     the largest layer's SVD of G and eigensolve workspace (:func:`spectral_workspace`)
     exact        forward-over-reverse through the stage for K directions and one micro-batch
                  (:func:`exact_route_bytes`; the last stage's own layers: :func:`exact_local_bytes`)
 
     pass peaks   statistics  = weights + factors + held · activations + backward + rows
-                 spectral    = weights + factors + max(finalize, spectral) + rows          (rows kept: replayed)
+                 spectral    = weights + factors + max(finalize, spectral) + rows          (the stage's rows fit)
                  projections = weights + ritz + rows + replay                               (replayed)
                              = weights + ritz + held · activations(projections) + backward  (streamed)
                  exact       = weights + exact                                              (the rows are freed)
@@ -129,10 +131,11 @@ class StageMemory:
     ritz: int = 0                  # projections pass: Rayleigh–Ritz bases and products of sketched factors
     rows: int = 0                  # the row cache at its largest (at most row_cache_gb)
     replay: int = 0                # projections replayed from the kept rows: their workspace (0: streamed)
+    kept: bool = False             # the stage's rows fit: held through the spectral step
 
     def pass_peaks(self) -> dict[str, int]:
         c = self.cached if self.cached_on_device else 0
-        kept = self.rows if self.replay else 0
+        kept = self.rows if self.kept else 0
         proj = self.rows + self.replay if self.replay else self.held * self.activations_projections + self.backward
         return {"statistics": self.weights + self.factors + self.held * self.activations + self.backward
                 + self.rows + c,
@@ -159,7 +162,7 @@ class StageMemory:
                     **rows, **c}
         if kind == "spectral":
             return {"weights": self.weights, "factors": self.factors,
-                    "spectral workspace": max(self.finalize, self.spectral), **(rows if self.replay else {}), **c}
+                    "spectral workspace": max(self.finalize, self.spectral), **(rows if self.kept else {}), **c}
         if kind == "projections":
             ritz = {"sketch Rayleigh-Ritz": self.ritz} if self.ritz else {}
             if self.replay:
@@ -288,6 +291,18 @@ def sweep_tangents(plan, workload: Workload, stage: int) -> int:
     return most
 
 
+def kept_rows(plan, workload: Workload, replicas: int) -> tuple[list[int], bool]:
+    """Per stage, the bytes of the statistics pass's rows one worker keeps for the projections pass (its largest
+    group's r·R·Σ_l (n + f·m), R = M_r·t rows per replica, f fisher seeds), and whether the projections pass replays
+    them: every stage's fit ``row_cache_bytes`` (the driver replays only when every worker holds all of its rows)."""
+    f = workload.seeds(plan.arch.logit_width)[1]
+    R = math.ceil(workload.microbatches / replicas) * workload.tokens_per_microbatch
+    by_name = {l.name: l for l in plan.layers}
+    full = [R * ITEMSIZE[plan.stat_dtype] * max((sum(by_name[n].n + f * by_name[n].m for n in p) for p in st.passes),
+                                               default=0) for st in plan.stages]
+    return full, workload.row_cache_bytes > 0 and all(b <= workload.row_cache_bytes for b in full)
+
+
 # ------------------------------------------------------------------------------------------------------- model
 def memory_plan(plan, layout: Layout, workload: Workload, device: str) -> MemoryPlan:
     """Every stage's memory (``plan``: :class:`curvdist.runner.planning.Plan`, with its ``arch``)."""
@@ -303,6 +318,7 @@ def memory_plan(plan, layout: Layout, workload: Workload, device: str) -> Memory
     width = 0 if arch.logits_per_sequence else arch.logit_width
     by_name = {l.name: l for l in plan.layers}
     last_index = len(plan.stages) - 1
+    rows_all, replayed = kept_rows(plan, workload, layout.replicas)
     out = []
     for st in plan.stages:
         nblocks = st.last_block - st.first_block + 1
@@ -322,10 +338,9 @@ def memory_plan(plan, layout: Layout, workload: Workload, device: str) -> Memory
                                                           default=0) for g in groups)
         held_out = max(sum(l.m for l in g if plan.layer_types.get(l.name) not in _OUTPUT_SAVED) for g in groups)
         rows_stats = max(sum(l.n for l in g) for g in groups) * r
-        f_seeds = workload.seeds(arch.logit_width)[1]
-        rows_all = mb * t * r * max(sum(l.n + f_seeds * l.m for l in g) for g in groups)   # the row cache
-        rows = min(rows_all, workload.row_cache_bytes)
-        replay = mb * t * k * r if 0 < rows_all <= workload.row_cache_bytes else 0
+        rows = min(rows_all[st.index], workload.row_cache_bytes)
+        kept = 0 < workload.row_cache_bytes and rows_all[st.index] <= workload.row_cache_bytes
+        replay = mb * t * k * r if replayed else 0
         rows_proj = max(len(g) for g in groups) * k * r
         stats_act = act_autograd + t * (held_out * s + rows_stats)
         proj_act = act_autograd + t * (held_out * s + rows_proj)
@@ -355,5 +370,6 @@ def memory_plan(plan, layout: Layout, workload: Workload, device: str) -> Memory
             exact += st.param_bytes * (xs - s) // s
         out.append(StageMemory(st.index, layout.held(st.index, mb), st.param_bytes, factors, act_autograd, stats_act,
                                proj_act,
-                               backward, cached, device != "cuda", factors, spectral, exact, ritz, rows, replay))
+                               backward, cached, device != "cuda", factors, spectral, exact, ritz, rows, replay,
+                               kept))
     return MemoryPlan(layout, device, out)
