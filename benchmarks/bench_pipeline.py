@@ -92,12 +92,17 @@ def projections(repeats: int) -> None:
     print(f"projections pass, random GPT-2 4 × 128 (vocabulary 2048), 2 stages, 32 micro-batches of 4 × 64 tokens, "
           f"{os.cpu_count()} CPU cores; best of {repeats} runs")
     got = {}
-    for name, over in (("streamed", ["row_cache_gb=0"]), ("replayed", [])):
-        runs = [run(base + over) for _ in range(repeats)]
-        got[name] = min(r["projections_wall_s"] for r in runs)
-        stats = min(r["stats_wall_s"] for r in runs)
-        print(f"{name:<9} projections {got[name]:7.3f} s   (statistics pass {stats:7.3f} s)")
-    print(f"replayed / streamed: {got['replayed'] / got['streamed']:.3f}")
+    cases = (("streamed", ["row_cache_gb=0"]), ("replayed", []))
+    runs = {name: [] for name, _ in cases}
+    for _ in range(repeats):   # alternated, so that a change in the machine's load reaches both alike
+        for name, over in cases:
+            runs[name].append(run(base + over))
+    for name, _ in cases:
+        got[name] = min(r["projections_wall_s"] for r in runs[name])
+        each = " ".join(f"{r['projections_wall_s']:.3f}" for r in runs[name])
+        stats = " ".join(f"{r['stats_wall_s']:.3f}" for r in runs[name])
+        print(f"{name:<9} projections {got[name]:7.3f} s (runs: {each});  statistics pass (runs: {stats}) s")
+    print(f"replayed / streamed (best runs): {got['replayed'] / got['streamed']:.3f}")
     ray.shutdown()
 
 
