@@ -14,7 +14,9 @@ Several micro-batches may be in flight on one stage (the 1F1B schedule runs the 
 before the backward of an earlier one); the statistics collector keeps their rows apart by micro-batch.  Error
 seeds come from :func:`curvdist.math.sequence.measurement_seeds`, a function of the micro-batch index alone, so any
 schedule and any number of replicas give the numbers of the in-process route.  At the end of a pass the R
-replicas of this stage add their sums (:mod:`curvdist.runner.collective`) before anything is normalised.
+replicas of this stage add their sums (:mod:`curvdist.runner.collective`) before anything is normalised.  The
+statistics pass keeps its rows within ``spec.row_cache_bytes`` (:mod:`curvdist.math.rowcache`); the projections pass
+replays them, with no call per micro-batch, when the driver finds that every worker holds all of its own.
 Tensors travel between stages as the run's transport carries them (:mod:`curvdist.runner.transport`): NumPy
 arrays through Ray's object store (bfloat16 widened to float32 and cast back), or tensors actor to actor.
 """
