@@ -238,7 +238,8 @@ def estimate_cost(plan, layout: Layout, workload: Workload, throughput: Throughp
                 fl += tokens_x * (3.0 * F[j] + sum(K * (2.0 * d + 2.0 * (l.m + l.n)) for d, l in zip(down, local)))
         exact.append(Work(exact=fl, sent=sent, reduced=ring * 2 * K * 8 * len([l for l in exact_layers
                                                                                    if owner[l.name] == j])))
-    passes = [PassCost("statistics", stats, mb), PassCost("spectral", spec, 1), PassCost("projections", proj, mb, replayed)]
+    passes = [PassCost("statistics", stats, mb), PassCost("spectral", spec, 1),
+              PassCost("projections", proj, mb, replayed)]
     if workload.exact:
         passes.append(PassCost("exact", exact, mb_x))
     return CostPlan(layout, passes, throughput)

@@ -298,8 +298,9 @@ def kept_rows(plan, workload: Workload, replicas: int) -> tuple[list[int], bool]
     f = workload.seeds(plan.arch.logit_width)[1]
     R = math.ceil(workload.microbatches / replicas) * workload.tokens_per_microbatch
     by_name = {l.name: l for l in plan.layers}
-    full = [R * ITEMSIZE[plan.stat_dtype] * max((sum(by_name[n].n + f * by_name[n].m for n in p) for p in st.passes),
-                                               default=0) for st in plan.stages]
+    per_row = [max((sum(by_name[n].n + f * by_name[n].m for n in p) for p in st.passes), default=0)
+               for st in plan.stages]
+    full = [R * ITEMSIZE[plan.stat_dtype] * x for x in per_row]
     return full, workload.row_cache_bytes > 0 and all(b <= workload.row_cache_bytes for b in full)
 
 
