@@ -3,11 +3,14 @@ driver: ``in_flight=1``) against the 1F1B schedule (``in_flight = stages``), and
 
     python benchmarks/bench_pipeline.py                 # CPU: tiny GPT-2, 4 stages (sleep-hook and real compute)
     python benchmarks/bench_pipeline.py --gpu           # lent GPU: random ~1B Llama, 4 fractional-GPU stages
+    python benchmarks/bench_pipeline.py --projections   # CPU: the projections pass streamed against replayed
 
 Prints one line per configuration: wall seconds of the statistics and projections passes and the busy fraction
 Σ busy / (wall × workers) the driver records in the run's timings (``runs.timings_json`` → ``passes``).  The
 sleep-hook rows replace each stage's forward with a fixed sleep (``CURVDIST_STAGE_SLEEP``), so they show the
 schedule alone: on 2 CPU cores, 4 stages of real compute share 2 cores and cannot all be busy at once.
+``--projections``: the projections pass of one run with the statistics pass's rows replayed (``row_cache_gb``, the
+default) against one that streams the batch again (``row_cache_gb=0``), each as the run's timings record it.
 """
 from __future__ import annotations
 
@@ -72,6 +75,37 @@ def cpu() -> None:
     ray.shutdown()
 
 
+def projections(repeats: int) -> None:
+    """A random GPT-2 (4 blocks, d = 128, vocabulary 2048) on 2 stages × 1 replica, 32 micro-batches of 4 × 64
+    tokens, every layer: the projections pass's wall time streamed (row_cache_gb=0) and replayed (the default
+    budget), the best of ``repeats`` runs each, beside the statistics pass of the same runs."""
+    import ray
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = Path(tempfile.mkdtemp(prefix="gpt2-d128-"))
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=128, n_layer=4, n_head=4, vocab_size=2048, n_positions=128)).save_pretrained(d)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    base = [f"model.path={d}", "stages=2", "data.source=synthetic", "data.seq_len=64", "data.micro_batch=4",
+            "data.sequences=128", "top_k=20", f"ray.cpus_per_stage={os.cpu_count() / 2}"]
+    print(f"projections pass, random GPT-2 4 × 128 (vocabulary 2048), 2 stages, 32 micro-batches of 4 × 64 tokens, "
+          f"{os.cpu_count()} CPU cores; best of {repeats} runs")
+    got = {}
+    cases = (("streamed", ["row_cache_gb=0"]), ("replayed", []))
+    runs = {name: [] for name, _ in cases}
+    for _ in range(repeats):   # alternated, so that a change in the machine's load reaches both alike
+        for name, over in cases:
+            runs[name].append(run(base + over))
+    for name, _ in cases:
+        got[name] = min(r["projections_wall_s"] for r in runs[name])
+        each = " ".join(f"{r['projections_wall_s']:.3f}" for r in runs[name])
+        stats = " ".join(f"{r['stats_wall_s']:.3f}" for r in runs[name])
+        print(f"{name:<9} projections {got[name]:7.3f} s (runs: {each});  statistics pass (runs: {stats}) s")
+    print(f"replayed / streamed (best runs): {got['replayed'] / got['streamed']:.3f}")
+    ray.shutdown()
+
+
 def gpu() -> None:
     """On the lent GPU: a randomly initialised ~1B Llama (built on the device, saved as safetensors), 4 stages
     with a quarter GPU each on one device, 1F1B against one micro-batch at a time, bf16 forward."""
@@ -104,4 +138,7 @@ def gpu() -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gpu", action="store_true", help="the prepared block for a lent GPU machine")
-    gpu() if ap.parse_args().gpu else cpu()
+    ap.add_argument("--projections", action="store_true", help="the projections pass streamed against replayed")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per case of --projections (the best is printed)")
+    args = ap.parse_args()
+    projections(args.repeats) if args.projections else gpu() if args.gpu else cpu()

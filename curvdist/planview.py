@@ -114,19 +114,23 @@ def _memory(c: Console, est) -> None:
     host = "" if any(s.cached_on_device for s in mem.stages) else " (host)"
     t = Table(title="memory per stage and pass, GB (estimate)", header_style="bold", title_justify="left")
     heads = ["stage", "weights", "factors", "act/micro-batch", "in flight", "backward", f"cached inputs{host}",
-             "spectral ws", "exact ws", *PASSES, "peak"]
+             "row cache", "spectral ws", "exact ws", *PASSES, "peak"]
     for h in heads:
         t.add_column(h, justify="right")
     for s in mem.stages:
         pk = s.pass_peaks()
         t.add_row(str(s.stage), gb(s.weights), gb(s.factors), gb(s.activations), str(s.held), gb(s.backward),
-                  gb(s.cached), gb(max(s.finalize, s.spectral)), gb(s.exact), *[gb(pk[k]) for k in PASSES],
+                  gb(s.cached), gb(s.rows) + (" replay" if s.replay else " stream" if s.rows else ""),
+                  gb(max(s.finalize, s.spectral)), gb(s.exact), *[gb(pk[k]) for k in PASSES],
                   f"{gb(s.peak)} ({s.peak_pass})")
     c.print(t)
     worst = max(mem.stages, key=lambda s: s.peak)
     dm = est.device_memory
     line = (f"activations: what autograd keeps per micro-batch (sdpa's MATH kernel: scores B·heads·T² in float32), "
-            f"the layer outputs and input rows the collector keeps; spectral ws: the finalize copy of G and the "
+            f"the layer outputs and input rows the collector keeps; row cache: the statistics pass's rows a worker "
+            f"keeps on its device (row_cache_gb={est.workload.row_cache_bytes / 2**30:g}), replayed by the "
+            f"projections pass when they fit (replay: no activations then), else emptied at the budget (stream: the "
+            f"projections pass streams the batch again); spectral ws: the finalize copy of G and the "
             f"factors, or the SVD/eigensolver workspace; exact ws: forward-over-reverse with K = {est.workload.top_k} "
             f"tangents for one micro-batch, in exact_dtype={est.workload.exact_dtype} (parameters upcast for the "
             f"pass included). ")

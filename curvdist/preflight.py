@@ -250,7 +250,7 @@ def check_memory(cfg: RunConfig, plan) -> None:
     """Every stage's estimated peak fits the device memory (:mod:`curvdist.runner.estimate` says where the figure
     comes from at run time); the error names the stage, the pass, its largest parts and the fix."""
     from curvdist.runner.estimate import estimate
-    from curvdist.runner.memory import OverMemory
+    from curvdist.runner.memcheck import OverMemory
 
     if plan.arch is None:
         warnings.warn(f"device memory not checked: no memory model for family {plan.family!r}", MemoryCheckSkipped,

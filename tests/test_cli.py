@@ -77,9 +77,9 @@ def test_plan_llama2_7b():
 
 
 MEMORY_KEYS = ("weights", "factors", "activations_autograd", "activations", "activations_projections", "held",
-               "backward", "cached", "finalize", "spectral", "exact", "pass_peaks", "peak")
-COLUMNS = ("weights", "factors", "act/micro-batch", "in flight", "backward", "cached inputs", "spectral ws",
-           "exact ws", "statistics", "spectral", "projections", "exact", "peak")
+               "backward", "cached", "rows", "replay", "finalize", "spectral", "exact", "pass_peaks", "peak")
+COLUMNS = ("weights", "factors", "act/micro-batch", "in flight", "backward", "cached inputs", "row cache",
+           "spectral ws", "exact ws", "statistics", "spectral", "projections", "exact", "peak")
 
 
 def _check_layout_memory_estimate(p, table, stages, replicas):

@@ -46,6 +46,7 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.run_id == "007" and cfg.fisher == "mc" and cfg.mc_samples == 4 and cfg.exact is False
     assert load_config(None, ["layers=model.layers.0.*"]).layers == ["model.layers.0.*"]
     assert isinstance(load_config(None, ["factor_budget_gb=2"]).factor_budget_gb, float)
+    assert load_config(None, ["row_cache_gb=0"]).row_cache_gb == 0.0   # no row cache: the projections pass streams
 
 
 def test_model_path_replaces_builtin_name():
@@ -73,6 +74,8 @@ def test_model_path_replaces_builtin_name():
     (["layers=[]"], "layers", "null"),
     (["run_id=a/b"], "run_id", "letters"),
     (["ray.cpus_per_stage=0"], "ray.cpus_per_stage", "> 0"),
+    (["row_cache_gb=-1"], "row_cache_gb", ">= 0"),
+    (["row_cache_gb=.inf"], "row_cache_gb", "or 0 to keep no rows"),
     (["data=3"], "data", "mapping"),
     (["stages"], "stages", "key=value"),
 ])

@@ -1,6 +1,5 @@
 """Distributed equals local (SPEC §4.4): the Ray pipeline with 1, 2 and 3 stages gives the in-process numbers."""
 import json
-import os
 
 import pytest
 import torch
@@ -15,16 +14,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 COMMON = ["model.dtype=float64", "stat_dtype=float64", "top_k=6", "data.source=synthetic", "data.sequences=4",
           "data.seq_len=16", "data.micro_batch=2", "plots=false"]
-
-
-@pytest.fixture(scope="module")
-def ray_local(tmp_path_factory):
-    import ray
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ["CURVDIST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def in_process(cfg, exact_keys=None):
@@ -53,6 +42,29 @@ def close(a, b, rel=1e-6):
     if a is None or b is None:
         return a is None and b is None
     return abs(a - b) <= rel * max(abs(a), abs(b), 1e-300)
+
+
+def projections_passes(out, run_id):
+    """How each group's projections pass went: "replayed" (the statistics pass's kept rows) or "streamed"."""
+    timings = json.loads(query.read_run(out, run_id)["timings_json"])
+    return [p["projections"] for p in timings["passes"] if p["kind"] == "projections"]
+
+
+def assert_streamed_equal(over, replayed, tmp_path, row_cache_gb):
+    """The run of ``over`` with ``row_cache_gb`` (0, or too small for the rows) streams its projections pass and
+    gives every projected number of the ``replayed`` run's ``(layers, dirs)`` to 1e-12 in float64."""
+    out = tmp_path / "streamed"
+    run_id = driver.main(C.load_config(None, over + [f"row_cache_gb={row_cache_gb}", f"out={out}"]))
+    assert projections_passes(out, run_id) == ["streamed"]
+    layers, dirs = read(out, run_id)
+    assert set(dirs) == set(replayed[1])
+    for key, d in dirs.items():
+        for col in ("h_kron", "h_sop", "rayleigh_delta", "rayleigh_A", "lambda_A", "lambda_delta", "rho_A",
+                    "rho_delta", "phi"):
+            assert close(replayed[1][key][col], d[col], 1e-12), (key, col, replayed[1][key][col], d[col])
+    for name, r in layers.items():
+        for col in ("alpha_kron", "beta", "phi", "lambda_rel_err_A", "lambda_rel_err_delta"):
+            assert close(replayed[0][name][col], r[col], 1e-12), (name, col, replayed[0][name][col], r[col])
 
 
 EXACT_SOME = "exact_layers=[transformer.h.0.*,transformer.h.2.mlp.*,lm_head]"
@@ -121,12 +133,15 @@ def test_distributed_equals_in_process(ray_local, gpt2_v48, tmp_path, model, sta
     timings = json.loads(query.read_run(tmp_path, run_id)["timings_json"])
     assert timings["layout"]["replicas"] == replicas and timings["layout"]["stages"] == stages
     assert {p["kind"] for p in timings["passes"]} == {"stats", "projections", "exact"}
+    assert projections_passes(tmp_path, run_id) == ["replayed"]   # every worker's rows fit the default budget
     # one sweep per (source stage, micro-batch): the stages below the last that own exact layers, not per layer
     exact_pass = next(p for p in timings["passes"] if p["kind"] == "exact")
     sources = {layers[n]["stage"] for n in layers if layers[n]["stage"] < stages - 1
                and any(d["h"] is not None for (ln, _), d in dirs.items() if ln == n)}
     assert exact_pass["sweeps"] == len(sources) * timings["layout"]["microbatches"]
     assert exact_pass["exact_dtype"] == "float64" and (exact_pass["sent_bytes"] > 0) == bool(sources)
+    if (stages, fisher) == (1, "mc"):   # one stage: the replayed projections are those of a second pass
+        assert_streamed_equal(over + [exact], (layers, dirs), tmp_path, 0)
 
 
 def test_exact_subset_distributed_equals_in_process(ray_local, tmp_path):
@@ -166,7 +181,9 @@ def test_exact_subset_distributed_equals_in_process(ray_local, tmp_path):
 def test_sketch_mode_distributed_equals_in_process(ray_local, tmp_path):
     """factor_mode=sketch with 8 columns (the factors are 32- to 128-wide: genuinely approximated) on 2 stages × 2
     replicas: the seeded test matrices are the same on every replica, so the sketches and the projections pass's
-    Rayleigh–Ritz products add across replicas and give the in-process λ, their error estimates, ρ, β and φ."""
+    Rayleigh–Ritz products add across replicas and give the in-process λ, their error estimates, ρ, β and φ.  The
+    projections pass replays every worker's rows; with a row cache too small for them it streams the batch again
+    and gives the same numbers to 1e-12."""
     over = COMMON + ["model.name=tiny-gpt2", "stages=2", "replicas=2", "top_k=6", "factor_mode=sketch",
                      "sketch_rank=8", f"out={tmp_path}", "data.sequences=6", "exact=false"]
     cfg = C.load_config(None, over)
@@ -185,6 +202,8 @@ def test_sketch_mode_distributed_equals_in_process(ray_local, tmp_path):
     spectra = query.arrow(query.open(tmp_path).sql("select * from spectra")).to_pylist()
     assert {r["factor_mode"] for r in spectra} == {"sketch"}
     assert max(r["eigenvalue_err"] / r["eigenvalue"] for r in spectra if r["eigenvalue"] > 0) > 1e-6
+    assert projections_passes(tmp_path, run_id) == ["replayed"]
+    assert_streamed_equal(over, (layers, dirs), tmp_path, "0.0000001")   # ~100 bytes a worker: over at once
 
 
 def test_stage_reads_only_its_tensors(ray_local, tmp_path):
@@ -202,6 +221,44 @@ def test_stage_reads_only_its_tensors(ray_local, tmp_path):
     assert not any("embed_tokens" in n or "lm_head" in n for n in loaded)
     blocks = {int(n.split(".")[2]) for n in loaded}
     assert blocks == set(range(mid.first_block, mid.last_block + 1))
+
+
+def test_worker_replays_only_rows_it_holds(ray_local, tmp_path):
+    """One stage worker in-process: its projections replayed from the rows it kept equal a streamed pass's exactly;
+    a worker that has run no statistics pass since it started or was reset (a replacement) holds no rows, says so,
+    and refuses to replay (the driver streams then)."""
+    from curvdist.runner.spec import WorkerSpec
+    from curvdist.runner.worker import Worker
+    cfg = C.load_config(None, COMMON + ["model.name=tiny-gpt2", "fisher=mc", f"out={tmp_path}"])
+    index, (plan,) = driver.make_plan(cfg)
+    w = Worker(WorkerSpec.build(cfg, index.path, plan, stages=1, replica=0, replicas=1, layers=plan.layers,
+                                device="cpu", threads=1))
+    batches = D.make_batches(cfg.data, vocab_size=index.hf_config().vocab_size)
+
+    def stream(kind, replay=False):
+        w.begin_pass(kind, replay)
+        for b, (x, y) in enumerate([] if replay else batches):
+            w.loss_backward(b, x["input_ids"].numpy(), x["attention_mask"].numpy(), y.numpy())
+        return w.end_pass()
+
+    got = {}
+    for replay in (True, False):
+        stream("stats")
+        state = w.row_cache()
+        assert state.complete and state.nbytes > 0 and not state.reason
+        report = stream("projections", replay)
+        assert report.microbatches == (0 if replay else len(batches)) and w.rows is None   # freed either way
+        got[replay] = w.projections
+    assert set(got[True]) == set(got[False]) == set(plan.layers)
+    for name, p in got[False].items():
+        for key, want in vars(p).items():
+            assert (want is None) == (getattr(got[True][name], key) is None)
+            if want is not None:
+                assert torch.equal(getattr(got[True][name], key), want), (name, key)
+    w.reset()
+    assert not w.row_cache().complete and "no statistics pass" in w.row_cache().reason
+    with pytest.raises(RuntimeError, match="cannot replay"):
+        w.begin_pass("projections", True)
 
 
 def test_rerun_skips_written_layers(ray_local, tmp_path):

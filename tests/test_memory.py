@@ -14,7 +14,8 @@ from safetensors import safe_open
 from curvdist.config import load_config
 from curvdist.math.forward import second_order_attention
 from curvdist.runner import estimate, planning
-from curvdist.runner.memory import OverMemory, block_saved, check_memory, memory_plan
+from curvdist.runner.memcheck import OverMemory, check_memory
+from curvdist.runner.memory import block_saved, memory_plan
 from curvdist.runner.plan import Layout, resolve_layout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,6 +175,46 @@ def test_stage_memory_against_resident_memory(tmp_path):
         assert 0.9 < got.pop("activations") < 1.1, dtype        # measured 1.00–1.04
         for k, ratio in got.items():                             # backward 1.2–1.3, exact 1.26, spectral 0.94–1.06
             assert 0.75 < ratio < 1.5, (dtype, k, ratio)
+
+
+def test_row_cache_held_from_the_statistics_pass_to_a_replayed_projections_pass():
+    """row_cache_gb: each worker keeps r·R·Σ(n + f·m) bytes of rows (R rows per replica, f fisher seeds) on its
+    device through the spectral step; the replayed projections pass holds them and their K projections instead of
+    activations, the exact pass nothing.  Over the budget the statistics pass holds the budget at most and the
+    projections pass streams; row_cache_gb=0 counts nothing."""
+    over = ["data.sequences=64", "data.micro_batch=4", "data.seq_len=512", "exact=false"]
+    _, plan, est = _est(LLAMA7B, *over, "hardware.gpus=16", "layers=[model.layers.*.mlp.down_proj]",
+                        "fisher=mc", "mc_samples=2", "row_cache_gb=40")
+    lay, by = est.layout, {l.name: l for l in plan.layers}
+    assert lay.replicas == 2
+    rows, r = 32 * 512, 4                                # 64 sequences over 2 replicas, float32
+    for st, m in zip(plan.stages, est.memory.stages):
+        assert m.rows == r * rows * sum(by[n].n + 2 * by[n].m for n in st.layers) > 0
+        assert m.replay == rows * 20 * r and m.kept
+        pk = m.pass_peaks()
+        assert pk["projections"] == m.weights + m.ritz + m.rows + m.replay
+        assert pk["spectral"] == m.weights + m.factors + max(m.finalize, m.spectral) + m.rows
+    _, _, small = _est(LLAMA7B, *over, "hardware.gpus=16", "layers=[model.layers.*.mlp.down_proj]", "fisher=mc",
+                       "mc_samples=2", "row_cache_gb=0.5")
+    _, _, off = _est(LLAMA7B, *over, "hardware.gpus=16", "layers=[model.layers.*.mlp.down_proj]", "fisher=mc",
+                     "mc_samples=2", "row_cache_gb=0")
+    for a, b in zip(small.memory.stages, off.memory.stages):
+        assert (a.rows, a.replay, a.kept, b.rows, b.replay, b.kept) == (2**29, 0, False, 0, 0, False)
+        pa, pb = a.pass_peaks(), b.pass_peaks()
+        assert pa["statistics"] == pb["statistics"] + 2**29
+        assert pa["spectral"] == pb["spectral"] and pa["projections"] == pb["projections"]
+        assert pb["projections"] == b.weights + b.ritz + b.held * b.activations_projections + b.backward
+    assert all(s.pass_peaks()["exact"] == t.pass_peaks()["exact"] for s, t in zip(est.memory.stages,
+                                                                                 off.memory.stages))
+    # the cost estimate: a replayed projections pass sends nothing and runs no forward or backward
+    proj, streamed = est.cost.passes[2], off.cost.passes[2]
+    assert proj.replayed and not streamed.replayed and all(w.forward == w.sent == 0 for w in proj.stages)
+    assert [w.stat for w in proj.stages] == [w.stat for w in streamed.stages] and streamed.sent > 0
+    # a device the cache overfills: the message offers to turn it off, and without it the plan fits
+    device = int((max(s.peak for s in est.memory.stages) - 2**30) / 0.9)
+    with pytest.raises(OverMemory, match=r"fix: .*no row cache \(row_cache_gb=0: the projections pass streams"):
+        check_memory(est.memory, device, 0.9)
+    check_memory(off.memory, device, 0.9)
 
 
 # ---------------------------------------------------------------------------------------------- the check

@@ -27,7 +27,7 @@ HASH_DEFAULTS = {"gradient_labels": "true", "factor_mode": "auto", "sketch_rank"
 # decides, under factor_mode=auto, which factors are sketched; each row records its factor_mode and the error
 # estimate of a sketched λ_k, so a resumed run with another budget stays readable (factor_mode itself is hashed)
 HASH_EXCLUDE = ("out", "run_id", "plots", "ray", "stages", "replicas", "in_flight", "exact_chunk",
-                "factor_budget_gb", "hardware", "model.config_json",
+                "factor_budget_gb", "row_cache_gb", "hardware", "model.config_json",
                 "model.trust_remote_code")
 
 

@@ -330,6 +330,11 @@ class RunConfig(_Config):
                                   "with an error estimate, no d×d matrix), auto (dense when it fits, else sketched; "
                                   "a stage's largest factors are sketched until its layers need no more passes than "
                                   "if all were)", FACTOR_MODES)
+    row_cache_gb: float = _f(1.0, "memory budget in GiB, per stage worker and on its device, for the statistics "
+                                  "pass's input and error rows (4·R·Σ(n + m) bytes in float32 for R rows per "
+                                  "replica): when every worker's rows fit, the projections pass replays them "
+                                  "instead of a second forward and backward of the batch; 0: no cache (the "
+                                  "projections pass streams the batch again)")
     sketch_rank: int = _f(512, "columns l of a sketched factor's Nyström test matrix (memory 2·d·(l + 10) numbers "
                                "per factor; at least top_k + 2): larger l, smaller error on slowly decaying spectra")
     out: str = _f("out", "output directory of the Parquet dataset")
@@ -345,6 +350,10 @@ class RunConfig(_Config):
 
     def _validate(self) -> None:
         self._positive("stages", "top_k", "mc_samples", "factor_budget_gb", "replicas", "in_flight", "exact_chunk")
+        if self.row_cache_gb < 0 or not math.isfinite(self.row_cache_gb):
+            raise ConfigError("row_cache_gb", f"must be a finite number of GiB >= 0, got {self.row_cache_gb!r}; "
+                                              "e.g. row_cache_gb: 1.0 (the default), or 0 to keep no rows (the "
+                                              "projections pass then streams the batch again)")
         if self.sketch_rank < self.top_k + 2:
             raise ConfigError("sketch_rank", f"must be at least top_k + 2 = {self.top_k + 2} (the Nyström error "
                                              f"bound needs l > K + 1), got {self.sketch_rank}")

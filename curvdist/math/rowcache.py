@@ -13,7 +13,9 @@ Over the budget the cache empties itself and says so (``complete`` is False): th
     proj = collect_projections(..., rows=cache)       # replayed when cache.complete, else a second pass
 
 Cost: one (R, K) projection per row block instead of a forward and backward of the whole batch (measured in
-benchmarks/bench_kronecker.py and docs/design.md).  Memory: 4 · R · Σ_layers (m + n) bytes in float32.
+benchmarks/bench_kronecker.py, through the Ray runner in benchmarks/bench_pipeline.py --projections, and in
+docs/design.md).  Memory: 4 · R · Σ_layers (m + n) bytes in float32.  Every Ray stage worker keeps one for its
+layers (``row_cache_gb``, :mod:`curvdist.runner.worker`).
 """
 from __future__ import annotations
 

@@ -13,7 +13,9 @@ Per token of the evaluation batch, stage j with blocks b, h hidden, q = heads·h
     statistics     g·(F_j + n_b·B_j) + Σ_l (2mn + 2n² + n_f·2m²)   in stat dtype for the second part: G = Σ δaᵀ,
                    C_A = Σ aaᵀ, C_δ = Σ δδᵀ per row (a factor over budget is skipped); g pass groups, n_b backward
                    passes per micro-batch (1 empirical, 1 + mc_samples, 1 + W for type2), n_f fisher seeds
-    projections    g·(F_j + n_f·B_j) + Σ_l 2K(n + n_f·m)
+    projections    g·(F_j + n_f·B_j) + Σ_l 2K(n + n_f·m); replayed from the statistics pass's kept rows (every
+                   stage's fit row_cache_gb, :func:`curvdist.runner.memory.kept_rows`): the second part only, every
+                   stage at once, nothing sent between stages
     spectral       per layer: SVD of G, dense 6·M·N² + 20·N³ (R-SVD, M ≥ N) or randomized i·(4mnl + 4(m+n)l²)
                    (i = 5 iterations fp32, 25 fp64; l = K + 10); eigensolves of C_A, C_δ, dense 9d³ or block
                    Lanczos ~20 products of 2d²b + 4d·basis·b (b = K + 4); per layer, not per token
@@ -41,6 +43,7 @@ import math
 from dataclasses import dataclass
 
 from curvdist.math import modes as M
+from curvdist.runner.memory import kept_rows
 from curvdist.runner.plan import ITEMSIZE, Layout, Workload
 
 SOLVER_EFFICIENCY = 0.1
@@ -89,6 +92,7 @@ class PassCost:
     name: str
     stages: list[Work]          # one replica's stages (every replica does the same work on its micro-batches)
     steps: int                  # micro-batches one replica streams (1 for the spectral step)
+    replayed: bool = False      # the projections pass replays kept rows: no stream, every stage at once
 
     @property
     def flops(self) -> float:
@@ -100,7 +104,7 @@ class PassCost:
 
     def seconds(self, rate: Throughput, schedule: str) -> float:
         t = [w.seconds(rate) for w in self.stages]
-        if self.name == "spectral":
+        if self.name == "spectral" or self.replayed:
             return max(t)
         if schedule == "sequential":
             return sum(t)
@@ -194,6 +198,7 @@ def estimate_cost(plan, layout: Layout, workload: Workload, throughput: Throughp
     F = [f for f, _ in fwd]
     Bk = [f + 4.0 * T * arch.attn_dim * len(s.blocks) for f, s in zip(F, plan.stages)]
     ring = 2.0 * (R - 1) / R if R > 1 else 0.0
+    replayed = kept_rows(plan, workload, R)[1]       # the projections pass needs no forward and backward
 
     stats, proj, spec, exact = [], [], [], []
     owner = {n: s.index for s in plan.stages for n in s.layers}
@@ -209,10 +214,10 @@ def estimate_cost(plan, layout: Layout, workload: Workload, throughput: Throughp
         # sketched factors: Z = C V in the projections pass, 4·d·p FLOPs per row, d·p numbers reduced
         ritz = [(w, d * min(2 * M.sketch_rank(l.rank, d), d)) for l in mine
                 for d, w, mode in zip((l.n, l.m), (1, n_f), l.modes) if mode == "sketch"]
-        proj.append(Work(forward=tokens * groups * (F[j] + n_f * Bk[j]),
+        proj.append(Work(forward=0.0 if replayed else tokens * groups * (F[j] + n_f * Bk[j]),
                          stat=tokens * (sum(2.0 * K * (l.n + n_f * l.m) for l in mine)
                                         + sum(4.0 * w * dp for w, dp in ritz)),
-                         sent=groups * mb * hop * ((0 if last else 1) + (0 if first else n_f)),
+                         sent=0.0 if replayed else groups * mb * hop * ((0 if last else 1) + (0 if first else n_f)),
                          reduced=ring * (sum(3 * K * r for _ in mine) + sum(dp * r for _, dp in ritz))))
         solver = prods = 0.0
         for l in mine:
@@ -233,7 +238,8 @@ def estimate_cost(plan, layout: Layout, workload: Workload, throughput: Throughp
                 fl += tokens_x * (3.0 * F[j] + sum(K * (2.0 * d + 2.0 * (l.m + l.n)) for d, l in zip(down, local)))
         exact.append(Work(exact=fl, sent=sent, reduced=ring * 2 * K * 8 * len([l for l in exact_layers
                                                                                    if owner[l.name] == j])))
-    passes = [PassCost("statistics", stats, mb), PassCost("spectral", spec, 1), PassCost("projections", proj, mb)]
+    passes = [PassCost("statistics", stats, mb), PassCost("spectral", spec, 1),
+              PassCost("projections", proj, mb, replayed)]
     if workload.exact:
         passes.append(PassCost("exact", exact, mb_x))
     return CostPlan(layout, passes, throughput)

@@ -6,10 +6,11 @@
 Flow: checkpoint index (no weights) → stage plan (contiguous blocks balanced by parameter and factor bytes) →
 Ray (a local cluster unless ``ray.address`` is given) → one :class:`curvdist.runner.worker.Worker` actor per stage in a
 placement group (both held by a :class:`curvdist.runner.session.Session`, which a trajectory keeps across its
-checkpoints) → pass 1 (statistics) → spectral work on every stage in parallel → pass 2 (projections) →
-exact curvature (forward tangents carried stage to stage, then the reverse pass with tangent adjoints) → each stage's
-rows written to the Parquet store as soon as they arrive.  Layers already written under the same run id are skipped,
-so rerunning after a crash only does what is missing.
+checkpoints) → pass 1 (statistics; each worker keeps its rows within ``row_cache_gb``) → spectral work on every
+stage in parallel → pass 2 (projections: replayed from the kept rows when every worker holds all of its own, else
+streamed again) → exact curvature (forward tangents carried stage to stage, then the reverse pass with tangent
+adjoints) → each stage's rows written to the Parquet store as soon as they arrive.  Layers already written under
+the same run id are skipped, so rerunning after a crash only does what is missing.
 """
 from __future__ import annotations
 
@@ -221,10 +222,17 @@ def run_group(ctx: GroupContext, actors: list) -> None:
         for kind in ("stats", "projections"):
             task = progress.add_task(f"{label}: pass {kind}", total=len(ctx.batches))
             t0 = time.perf_counter()
-            ray.get([a.begin_pass.remote(kind) for a in actors])
-            stream(pipelines, ctx.batches, pl.in_flight, progress, task, transport=pl.transport)
+            # projections: replayed from every worker's kept rows when all of them hold their statistics pass's
+            # rows (a replacement that has not run it, or a cache over row_cache_gb, holds none), else streamed
+            caches = ray.get([a.row_cache.remote() for a in actors]) if kind == "projections" else None
+            replay = caches is not None and all(c.complete for c in caches)
+            ray.get([a.begin_pass.remote(kind, replay) for a in actors])
+            if replay:
+                progress.update(task, completed=len(ctx.batches))
+            else:
+                stream(pipelines, ctx.batches, pl.in_flight, progress, task, transport=pl.transport)
             reports = ray.get([a.end_pass.remote() for a in actors])
-            _record_pass(ctx.timings, kind, ctx.group, time.perf_counter() - t0, reports)
+            _record_pass(ctx.timings, kind, ctx.group, time.perf_counter() - t0, reports, caches)
         _write_rows(ctx, pipelines[0], "kronecker")
         if ctx.cfg.exact:
             t0 = time.perf_counter()
@@ -251,15 +259,24 @@ def _join_replicas(pipelines: list[list]) -> None:
     ray.get([a.join_replicas.remote(*addrs[j]) for r in pipelines for j, a in enumerate(r)])
 
 
-def _record_pass(timings: dict, kind: str, group: int, wall: float, reports: list) -> None:
-    """Per pass: wall time, each worker's busy time (inside its forward/backward calls) and the busy fraction
-    Σ busy / (wall × workers)."""
+def _record_pass(timings: dict, kind: str, group: int, wall: float, reports: list, caches: list | None = None
+                 ) -> None:
+    """Per pass: wall time, each worker's busy time (inside its forward/backward calls, or its replay of kept rows)
+    and the busy fraction Σ busy / (wall × workers); for the projections pass (``caches``: each worker's
+    :class:`curvdist.runner.worker.RowCacheState`) whether it was ``replayed`` from the statistics pass's rows or
+    ``streamed``, the bytes of rows each worker held and, when streamed, why."""
     busy = [round(r.busy_s, 4) for r in reports]
     timings[f"{kind}_s"] = timings.get(f"{kind}_s", 0.0) + wall
-    timings.setdefault("passes", []).append({
-        "group": group, "kind": kind, "wall_s": round(wall, 4), "busy_s": busy,
-        "workers": [f"s{r.stage}r{r.replica}" for r in reports],
-        "busy_fraction": round(sum(r.busy_s for r in reports) / (wall * len(reports)), 4) if wall > 0 else None})
+    record = {"group": group, "kind": kind, "wall_s": round(wall, 4), "busy_s": busy,
+              "workers": [f"s{r.stage}r{r.replica}" for r in reports],
+              "busy_fraction": round(sum(r.busy_s for r in reports) / (wall * len(reports)), 4) if wall > 0 else None}
+    if caches is not None:
+        replayed = all(c.complete for c in caches)
+        record |= {"projections": "replayed" if replayed else "streamed",
+                   "row_cache_bytes": [c.nbytes for c in caches]}
+        if not replayed:
+            record["streamed_because"] = "; ".join(c.reason for c in caches if not c.complete)
+    timings.setdefault("passes", []).append(record)
 
 
 def _write_rows(ctx: GroupContext, workers: list, phase: str, first: int = 0) -> None:

@@ -5,7 +5,7 @@ preflight checks before Ray starts.
     est = estimate(cfg, plan)                    # for `curvdist plan`: device memory from hardware.* (or the host)
     est = estimate(cfg, plan, at_run_time=True)  # for a run: read from the device the driver sees
     est.memory.peak, est.cost.total_s("pipelined"), est.device_memory.bytes
-    est.check()                                  # raises memory.OverMemory (one line, the fix) when a stage won't fit
+    est.check()                                  # raises memcheck.OverMemory (one line, the fix) when a stage won't fit
 
 Device memory, first that applies: ``hardware.device_memory_gb``; at run time with device=cuda, the total memory of
 the GPU the driver sees (``torch.cuda.get_device_properties``; on a remote cluster the driver may see none, or another
@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from curvdist.config import RunConfig
 from curvdist.runner import devices
 from curvdist.runner.cost import CostPlan, Throughput, estimate_cost
-from curvdist.runner.memory import MemoryPlan, check_memory, memory_plan
+from curvdist.runner.memcheck import check_memory
+from curvdist.runner.memory import MemoryPlan, memory_plan
 from curvdist.runner.plan import Layout, Workload, resolve_layout
 
 
@@ -47,7 +48,7 @@ class Estimate:
     num_blocks: int
 
     def check(self) -> None:
-        """:class:`curvdist.runner.memory.OverMemory` when the plan exceeds the device memory (no-op if unknown)."""
+        """:class:`curvdist.runner.memcheck.OverMemory` when the plan exceeds the device memory (no-op if unknown)."""
         if self.device_memory.bytes is None:
             return
         check_memory(self.memory, self.device_memory.bytes, self.fraction, shared_host=self.device_memory.shared_host,
@@ -80,7 +81,7 @@ def workload_of(cfg: RunConfig) -> Workload:
     d = cfg.data
     return Workload(d.sequences, d.seq_len, d.micro_batch, cfg.top_k, cfg.fisher, cfg.mc_samples, cfg.exact,
                     None if cfg.exact_layers is None else tuple(cfg.exact_layers), cfg.exact_chunk,
-                    d.exact_sequences, cfg.exact_dtype)
+                    d.exact_sequences, cfg.exact_dtype, int(cfg.row_cache_gb * 2**30))
 
 
 def device_kind(cfg: RunConfig) -> str:

@@ -3,7 +3,7 @@ no Ray, no IO).
 
     mem = memory_plan(plan, layout, workload, device="cuda")   # plan: curvdist.runner.planning.Plan
     mem.stages[0].peak, mem.stages[0].pass_peaks()             # bytes
-    check_memory(mem, device_bytes=80e9, fraction=0.9)         # raises OverMemory with the fix in one line
+    check_memory(mem, device_bytes=80e9, fraction=0.9)         # curvdist.runner.memcheck: OverMemory, the fix
 
 Per stage j, with B micro_batch, T seq_len, t = B·T tokens per micro-batch, M_r micro-batches per replica, F in flight:
 
@@ -20,15 +20,23 @@ Per stage j, with B micro_batch, T seq_len, t = B·T tokens per micro-batch, M_r
                  rows and G update, t · m · r + m · n · r  (r: stat itemsize)
     cached       every micro-batch's stage input, t · h · max(4, s) each (hidden states travel between stages as
                  float32 numpy arrays and are kept as received, in host memory), M_r of them, for the exact pass
+    rows         the row cache (``row_cache_gb``, :mod:`curvdist.math.rowcache`): the statistics pass's input and
+                 fisher error rows of the largest group on the device, r · R · Σ_l (n + f·m) with R = M_r · t rows
+                 and f fisher seeds per micro-batch (1 for empirical: 4·R·Σ(m+n) in float32, :func:`kept_rows`),
+                 kept to the projections pass when they fit the budget; over it, at most the budget until the cache
+                 empties itself
+    replay       the projections pass replayed from the rows (only when every stage's fit: the driver replays when
+                 every worker holds all of its rows, else streams): a layer's projected input rows, R · K · r
     finalize     G, C_A, C_δ again: ``finalize`` normalises into new tensors while the running sums are alive
     spectral     the largest layer's SVD of G and eigensolve workspace (:func:`spectral_workspace`)
     exact        forward-over-reverse through the stage for K directions and one micro-batch
                  (:func:`exact_route_bytes`; the last stage's own layers: :func:`exact_local_bytes`)
 
-    pass peaks   statistics  = weights + factors + held · activations + backward
-                 spectral    = weights + factors + max(finalize, spectral)
-                 projections = weights + ritz + held · activations(projections) + backward
-                 exact       = weights + exact
+    pass peaks   statistics  = weights + factors + held · activations + backward + rows
+                 spectral    = weights + factors + max(finalize, spectral) + rows          (the stage's rows fit)
+                 projections = weights + ritz + rows + replay                               (replayed)
+                             = weights + ritz + held · activations(projections) + backward  (streamed)
+                 exact       = weights + exact                                              (the rows are freed)
                  (+ cached in every pass when the stage's device is the host, i.e. device=cpu)
 
 Activations: elements autograd saves per token and block (transformers' blocks, sdpa through the MATH kernel, which
@@ -76,10 +84,6 @@ EIGVALS_DENSE_BELOW_CPU = 640   # eigenvalues.EXACT_EIGVALS_BELOW (float32; floa
 _OUTPUT_SAVED = ("mlp_up", "mlp_gate", "head")
 
 
-class OverMemory(ValueError):
-    """A stage's planned peak exceeds the device memory; the message names the fix (one line)."""
-
-
 @dataclass(frozen=True)
 class BlockSaved:
     """Elements autograd saves per token for one block: ``fwd`` in the forward dtype, ``up`` in float32 (or wider),
@@ -125,13 +129,18 @@ class StageMemory:
     spectral: int
     exact: int
     ritz: int = 0                  # projections pass: Rayleigh–Ritz bases and products of sketched factors
+    rows: int = 0                  # the row cache at its largest (at most row_cache_gb)
+    replay: int = 0                # projections replayed from the kept rows: their workspace (0: streamed)
+    kept: bool = False             # the stage's rows fit: held through the spectral step
 
     def pass_peaks(self) -> dict[str, int]:
         c = self.cached if self.cached_on_device else 0
-        return {"statistics": self.weights + self.factors + self.held * self.activations + self.backward + c,
-                "spectral": self.weights + self.factors + max(self.finalize, self.spectral) + c,
-                "projections": self.weights + self.ritz + self.held * self.activations_projections + self.backward
-                + c,
+        kept = self.rows if self.kept else 0
+        proj = self.rows + self.replay if self.replay else self.held * self.activations_projections + self.backward
+        return {"statistics": self.weights + self.factors + self.held * self.activations + self.backward
+                + self.rows + c,
+                "spectral": self.weights + self.factors + max(self.finalize, self.spectral) + kept + c,
+                "projections": self.weights + self.ritz + proj + c,
                 "exact": self.weights + self.exact + c}
 
     @property
@@ -146,15 +155,18 @@ class StageMemory:
     def components(self, kind: str) -> dict[str, int]:
         """What the peak of pass ``kind`` is made of."""
         c = {"cached inputs": self.cached} if self.cached_on_device else {}
+        rows = {"row cache": self.rows} if self.rows else {}
         if kind == "statistics":
             return {"weights": self.weights, "factors": self.factors,
                     f"activations ({self.held} in flight)": self.held * self.activations, "backward": self.backward,
-                    **c}
+                    **rows, **c}
         if kind == "spectral":
             return {"weights": self.weights, "factors": self.factors,
-                    "spectral workspace": max(self.finalize, self.spectral), **c}
+                    "spectral workspace": max(self.finalize, self.spectral), **(rows if self.kept else {}), **c}
         if kind == "projections":
             ritz = {"sketch Rayleigh-Ritz": self.ritz} if self.ritz else {}
+            if self.replay:
+                return {"weights": self.weights, **rows, "replay": self.replay, **ritz, **c}
             return {"weights": self.weights, f"activations ({self.held} in flight)":
                     self.held * self.activations_projections, "backward": self.backward, **ritz, **c}
         return {"weights": self.weights, "exact workspace": self.exact, **c}
@@ -280,6 +292,19 @@ def sweep_tangents(plan, workload: Workload, stage: int) -> int:
     return most
 
 
+def kept_rows(plan, workload: Workload, replicas: int) -> tuple[list[int], bool]:
+    """Per stage, the bytes of the statistics pass's rows one worker keeps for the projections pass (its largest
+    group's r·R·Σ_l (n + f·m), R = M_r·t rows per replica, f fisher seeds), and whether the projections pass replays
+    them: every stage's fit ``row_cache_bytes`` (the driver replays only when every worker holds all of its rows)."""
+    f = workload.seeds(plan.arch.logit_width)[1]
+    R = math.ceil(workload.microbatches / replicas) * workload.tokens_per_microbatch
+    by_name = {l.name: l for l in plan.layers}
+    per_row = [max((sum(by_name[n].n + f * by_name[n].m for n in p) for p in st.passes), default=0)
+               for st in plan.stages]
+    full = [R * ITEMSIZE[plan.stat_dtype] * x for x in per_row]
+    return full, workload.row_cache_bytes > 0 and all(b <= workload.row_cache_bytes for b in full)
+
+
 # ------------------------------------------------------------------------------------------------------- model
 def memory_plan(plan, layout: Layout, workload: Workload, device: str) -> MemoryPlan:
     """Every stage's memory (``plan``: :class:`curvdist.runner.planning.Plan`, with its ``arch``)."""
@@ -295,6 +320,7 @@ def memory_plan(plan, layout: Layout, workload: Workload, device: str) -> Memory
     width = 0 if arch.logits_per_sequence else arch.logit_width
     by_name = {l.name: l for l in plan.layers}
     last_index = len(plan.stages) - 1
+    rows_all, replayed = kept_rows(plan, workload, layout.replicas)
     out = []
     for st in plan.stages:
         nblocks = st.last_block - st.first_block + 1
@@ -314,6 +340,9 @@ def memory_plan(plan, layout: Layout, workload: Workload, device: str) -> Memory
                                                           default=0) for g in groups)
         held_out = max(sum(l.m for l in g if plan.layer_types.get(l.name) not in _OUTPUT_SAVED) for g in groups)
         rows_stats = max(sum(l.n for l in g) for g in groups) * r
+        rows = min(rows_all[st.index], workload.row_cache_bytes)
+        kept = 0 < workload.row_cache_bytes and rows_all[st.index] <= workload.row_cache_bytes
+        replay = mb * t * k * r if replayed else 0
         rows_proj = max(len(g) for g in groups) * k * r
         stats_act = act_autograd + t * (held_out * s + rows_stats)
         proj_act = act_autograd + t * (held_out * s + rows_proj)
@@ -343,63 +372,6 @@ def memory_plan(plan, layout: Layout, workload: Workload, device: str) -> Memory
             exact += st.param_bytes * (xs - s) // s
         out.append(StageMemory(st.index, layout.held(st.index, mb), st.param_bytes, factors, act_autograd, stats_act,
                                proj_act,
-                               backward, cached, device != "cuda", factors, spectral, exact, ritz))
+                               backward, cached, device != "cuda", factors, spectral, exact, ritz, rows, replay,
+                               kept))
     return MemoryPlan(layout, device, out)
-
-
-# ------------------------------------------------------------------------------------------------------- check
-def _gb(b: float) -> str:
-    return f"{b / 1e9:.1f} GB" if b >= 1e9 else f"{b / 1e9:.3g} GB"
-
-
-def check_memory(mem: MemoryPlan, device_bytes: int, fraction: float = 0.9, *, shared_host: bool = False,
-                 workload: Workload | None = None, factor_budget_gb: float | None = None,
-                 num_blocks: int | None = None) -> None:
-    """Raise :class:`OverMemory` when a stage's peak exceeds ``fraction`` of ``device_bytes`` (or, when every stage
-    shares one host, ``shared_host``, when their sum does).  The message is one line: the stage, the pass, its
-    largest parts, and fixes for the largest part, with numbers from scaling that part linearly (activations and the
-    exact workspace with the micro-batch, activations with the micro-batches in flight, factors with the factor
-    budget, everything with 1/stages)."""
-    usable = device_bytes * fraction
-    worst = max(mem.stages, key=lambda s: s.peak)
-    if shared_host:
-        need = mem.host_total
-        where = (f"{len(mem.stages)} stage(s) × {mem.layout.replicas} replica(s) sharing this host need "
-                 f"{_gb(need)} at their peaks")
-    else:
-        need = worst.peak
-        where = f"stage {worst.stage} needs {_gb(need)} in the {worst.peak_pass} pass"
-    if need <= usable:
-        return
-    kind = worst.peak_pass
-    peak = worst.pass_peaks()[kind]
-    parts = worst.components(kind)
-    top = sorted(parts.items(), key=lambda kv: -kv[1])
-    room = usable * peak / need                   # what the worst stage may hold (its share of a shared host)
-    name, part = top[0]
-    fixes = []
-    if name.startswith("activations") or name == "exact workspace":
-        scalable = part + (worst.backward if name.startswith("activations") else 0)
-        frac = (room - (peak - scalable)) / scalable
-        if workload is not None and math.floor(workload.micro_batch * frac) >= 1:
-            fixes.append(f"a smaller micro-batch (data.micro_batch={math.floor(workload.micro_batch * frac)})")
-        f = math.floor(worst.held * (room - (peak - part)) / part) if name.startswith("activations") else 0
-        if 1 <= f < worst.held:
-            fixes.append(f"fewer micro-batches in flight (in_flight={f})")
-        if name == "exact workspace":
-            fixes.append("fewer directions per exact sweep (exact_chunk), fewer directions (top_k) or fewer "
-                         "exact_layers")
-    elif name in ("factors", "spectral workspace"):
-        both = worst.factors + (parts.get("spectral workspace", 0) if kind == "spectral" else 0)
-        target = (factor_budget_gb or 0) * (room - (peak - both)) / both
-        fixes.append(f"fewer layers per pass (factor_budget_gb={target:.3g})" if target > 0 else
-                     "fewer layers per pass (a smaller factor_budget_gb)")
-    stages = len(mem.stages)
-    more = max(stages + 1, math.ceil(stages * need / usable))
-    if num_blocks is None or more <= num_blocks:
-        fixes.append(f"more stages (stages={more})")
-    if not fixes:
-        fixes.append("a device with more memory, or a smaller micro-batch")
-    listed = ", ".join(f"{n} {_gb(v)}" for n, v in top[:3])
-    raise OverMemory(f"{where} ({listed}) but a device has {_gb(device_bytes)}, {fraction:.0%} usable "
-                     f"({_gb(usable)}); fix: {' or '.join(fixes)}")

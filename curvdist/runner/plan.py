@@ -262,6 +262,7 @@ class Workload:
     exact_chunk: int | None = None       # directions per exact sweep (None: all of a source stage's)
     exact_sequences: int | None = None   # sequences of the exact pass (None: all), whole micro-batches
     exact_dtype: str = "float32"         # precision of the exact HVPs (config exact_dtype: float32, float64, model)
+    row_cache_bytes: int = 0             # the statistics pass's rows kept per worker for the projections pass
 
     @property
     def microbatches(self) -> int:

@@ -14,7 +14,9 @@ Several micro-batches may be in flight on one stage (the 1F1B schedule runs the 
 before the backward of an earlier one); the statistics collector keeps their rows apart by micro-batch.  Error
 seeds come from :func:`curvdist.math.sequence.measurement_seeds`, a function of the micro-batch index alone, so any
 schedule and any number of replicas give the numbers of the in-process route.  At the end of a pass the R
-replicas of this stage add their sums (:mod:`curvdist.runner.collective`) before anything is normalised.
+replicas of this stage add their sums (:mod:`curvdist.runner.collective`) before anything is normalised.  The
+statistics pass keeps its rows within ``spec.row_cache_bytes`` (:mod:`curvdist.math.rowcache`); the projections pass
+replays them, with no call per micro-batch, when the driver finds that every worker holds all of its own.
 Tensors travel between stages as the run's transport carries them (:mod:`curvdist.runner.transport`): NumPy
 arrays through Ray's object store (bfloat16 widened to float32 and cast back), or tensors actor to actor.
 """
@@ -32,6 +34,7 @@ from curvdist.io import checkpoint
 from curvdist.io.slice import build_slice, reload_weights
 from curvdist.math import families, forward, losses
 from curvdist.math.factors import StatisticsCollector
+from curvdist.math.rowcache import RowCache
 from curvdist.math.sequence import assemble_rows, exact_layer_names, measurement_seeds, spectral_steps
 from curvdist.runner import transport
 from curvdist.runner.collective import ReplicaGroup, free_port
@@ -57,6 +60,17 @@ class PassReport:
     busy_s: float
     wall_s: float
     microbatches: int
+
+
+@dataclass(frozen=True)
+class RowCacheState:
+    """What a worker's row cache holds before the projections pass (:meth:`Worker.row_cache`): ``complete`` when
+    every row of its statistics pass is kept, so that the pass can be replayed; else ``reason`` says why not."""
+    stage: int
+    replica: int
+    complete: bool
+    nbytes: int
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -109,6 +123,7 @@ class Worker(ExactSteps):
         self.weight_loads = 0
         self.group = ReplicaGroup(1, self.device)
         self.collector: StatisticsCollector | None = None
+        self.rows: RowCache | None = None   # the statistics pass's rows, until the projections pass begins
         self._pass = ""
         self.reset()
         self.set_layers(list(spec.layers))
@@ -157,7 +172,7 @@ class Worker(ExactSteps):
         driver can replay the group from its start after another worker was replaced."""
         if self.collector is not None:
             self.collector.detach()
-        self.collector = None
+        self.collector, self.rows = None, None
         self._mb: dict[int, dict] = {}               # micro-batches in flight: their stage input and output
         self._inputs: dict[int, tuple] = {}          # micro-batch → (stage input, attention mask), from pass 1
         self._targets: dict[int, np.ndarray] = {}    # last stage: micro-batch → targets, from pass 1
@@ -197,23 +212,48 @@ class Worker(ExactSteps):
                 dist.destroy_process_group()
 
     # ------------------------------------------------------------------ statistics and projections passes
-    def begin_pass(self, kind: str) -> None:
-        """``kind`` = "stats" (G, C_A, C_δ, each dense or sketched as the plan says) or "projections" (Rayleigh
-        quotients and h^SoP along the directions, and the Rayleigh–Ritz products of sketched factors)."""
+    def begin_pass(self, kind: str, replay: bool = False) -> None:
+        """``kind`` = "stats" (G, C_A, C_δ, each dense or sketched as the plan says; the rows are kept within
+        ``spec.row_cache_bytes``, :mod:`curvdist.math.rowcache`) or "projections" (Rayleigh quotients and h^SoP
+        along the directions, and the Rayleigh–Ritz products of sketched factors).  ``replay``: the projections
+        are fed the kept rows here (the same rows in the same order as the micro-batches a stream would send, so
+        the same sums); the driver then streams nothing.  Either way the rows are freed here."""
         self._pass, self._busy, self._count = kind, 0.0, 0
         self._t_pass = time.perf_counter()
         if kind == "stats":
             self._inputs, self._targets, self._n_terms = {}, {}, {}
+            self.rows = RowCache(self.spec.row_cache_bytes) if self.spec.row_cache_bytes > 0 else None
             self.collector = StatisticsCollector(
                 self.layers, stat_dtype=self.stat_dtype, factor_budget_bytes=self.spec.factor_budget_bytes,
                 factor_mode=self.spec.factor_mode, factor_modes={n: (a, d) for n, a, d in self.spec.factor_modes},
-                sketch_rank=self.m.sketch_rank, seed=self.m.seed, device=self.device)
+                sketch_rank=self.m.sketch_rank, seed=self.m.seed, device=self.device, row_cache=self.rows)
         else:
             dirs = {n: sp.directions for n, sp in self.spectra.items() if sp.directions is not None}
             bases = {n: self.spectra[n].bases for n in dirs if self.spectra[n].bases}
             self.collector = StatisticsCollector({n: self.layers[n] for n in dirs}, stat_dtype=self.stat_dtype,
                                                  dense=False, directions=dirs, bases=bases, device=self.device)
+            state, rows, self.rows = self.row_cache(), self.rows, None
+            if replay:
+                if not state.complete:
+                    raise RuntimeError(f"stage {self.spec.stage} replica {self.spec.replica}: cannot replay the "
+                                       f"statistics pass's rows: {state.reason}")
+                t0 = time.perf_counter()
+                if rows.n_terms:   # a replica that got no micro-batch has nothing to replay, as nothing to stream
+                    rows.replay(self.collector)
+                self._busy += time.perf_counter() - t0
+            del rows
         self.collector.attach()
+
+    def row_cache(self) -> RowCacheState:
+        """Whether this worker holds every row of its last statistics pass (asked by the driver before the
+        projections pass: it replays only when every worker does)."""
+        c, budget = self.rows, self.spec.row_cache_bytes
+        if c is None:
+            why = "row_cache_gb=0" if budget <= 0 else "no statistics pass since the worker started or was reset"
+        else:
+            why = "" if not c.overflowed else f"its rows outgrew row_cache_gb={budget / 2**30:.3g}"
+        return RowCacheState(self.spec.stage, self.spec.replica, not why, 0 if c is None else c.nbytes,
+                             why and f"s{self.spec.stage}r{self.spec.replica}: {why}")
 
     def _input(self, x) -> torch.Tensor:
         t = torch.as_tensor(x)
