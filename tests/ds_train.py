@@ -31,6 +31,11 @@ SIZES = {  # family → config kwargs; "big" sizes one stage visibly below the w
 }
 
 
+# curvdist run overrides of the tests that measure these checkpoints (tests/test_zero.py, tests/test_trajectory.py):
+# float64 throughout, K = 6, 4 synthetic sequences of 16 tokens in micro-batches of 2
+RUN = ["model.dtype=float64", "stat_dtype=float64", "top_k=6", "data.source=synthetic", "data.sequences=4",
+       "data.seq_len=16", "data.micro_batch=2", "plots=false"]
+
 def make_model(family: str):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)

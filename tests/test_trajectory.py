@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ds_train import RUN
 
 from curvdist import config as C
 from curvdist.io import checkpoint as ckpt
@@ -24,10 +25,6 @@ pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).parent
 PY = sys.executable
-COMMON = ["model.dtype=float64", "stat_dtype=float64", "top_k=6", "data.source=synthetic", "data.sequences=4",
-          "data.seq_len=16", "data.micro_batch=2", "plots=false"]
-
-
 
 
 def test_reload_weights_in_place_equals_a_fresh_build(ds_runs):
@@ -68,7 +65,7 @@ def test_trajectory_keeps_its_actors_and_equals_separate_runs(ray_local, ds_runs
     """The 3 checkpoints measured as one trajectory (exact h on block 1): the stage actors are started once (the
     same worker processes measure every step; the first run records a full set-up, the later ones a weight swap
     timed beside it), and every step's rows equal its separate run to 1e-6."""
-    cfg = C.load_config(None, COMMON + ["stages=2", "exact_layers=['*.1.*']", "run_id=traj", "model.name=null",
+    cfg = C.load_config(None, RUN + ["stages=2", "exact_layers=['*.1.*']", "run_id=traj", "model.name=null",
                                         f"out={tmp_path / 'traj'}",
                                         f"model.checkpoints=[{ds_runs['zero2']}/global_step*]"])
     assert driver.main(cfg) == "traj-step3"
@@ -81,7 +78,7 @@ def test_trajectory_keeps_its_actors_and_equals_separate_runs(ray_local, ds_runs
     traj = {(r["step"], r["layer"]): r for r in query.arrow(con.sql("select * from layers")).to_pylist()}
     dirs = {(r["run_id"], r["layer"], r["k"]): r for r in query.arrow(con.sql("select * from directions")).to_pylist()}
     for step in (1, 2, 3):
-        one = C.load_config(None, COMMON + ["stages=2", "exact_layers=['*.1.*']", f"out={tmp_path / f'one{step}'}",
+        one = C.load_config(None, RUN + ["stages=2", "exact_layers=['*.1.*']", f"out={tmp_path / f'one{step}'}",
                                             f"model.path={ds_runs['zero2']}/global_step{step}"])
         run_id = driver.main(one)
         c1 = query.open(tmp_path / f"one{step}")
@@ -108,7 +105,7 @@ def test_checkpoints_of_two_architectures_are_refused(ds_runs, tmp_path):
     conf = json.loads((b / "config.json").read_text())
     (b / "config.json").write_text(json.dumps(dict(conf, rms_norm_eps=conf["rms_norm_eps"] * 10)))
     out = tmp_path / "out"
-    cfg = C.load_config(None, COMMON + ["stages=2", f"out={out}", "model.name=null",
+    cfg = C.load_config(None, RUN + ["stages=2", f"out={out}", "model.name=null",
                                         f"model.checkpoints=[{a},{b}]"])
     with pytest.raises(ValueError, match=r"checkpoint-2 has another architecture than .*checkpoint-1 .*rms_norm_eps"
                                          r".*separate trajectories"):
@@ -125,7 +122,7 @@ def test_trajectory_resumed_after_sigkill_equals_separate_runs(ray_local, ds_run
     import time
 
     from curvdist.runner import trajectory
-    over = COMMON + ["stages=2", "exact=false", "run_id=traj", f"out={tmp_path / 'traj'}", "model.name=null",
+    over = RUN + ["stages=2", "exact=false", "run_id=traj", f"out={tmp_path / 'traj'}", "model.name=null",
                      f"model.checkpoints=[{ds_runs['zero2']}/global_step*]"]
     cfg = C.load_config(None, over)
     assert [s for s, _ in trajectory.checkpoints(cfg.model)] == [1, 2, 3]
@@ -151,7 +148,7 @@ def test_trajectory_resumed_after_sigkill_equals_separate_runs(ray_local, ds_run
         [("traj-step1", 1), ("traj-step2", 2), ("traj-step3", 3)]
     traj = {(r["step"], r["layer"]): r for r in query.arrow(con.sql("select * from layers")).to_pylist()}
     for step in (1, 2, 3):
-        one = C.load_config(None, COMMON + ["stages=2", "exact=false", f"out={tmp_path / f'one{step}'}",
+        one = C.load_config(None, RUN + ["stages=2", "exact=false", f"out={tmp_path / f'one{step}'}",
                                             f"model.path={ds_runs['zero2']}/global_step{step}"])
         run_id = driver.main(one)
         rows = query.arrow(query.open(tmp_path / f"one{step}").sql("select * from layers")).to_pylist()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ds_train import launch
+from ds_train import RUN, launch
 from safetensors.torch import load_file
 
 from curvdist import config as C
@@ -27,10 +27,6 @@ pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).parent
 PY = sys.executable
-COMMON = ["model.dtype=float64", "stat_dtype=float64", "top_k=6", "data.source=synthetic", "data.sequences=4",
-          "data.seq_len=16", "data.micro_batch=2", "plots=false"]
-
-
 
 
 @pytest.mark.parametrize("kind,tag", [("zero2", "global_step3"), ("zero3", "global_step2")])
@@ -131,7 +127,7 @@ def _runs_equal(a: Path, b: Path, tmp_path: Path, *, exact: bool) -> None:
     """`curvdist run` on ``a`` and on ``b`` (2 stages, exact h on block 1) give the same rows to 1e-6."""
     res = {}
     for name, path in (("a", a), ("b", b)):
-        cfg = C.load_config(None, COMMON + [f"model.path={path}", "stages=2", f"out={tmp_path / name}",
+        cfg = C.load_config(None, RUN + [f"model.path={path}", "stages=2", f"out={tmp_path / name}",
                                             "exact_layers=['*.1.*']"])
         assert driver.main(cfg)
         con = query.open(tmp_path / name)

@@ -83,12 +83,14 @@ _NOT_ARCHITECTURE = frozenset({"_name_or_path", "transformers_version", "torch_d
 def same_architecture(checked: list[tuple[str, object]]) -> None:
     """Every ``(path, CheckpointIndex)`` has the first one's architecture: its config.json (apart from
     :data:`_NOT_ARCHITECTURE`) and its tensors' names and shapes.  Raises ValueError naming both checkpoints."""
+    def described(idx) -> tuple[dict, dict]:
+        return ({k: v for k, v in idx.config.items() if k not in _NOT_ARCHITECTURE},
+                {c: idx.tensors[s].shape for c, s in idx.names.items()})
+
     (p0, i0), rest = checked[0], checked[1:]
-    arch0 = {k: v for k, v in i0.config.items() if k not in _NOT_ARCHITECTURE}
-    shapes0 = {c: i0.tensors[s].shape for c, s in i0.names.items()}
+    arch0, shapes0 = described(i0)
     for p, idx in rest:
-        arch = {k: v for k, v in idx.config.items() if k not in _NOT_ARCHITECTURE}
-        shapes = {c: idx.tensors[s].shape for c, s in idx.names.items()}
+        arch, shapes = described(idx)
         diff = sorted(k for k in arch0.keys() | arch.keys() if arch0.get(k) != arch.get(k))
         what = f"config.json differs in {', '.join(diff[:5])}" if diff else \
             "tensor shapes differ" if shapes != shapes0 else ""
