@@ -5,19 +5,24 @@ float32, eager attention; batch 64 × 64 tokens.  For K = 20 directions of four 
 the middle block's attn.c_attn and mlp.c_fc, last block mlp.c_proj) it times, each in multiples of one
 forward+backward (re-measured around every layer; the machine may be shared):
 
-- ``h+GN``, ``h``, ``GN``: :func:`curvdist.math.curvature.exact_curvature` (output route: one forward, one create_graph
-  backward, batched double backwards from the layer output; h and h^GN come from the same pass);
+- ``taylor``: :func:`curvdist.math.curvature.exact_curvature`, the default route (Taylor mode in process: the K
+  directions as rows of jets, as many rows per jet as ``JET_BUDGET`` allows for the widest activation after the
+  layer; h and h^GN together);
+- ``2×bwd``, ``GN``: the same with ``method="output"`` (one forward, one create_graph backward, batched double
+  backwards from the layer output; h and h^GN together, and h^GN alone);
 - ``loop h``: the same forward + create_graph backward, then K separate double backwards (retained graph);
 - ``param h`` (``--param``): the torch.func forward-over-reverse route on the weight (``method="param"``);
-- ``sweep``: the pipeline route, run here on one stage holding the whole model: one stacked sweep
-  (:mod:`curvdist.math.stage_tangents`: the K directions as one-hot tangents of ε, forward tangents, the loss
-  tangent, the tangent backward; h and h^GN), i.e. what a stage worker computes, without Ray;
-- ``floor``: 2·K·(matmul FLOPs downstream of the layer) / (3·all matmul FLOPs), the FLOP floor of any exact HVP
-  (two products per downstream linear map per direction, tangent up and tangent adjoint down, against three for
-  one forward+backward); elementwise work and the shared forward/backward come on top of it.
+- ``sweep``: the pipeline route, run here on one stage holding the whole model: the K directions as rows of a
+  jet seeded at the layer (:mod:`curvdist.math.stage_tangents`: Taylor mode to the logits, h and h^GN at the loss),
+  rows per jet as a stage worker cuts them (``--sweep-chunk``: at most that many, as ``exact_chunk``), i.e. what
+  the stage workers compute, without Ray;
+- ``floor``: 2·K·(matmul FLOPs downstream of the layer) / (3·all matmul FLOPs), the FLOP floor of the K
+  directions (two products per downstream linear map per direction, against three for one forward+backward);
+- ``+fwd``: that plus 1/3, the model's forward, which any exact method runs at least once (the second derivatives
+  are taken at its activations); elementwise work comes on top of both.
 
 Usage: ``python benchmarks/bench_curvature.py [--threads 2] [--K 20] [--batch 64] [--param] [--chunk N]
-[--repeats R]``
+[--repeats R] [--sweep-chunk N]``
 """
 from __future__ import annotations
 
@@ -108,12 +113,13 @@ def time_layer(model, ids, targets, name, mod, U, V, args):
         return exact_curvature(model, data, "cross_entropy", dirs, layers=lay, chunk_size=args.chunk, **kw)
 
     res, ref = {}, {}
-    runs = {"both": lambda: res.update(ec()), "h": lambda: ec(gn=False), "gn": lambda: ec(hessian=False)}
+    runs = {"both": lambda: res.update(ec()), "out": lambda: ec(method="output"),
+            "gn": lambda: ec(method="output", hessian=False)}
     if not args.no_loop:
         runs["loop"] = lambda: ref.update(h=loop_hvps(model, ids, targets, mod, U, V))
     if args.param:
         runs["param"] = lambda: ec(gn=False, method="param")
-    runs["sweep"] = lambda: ref.update(sweep=sweep(model, ids, targets, name, mod, U, V))
+    runs["sweep"] = lambda: ref.update(sweep=sweep(model, ids, targets, name, mod, U, V, args.sweep_chunk))
     ts = {}
     for _ in range(args.repeats):  # rounds interleave the methods, so a busy spell hits one round, not one method
         for key, fn in runs.items():
@@ -121,25 +127,23 @@ def time_layer(model, ids, targets, name, mod, U, V, args):
     return ts, res, ref
 
 
-def sweep(model, ids, targets, name, mod, U, V):
-    """h (K,) by the pipeline route on one stage: ε on ``name``, forward tangents, loss tangent, tangent backward."""
-    from curvdist.math.losses import hessian_quadratic
-    from curvdist.math.stage_tangents import (PerturbedStage, chunk_directions, eps_params, eps_quadratic,
-                                              loss_tangent, stage_backward_tangent, stage_forward_tangent)
-    sl = chunk_directions([(name, U.shape[0])], None)[0]
-    pert = PerturbedStage(model, {name: mod})
+def sweep(model, ids, targets, name, mod, U, V, chunk=None):
+    """h (K,) by the pipeline route on one stage: the K directions as rows of jets seeded at ``name``, Taylor mode
+    to the logits, h and h^GN at the loss (:mod:`curvdist.math.stage_tangents`); rows per jet as a stage worker
+    cuts them (``jet_slices`` by the widest activation after the layer, at most ``chunk``)."""
+    from curvdist.math.stage_tangents import HeadSplit, Perturbation, jet_slices, loss_jet, stage_jet, widest_after
+    widest = widest_after(model, lambda: model(ids[:1]).logits, [name], scale=ids.shape[0])
+    pert, head = Perturbation({name: mod}), HeadSplit(model)
+    out = []
     try:
-        fn0 = pert.fn({name: (U, V)})
-        fn = lambda p, x: fn0(p, x).logits
-        eps, eps_dot = eps_params(sl, U.dtype, U.device)
-        params = {**{k: v.detach() for k, v in model.named_parameters()}, **eps}
-        z, zdot = stage_forward_tangent(fn, params, ids, None, eps_dot)
-        hessian_quadratic(z, targets, "cross_entropy", zdot)
-        zbar, zbar_dot, _ = loss_tangent(z, targets, "cross_entropy", zdot)
-        _, _, pbd = stage_backward_tangent(fn, params, ids, None, eps_dot, zbar, zbar_dot)
-        return eps_quadratic(sl, pbd)
+        for sl in jet_slices([(name, U.shape[0])], widest, ids.device, cap=chunk):
+            with pert.of(sl, {name: (U, V)}):
+                z, zd, zdd = stage_jet(model, ids, T=len(sl), call=model_logits, head=head)
+            out.append(loss_jet(z, zd, zdd, targets, "cross_entropy", len(sl), head=head.term())[0])
     finally:
+        head.close()
         pert.close()
+    return torch.cat(out)
 
 
 def main():
@@ -148,6 +152,8 @@ def main():
     ap.add_argument("--K", type=int, default=20)
     ap.add_argument("--batch", type=int, default=64, help="sequences of 64 tokens")
     ap.add_argument("--chunk", type=int, default=None, help="directions per batched pass (default: automatic)")
+    ap.add_argument("--sweep-chunk", type=int, default=None, help="at most this many directions per jet of the sweep "
+                    "route (exact_chunk; default: as many as JET_BUDGET allows)")
     ap.add_argument("--param", action="store_true", help="also time method='param' (torch.func)")
     ap.add_argument("--no-loop", action="store_true", help="skip the K-separate-double-backwards reference")
     ap.add_argument("--repeats", type=int, default=1, help="rounds per layer; the best of them is reported")
@@ -172,9 +178,9 @@ def main():
              f"transformer.h.{model.config.n_layer - 1}.mlp.c_proj"]
     mods = dict(model.named_modules())
     g = torch.Generator().manual_seed(1)
-    hdr = f"{'layer':30s} {'floor':>6s} {'h+GN':>6s} {'h':>6s} {'GN':>6s} {'sweep':>6s} {'loop h':>7s}"
-    print("multiples of one forward+backward, CPU time (wall time in brackets for h+GN)")
-    print(hdr + (f" {'param h':>8s}" if args.param else "") + "  rel.diff(loop)  [h+GN wall]")
+    hdr = f"{'layer':30s} {'floor':>6s} {'+fwd':>6s} {'taylor':>6s} {'2×bwd':>6s} {'GN':>6s} {'sweep':>6s} {'loop h':>7s}"
+    print("multiples of one forward+backward, CPU time (wall time in brackets for taylor)")
+    print(hdr + (f" {'param h':>8s}" if args.param else "") + "  rel.diff(loop)  [taylor wall]")
     for name in names:
         mod = mods[name]
         m, n = L.shape(mod)
@@ -186,7 +192,7 @@ def main():
         t_fb = tuple(map(min, t_fb, timeit(fb, 1)))  # re-measured: min over the run
 
         x = {k: (w / t_fb[0], c / t_fb[1]) for k, (w, c) in ts.items()}  # (wall, cpu) multiples
-        row = f"{name:30s} {floor:6.2f} {x['both'][1]:6.2f} {x['h'][1]:6.2f} {x['gn'][1]:6.2f} {x['sweep'][1]:6.2f}"
+        row = f"{name:30s} {floor:6.2f} {floor + 1 / 3:6.2f} {x['both'][1]:6.2f} {x['out'][1]:6.2f} {x['gn'][1]:6.2f} {x['sweep'][1]:6.2f}"
         row += f" {x['loop'][1]:7.2f}" if "loop" in x else f" {'-':>7s}"
         row += f" {x['param'][1]:8.2f}" if "param" in x else ""
         diff = float("nan")

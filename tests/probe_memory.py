@@ -18,7 +18,7 @@ from curvdist.io.slice import build_slice
 from curvdist.math import families, forward, spectral
 from curvdist.math.eigenvalues import top_eigenvalues
 from curvdist.math.factors import StatisticsCollector
-from curvdist.math.stage_tangents import stage_backward_tangent
+from curvdist.math.stage_tangents import stage_jet
 from curvdist.runner import estimate, planning
 from curvdist.runner.memory import exact_route_bytes, spectral_workspace
 
@@ -79,17 +79,12 @@ def main(path: str, dtype: str, out: str) -> None:
     col.detach()
     res = {"activations": [live_fwd, mem.activations], "backward": [peak_bwd, mem.backward]}
 
-    params = {k: v.detach() for k, v in stage.named_parameters()}
-
-    def fn(p, xx):
-        return torch.func.functional_call(stage, p, (xx,), {"attention_mask": mask})
-
-    xd, xdot = x.detach(), torch.randn(K, B, T, hidden).to(dt)
-    ybar, ybar_dot = torch.randn(B, T, hidden).to(dt), torch.randn(K, B, T, hidden).to(dt)
-    stage_backward_tangent(fn, params, xd, xdot[:1], {}, ybar, ybar_dot[:1])  # warm-up
-    _, peak_exact, _ = measure(lambda: stage_backward_tangent(fn, params, xd, xdot, {}, ybar, ybar_dot))
-    model = exact_route_bytes(mem.activations_autograd, B * T, plan.arch, K, dt.itemsize, last=False, owned_mn=0)
-    res["exact"] = [peak_exact, model - 2 * K * B * T * hidden * dt.itemsize]  # ẋ and ȳ̇ were already there
+    xd, xdot, xddot = x.detach(), torch.randn(K, B, T, hidden).to(dt), torch.randn(K, B, T, hidden).to(dt)
+    kw = {"attention_mask": mask}
+    stage_jet(stage, xd, xdot[:1], xddot[:1], T=1, kwargs=kw)  # warm-up
+    _, peak_exact, _ = measure(lambda: stage_jet(stage, xd, xdot, xddot, T=K, kwargs=kw))
+    model = exact_route_bytes(mem.activations_autograd, B * T, plan.arch, K, dt.itemsize, last=False)
+    res["exact"] = [peak_exact, model - 2 * K * B * T * hidden * dt.itemsize]  # ẋ and ẍ were already there
 
     g = torch.Generator().manual_seed(0)
     for m, n in ((300, 700), (1200, 5000)):  # dense (min ≤ 384 on CPU fp32) and randomized SVD

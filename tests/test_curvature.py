@@ -9,15 +9,8 @@ from torch import nn
 from curvdist.math import dense
 from curvdist.math import layers as L
 from curvdist.math.curvature import Curvature, exact_curvature
-from curvdist.math.stage_tangents import (
-    layer_param_tangent,
-    loss_tangent,
-    module_stage,
-    stage_backward_tangent,
-    stage_forward_tangent,
-    tangent_quadratic,
-)
-from curvdist.math.losses import hessian_quadratic
+from curvdist.math.forward import model_logits
+from curvdist.math.stage_tangents import Perturbation, chunk_directions, layer_param_tangent, loss_jet, stage_jet
 
 DT = torch.float64
 RTOL = 1e-10
@@ -39,14 +32,16 @@ def random_dirs(layers, K, seed=0):
     return out
 
 
-def check_dense(model, data, loss, layers, K=3, gn=True):
+def check_dense(model, data, loss, layers, K=3, gn=True, methods=("output", "auto")):
+    """Both routes (the default Taylor mode and the double backward) against the dense Hessian and GGN."""
     dirs = random_dirs(layers, K)
-    res = exact_curvature(model, data, loss, dirs, layers=layers, gn=gn)
-    for name, mod in layers.items():
-        U, V = dirs[name]
-        close(res[name].h, dense.quadratic(dense.layer_hessian(model, data, oracle.LOSSES[loss], mod), U, V))
-        if gn:
-            close(res[name].h_gn, dense.quadratic(dense.layer_ggn(model, data, oracle.LOSSES[loss], mod), U, V))
+    for method in methods:
+        res = exact_curvature(model, data, loss, dirs, layers=layers, gn=gn, method=method)
+        for name, mod in layers.items():
+            U, V = dirs[name]
+            close(res[name].h, dense.quadratic(dense.layer_hessian(model, data, oracle.LOSSES[loss], mod), U, V))
+            if gn:
+                close(res[name].h_gn, dense.quadratic(dense.layer_ggn(model, data, oracle.LOSSES[loss], mod), U, V))
     return res, dirs
 
 
@@ -97,7 +92,8 @@ def test_options_and_chunking():
     dirs = random_dirs(lay, 5)
     full = exact_curvature(model, data, "cross_entropy", dirs, layers=lay)
     chunked = exact_curvature(model, data, "cross_entropy", dirs, layers=lay, chunk_size=2)
-    single = exact_curvature(model, data, "cross_entropy", dirs, layers=lay, chunk_size=1)  # plain double backward
+    single = exact_curvature(model, data, "cross_entropy", dirs, layers=lay, chunk_size=1)  # one row per jet
+    double = exact_curvature(model, data, "cross_entropy", dirs, layers=lay, method="output", chunk_size=1)
     h_only = exact_curvature(model, data, "cross_entropy", dirs, layers=lay, gn=False)
     gn_only = exact_curvature(model, data, "cross_entropy", dirs, layers=lay, hessian=False)
     for name in lay:
@@ -105,6 +101,8 @@ def test_options_and_chunking():
         close(chunked[name].h_gn, full[name].h_gn, 1e-13)
         close(single[name].h, full[name].h, 1e-13)
         close(single[name].h_gn, full[name].h_gn, 1e-13)
+        close(double[name].h, full[name].h, 1e-13)       # a plain double backward
+        close(double[name].h_gn, full[name].h_gn, 1e-13)
         close(h_only[name].h, full[name].h, 1e-13)
         close(gn_only[name].h_gn, full[name].h_gn, 1e-13)
         assert h_only[name].h_gn is None and gn_only[name].h is None
@@ -137,7 +135,7 @@ class Reuse(nn.Module):
 def test_module_called_twice_matches_dense():
     torch.manual_seed(3)
     model = Reuse().to(DT).eval()
-    check_dense(model, mlp_data("cross_entropy"), "cross_entropy", {"a": model.a})
+    check_dense(model, mlp_data("cross_entropy"), "cross_entropy", {"a": model.a}, methods=("auto",))  # param route
 
 
 def test_module_called_twice_output_method_refuses():
@@ -307,29 +305,32 @@ class Head(nn.Module):
         return self.out(self.ln(x))
 
 
-def chained(stages, data, loss, j, pname, D):
-    """h, h^GN of parameter ``pname`` of stage j via stage_forward_tangent / loss_tangent / stage_backward_tangent."""
-    fns = [module_stage(s) for s in stages]
-    params = [{k: p.detach() for k, p in s.named_parameters()} for s in stages]
-    h = hgn = 0.0
+def chained(stages, data, loss, j, mods, dirs, chunk=None, call=None):
+    """h, h^GN ({layer: (K,)}) of ``mods`` (layers of stage j) through the stages one by one: the stage_tangents
+    route (seeded jets, stage_jet, loss_jet), a sweep per micro-batch and chunk."""
+    pert = Perturbation(mods)
+    h = {n: torch.zeros(dirs[n][0].shape[0], dtype=DT) for n in mods}
+    hgn = {n: torch.zeros_like(v) for n, v in h.items()}
     N = 0
-    for x, y in data:
-        with torch.no_grad():
-            for s in stages[:j]:
-                x = s(x)
-        saved, xdot = [], None
-        for i in range(j, len(stages)):
-            saved.append((x, xdot))
-            x, xdot = stage_forward_tangent(fns[i], params[i], x, xdot, {pname: D} if i == j else None)
-        zbar, zbar_dot, nb = loss_tangent(x, y, loss, xdot)
-        hgn = hgn + nb * hessian_quadratic(x, y, loss, xdot)
-        for i in reversed(range(j, len(stages))):
-            xi, xidot = saved[i - j]
-            zbar, zbar_dot, pbd = stage_backward_tangent(fns[i], params[i], xi, xidot, {pname: D} if i == j else None,
-                                                         zbar, zbar_dot)
-        h = h + nb * tangent_quadratic({pname: D}, pbd)
-        N += nb
-    return h / N, hgn / N
+    try:
+        for x, y in data:
+            with torch.no_grad():
+                for s in stages[:j]:
+                    x = s(x)
+            for sl in chunk_directions([(n, dirs[n][0].shape[0]) for n in mods], chunk):
+                xd = xdd = None
+                with pert.of(sl, dirs):
+                    x1, xd, xdd = stage_jet(stages[j], x, T=len(sl), call=call)
+                for s in stages[j + 1:]:
+                    x1, xd, xdd = stage_jet(s, x1, xd, xdd, T=len(sl))
+                hb, gnb, nb = loss_jet(x1, xd, xdd, y, loss, len(sl))
+                for t, (n, k) in enumerate(sl.entries):
+                    h[n][k] += nb * hb[t]
+                    hgn[n][k] += nb * gnb[t]
+            N += nb
+    finally:
+        pert.close()
+    return {n: v / N for n, v in h.items()}, {n: v / N for n, v in hgn.items()}
 
 
 @pytest.mark.parametrize("j,path", [(0, "lin"), (1, "q"), (1, "down"), (2, "out")])
@@ -340,13 +341,12 @@ def test_stage_chaining_equals_in_process(j, path):
     mod = getattr(stages[j], path)
     data = lm_data(9, seed=4)
     dirs = random_dirs({path: mod}, 3, seed=5)
-    ref = exact_curvature(model, data, "cross_entropy", dirs, layers={path: mod})[path]
-    D = layer_param_tangent(mod, *dirs[path])
-    h, hgn = chained(stages, data, "cross_entropy", j, f"{path}.weight", D)
-    close(h, ref.h)
-    close(hgn, ref.h_gn)
+    ref = exact_curvature(model, data, "cross_entropy", dirs, layers={path: mod}, method="output")[path]
+    h, hgn = chained(stages, data, "cross_entropy", j, {path: mod}, dirs)
+    close(h[path], ref.h)
+    close(hgn[path], ref.h_gn)
     if j == 1 and path == "q":  # and both agree with the dense Hessian of the composed model
-        close(h, dense.quadratic(dense.layer_hessian(model, data, oracle.cross_entropy, mod), *dirs[path]))
+        close(h[path], dense.quadratic(dense.layer_hessian(model, data, oracle.cross_entropy, mod), *dirs[path]))
 
 
 def test_stage_chaining_silu_under_callers_no_grad():
@@ -356,79 +356,47 @@ def test_stage_chaining_silu_under_callers_no_grad():
     model = nn.Sequential(*stages).to(DT).eval()
     data = lm_data(9, seed=6)
     dirs = random_dirs({"up": stages[1].up}, 2, seed=7)
-    ref = exact_curvature(model, data, "cross_entropy", dirs, layers={"up": stages[1].up})["up"]
+    ref = exact_curvature(model, data, "cross_entropy", dirs, layers={"up": stages[1].up}, method="output")["up"]
     with torch.no_grad():
-        h, hgn = chained(stages, data, "cross_entropy", 1, "up.weight", layer_param_tangent(stages[1].up, *dirs["up"]))
-    close(h, ref.h)
-    close(hgn, ref.h_gn)
+        h, hgn = chained(stages, data, "cross_entropy", 1, {"up": stages[1].up}, dirs)
+    close(h["up"], ref.h)
+    close(hgn["up"], ref.h_gn)
+    close(h["up"], dense.quadratic(dense.layer_hessian(model, data, oracle.cross_entropy, stages[1].up), *dirs["up"]))
 
 
-def test_stage_tangents_with_gpt2_conv1d_layout():
-    """Param tangents in the weight's own layout (Conv1D is (in, out)): one stage = the whole GPT-2."""
-    model = tiny_gpt2(n_layer=1, seed=1)
-    mod = model.transformer.h[0].mlp.c_fc
+def test_stage_jets_through_a_whole_gpt2():
+    """One stage = the whole GPT-2 (Conv1D layers, tanh GELU, eager attention with its causal mask, LayerNorm, the
+    tied head): every direction of three layers in two blocks and the head in one sweep, equal to the in-process
+    double backward to float64 rounding."""
+    model = tiny_gpt2(n_layer=2, seed=1)
+    mods = {n: m for n, m in model.named_modules() if n in ("transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc",
+                                                            "transformer.h.1.attn.c_proj", "lm_head")}
     data = lm_data(11, seed=2)
-    dirs = random_dirs({"fc": mod}, 2)
-    ref = exact_curvature(model, data, "cross_entropy", dirs, layers={"fc": mod})["fc"]
-    fn = lambda p, ids: torch.func.functional_call(model, p, (ids,)).logits
-    D = layer_param_tangent(mod, *dirs["fc"])
-    name = "transformer.h.0.mlp.c_fc.weight"
-    params = {name: mod.weight.detach()}
-    h = hgn = 0.0
-    N = 0
-    for x, y in data:
-        z, zdot = stage_forward_tangent(fn, params, x, None, {name: D})
-        zbar, zbar_dot, nb = loss_tangent(z, y, "cross_entropy", zdot)
-        _, _, pbd = stage_backward_tangent(fn, params, x, None, {name: D}, zbar, zbar_dot)
-        h, hgn, N = h + nb * tangent_quadratic({name: D}, pbd), hgn + nb * hessian_quadratic(z, y, "cross_entropy",
-                                                                                               zdot), N + nb
-    close(h / N, ref.h)
-    close(hgn / N, ref.h_gn)
+    dirs = random_dirs(mods, 2)
+    ref = exact_curvature(model, data, "cross_entropy", dirs, layers=mods, method="output")   # double backward
+    h, hgn = chained([model], data, "cross_entropy", 0, mods, dirs, call=model_logits)
+    for n in mods:
+        close(h[n], ref[n].h)
+        close(hgn[n], ref[n].h_gn)
 
 
 @pytest.mark.parametrize("chunk", [None, 2])
 def test_stacked_directions_of_several_layers_in_one_sweep(chunk):
-    """Every direction of two layers of stage 1 as one-hot tangents of ε (stage_tangents module docstring), one
-    sweep per micro-batch (and chunk): h and h^GN equal the in-process route, layer by layer."""
-    from curvdist.math.stage_tangents import (EPS, PerturbedStage, chunk_directions, eps_params, eps_quadratic,
-                                              slice_directions)
+    """Every direction of two layers of stage 1 as rows of one jet (stage_tangents module docstring), one sweep per
+    micro-batch (and chunk, which may cut a layer's directions): h and h^GN equal the in-process route, layer by
+    layer."""
     torch.manual_seed(0)
     stages = [Embed(9, 6), Block(6), Head(6, 9)]
     model = nn.Sequential(*stages).to(DT).eval()
     mods = {"q": stages[1].q, "down": stages[1].down}
     data = lm_data(9, seed=4)
     dirs = random_dirs(mods, 3, seed=5)
-    ref = exact_curvature(model, data, "cross_entropy", dirs, layers=mods)
-    pert = PerturbedStage(stages[1], mods)
-    fns = [module_stage(stages[0]), None, module_stage(stages[2])]
-    params = [{k: p.detach() for k, p in s.named_parameters()} for s in stages]
-    slices = chunk_directions([(n, 3) for n in mods], chunk)
-    assert len(slices) == (1 if chunk is None else 3)
-    h = {n: torch.zeros(3, dtype=DT) for n in mods}
-    hgn = {n: torch.zeros(3, dtype=DT) for n in mods}
-    N = 0
-    for x, y in data:
-        with torch.no_grad():
-            x1 = stages[0](x)
-        for sl in slices:
-            eps, eps_dot = eps_params(sl, DT, "cpu")
-            fn1 = pert.fn(slice_directions(sl, dirs))
-            p1 = {**params[1], **eps}
-            y1, y1dot = stage_forward_tangent(fn1, p1, x1, None, eps_dot)
-            z, zdot = stage_forward_tangent(fns[2], params[2], y1, y1dot)
-            zbar, zbar_dot, nb = loss_tangent(z, y, "cross_entropy", zdot)
-            gn = hessian_quadratic(z, y, "cross_entropy", zdot)
-            ybar, ybar_dot, _ = stage_backward_tangent(fns[2], params[2], y1, y1dot, None, zbar, zbar_dot)
-            _, _, pbd = stage_backward_tangent(fn1, p1, x1, None, eps_dot, ybar, ybar_dot)
-            assert set(pbd) == {EPS + n for n in sl.layers}
-            for t, (n, k) in enumerate(sl.entries):
-                h[n][k] += nb * eps_quadratic(sl, pbd)[t]
-                hgn[n][k] += nb * gn[t]
-        N += nb
-    pert.close()
+    ref = exact_curvature(model, data, "cross_entropy", dirs, layers=mods, method="output")
+    assert len(chunk_directions([(n, 3) for n in mods], chunk)) == (1 if chunk is None else 3)
+    h, hgn = chained(stages, data, "cross_entropy", 1, mods, dirs, chunk)
     for n in mods:
-        close(h[n] / N, ref[n].h)
-        close(hgn[n] / N, ref[n].h_gn)
+        close(h[n], ref[n].h)
+        close(hgn[n], ref[n].h_gn)
     assert not torch.allclose(ref["q"].h, ref["down"].h)
 
 
@@ -457,3 +425,132 @@ def test_exact_dtype_float32_on_a_bfloat16_model():
     assert errs["float32"] < 1e-3 < errs["model"] or errs["float32"] < errs["model"] / 10
     assert all(torch.equal(v, model.state_dict()[k]) and v.dtype == model.state_dict()[k].dtype
                for k, v in before.items())
+
+
+class RuleZoo(nn.Module):
+    """Elementwise ops a transformer's forward decomposes into, each with its own Taylor-mode rule (float64 here,
+    unlike transformers' RMSNorm): an RMS norm (pow, mean, rsqrt), the gelu_new formula (pow, tanh, products of
+    two jets), rotary-style halves (split, neg, cat, sin/cos of a jet), SiLU, sigmoid, exp, log, sqrt, division by a
+    jet, where, and causal scaled-dot-product attention (the MATH kernel: _safe_softmax, bmm)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.q, self.k = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        h = self.a(x)
+        h = 0.5 * h * (1.0 + torch.tanh(0.7978845608 * (h + 0.044715 * torch.pow(h, 3.0))))
+        h1, h2 = h.chunk(2, dim=-1)
+        h = torch.cat([-h2 * torch.sin(h1), h1 * torch.cos(h2)], dim=-1) + torch.sigmoid(h)
+        u = self.b(h)
+        u = nn.functional.silu(u) + torch.exp(-u * u) + torch.log(1 + u * u) + torch.sqrt(2 + u * u) / (3 + u * u)
+        u = torch.where(u > 0, u, 0.5 * u)
+        x = x + self.c(u)
+        q, k = self.q(x).unsqueeze(1), self.k(x).unsqueeze(1)
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            att = nn.functional.scaled_dot_product_attention(q, k, x.unsqueeze(1), is_causal=True)
+        return x + att.squeeze(1).permute(0, 2, 1).permute(0, 2, 1)
+
+
+def test_taylor_rules_of_elementwise_ops_equal_the_double_backward():
+    torch.manual_seed(2)
+    stages = [Embed(9, 6), RuleZoo(6), Head(6, 9)]
+    model = nn.Sequential(*stages).to(DT).eval()
+    mods = {"emb.lin": stages[0].lin, "a": stages[1].a, "b": stages[1].b, "q": stages[1].q}
+    data = lm_data(9, seed=3)
+    dirs = random_dirs(mods, 3, seed=4)
+    ref = exact_curvature(model, data, "cross_entropy", dirs, layers=mods, method="output")
+    got = exact_curvature(model, data, "cross_entropy", dirs, layers=mods, method="taylor", chunk_size=4)
+    for n in mods:
+        close(got[n].h, ref[n].h)
+        close(got[n].h_gn, ref[n].h_gn)
+    U, V = dirs["b"]
+    close(got["b"].h, dense.quadratic(dense.layer_hessian(model, data, oracle.cross_entropy, stages[1].b), U, V))
+
+
+def test_a_model_op_without_a_taylor_rule_is_named_and_auto_falls_back():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return torch.cumsum(self.lin(x), -1)
+
+    model = Odd().to(DT).eval()
+    data = [(torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,)))]
+    dirs, lay = random_dirs({"lin": model.lin}, 2), {"lin": model.lin}
+    with pytest.raises(NotImplementedError, match="cumsum"):
+        exact_curvature(model, data, "cross_entropy", dirs, layers=lay, method="taylor")
+    auto = exact_curvature(model, data, "cross_entropy", dirs, layers=lay)
+    out = exact_curvature(model, data, "cross_entropy", dirs, layers=lay, method="output")
+    close(auto["lin"].h, out["lin"].h, 1e-14)
+    U, V = dirs["lin"]
+    close(auto["lin"].h, dense.quadratic(dense.layer_hessian(model, data, oracle.cross_entropy, model.lin), U, V))
+
+
+def test_taylor_route_on_transformers_equals_the_double_backward():
+    """The default route (jets in process: block replay upstream of the seeds, the head's second part left to the
+    loss) against the double backward, on GPT-2 (tied head, eager attention) and Llama (GQA, rotary, sdpa) with
+    layers in first and last blocks and the head.  Llama to float32 rounding: transformers' RMSNorm computes in
+    float32 whatever the input dtype, and the two routes round there differently."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from curvdist.math.stage_tangents import output_head
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                         num_key_value_heads=2, num_hidden_layers=3, vocab_size=11,
+                                         attn_implementation="sdpa")).to(DT).eval()
+    for model, tol in ((tiny_gpt2(n_layer=3, seed=2), 1e-12), (llama, 1e-5)):
+        assert output_head(model) is model.lm_head
+        mods = {n: m for n, m in model.named_modules()
+                if L.is_supported(m) and (".0." in n or ".2." in n or n == "lm_head")}
+        dirs = random_dirs(mods, 3, seed=1)
+        data = lm_data(11, seed=6)
+        ref = exact_curvature(model, data, "cross_entropy", dirs, layers=mods, method="output")
+        got = exact_curvature(model, data, "cross_entropy", dirs, layers=mods, chunk_size=4)
+        for n in mods:
+            close(got[n].h, ref[n].h, tol)
+            close(got[n].h_gn, ref[n].h_gn, tol)
+
+
+class Capped(nn.Module):
+    """A head followed by a logit soft-cap: the head's second part is needed, so the split must step aside."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.mid, self.lm_head = nn.Embedding(9, 6), nn.Linear(6, 6), nn.Linear(6, 9, bias=False)
+
+    def forward(self, ids):
+        return 3 * torch.tanh(self.lm_head(torch.tanh(self.mid(self.emb(ids)))) / 3)
+
+
+def test_head_split_steps_aside_when_an_op_follows_the_head():
+    torch.manual_seed(4)
+    model = Capped().to(DT).eval()
+    check_dense(model, lm_data(9, seed=2), "cross_entropy", {"mid": model.mid, "lm_head": model.lm_head})
+
+
+def test_head_split_engages_on_gpt2():
+    """On GPT-2 the logits are lm_head's own output: the jet leaves the head with first derivatives only and hands
+    ḧ to the loss."""
+    from curvdist.math.stage_tangents import HeadSplit, Perturbation, chunk_directions
+
+    model = tiny_gpt2(n_layer=2, seed=1)
+    mod = model.transformer.h[0].mlp.c_fc
+    dirs = random_dirs({"fc": mod}, 2)
+    ids = lm_data(11, seed=1)[0][0]
+    pert, head = Perturbation({"fc": mod}), HeadSplit(model)
+    try:
+        (sl,) = chunk_directions([("fc", 2)], None)
+        with pert.of(sl, dirs):
+            z, zd, zdd = stage_jet(model, ids, T=2, call=model_logits, head=head)
+        assert zd is not None and zdd is None
+        hdd, W = head.term()
+        assert W is model.lm_head.weight and hdd.shape == (2, *ids.shape, 4)
+    finally:
+        head.close()
+        pert.close()

@@ -316,12 +316,16 @@ print(json.dumps(report))
 """
 
 
-def test_reader_during_a_run_sees_whole_layers_only(env, baseline, tmp_path):
+def test_reader_during_a_run_sees_whole_layers_only(env, baseline, tmp_path, monkeypatch):
     """Two runs of different run ids write one out at the same time (this process, and a `curvdist run` process
     with run_id=other) while a third process polls `curvdist query`, `curvdist.open`, the summary and `verify` in
     a loop: the readers never fail and never see a layer without all its direction rows (or direction rows
     without their layer), verify finds no problem and says a run is being written; both runs end equal to an
-    undisturbed run, and the dataset verifies clean."""
+    undisturbed run, and the dataset verifies clean.  Every stage step sleeps 1.5 s (the schedule tests' hook; the
+    numbers are unchanged), so a run's commits span seconds however fast its passes compute (the exact pass of
+    this tiny model takes ~0.5 s in Taylor mode: the reader, ~0.3 s a poll and ~2 s a CLI query, missed it)."""
+    from curvdist.runner.spec import SLEEP_ENV
+    monkeypatch.setenv(SLEEP_ENV, "1.5")   # this process's run and, through the environment, the CLI run's
     out, stop = tmp_path / "out", tmp_path / "stop"
     reader = subprocess.Popen([sys.executable, "-c", READER, str(out), str(stop), "6"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, cwd=ROOT)
@@ -337,7 +341,7 @@ def test_reader_during_a_run_sees_whole_layers_only(env, baseline, tmp_path):
     report = json.loads(got)
     assert not report["errors"], report["errors"][:3]
     assert not report["bad"], report["bad"][:10]
-    assert report["cli_polls"] >= 2 and report["polls"] >= 10 and report["writing"] >= 1, report
+    assert report["cli_polls"] >= 2 and report["polls"] >= 5 and report["writing"] >= 1, report
     assert report["counts"][-1] == 2 * len(baseline[0])
     assert len(set(report["commits"])) >= 2, "the reader saw no intermediate state of the run"
     assert_same(read(out, run_id), baseline)

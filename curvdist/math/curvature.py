@@ -13,8 +13,18 @@ contributes (N_b/N)·h_b.  Since s is linear in W and a does not depend on W, th
 
 which involves the network *downstream* of the layer only.
 
-Method of :func:`exact_curvature` (reverse-over-reverse from the layer outputs, batched over K)
-------------------------------------------------------------------------------------------------
+Default method of :func:`exact_curvature`: Taylor mode (second-order forward, :mod:`curvdist.math.jet`)
+--------------------------------------------------------------------------------------------------------
+Every direction of every layer is a row of a jet seeded at its layer's output (ṡ_t = D_t a, s̈_t = 0); the model's
+own forward on the jet gives (z, ż, z̈) and h_t = ⟨∇_z L_b, z̈_t⟩ + ż_tᵀ∇²_z L_b ż_t, h^GN_t = ż_tᵀ∇²_z L_b ż_t
+(:mod:`curvdist.math.stage_tangents`, the same code as a pipeline stage's sweep).  Two products per downstream
+linear map and direction, no adjoint, nothing kept; rows of late layers cost nothing upstream of them, so a jet
+takes as many rows as :data:`curvdist.math.stage_tangents.JET_BUDGET` allows for the widest activation after its first layer.  Each jet
+recomputes the plain forward, which the method below shares.  Measured in ``benchmarks/bench_curvature.py``
+(docs/design.md, "Exact pass").
+
+``method="output"``: reverse-over-reverse from the layer outputs, batched over K
+------------------------------------------------------------------------------
 Per micro-batch, one forward with hooks keeps every analysed layer's output s_l (parameters are switched to
 ``requires_grad=False`` for that forward, so no weight-gradient graph is built), then
 
@@ -28,19 +38,17 @@ so both h and h^GN come from the same pass (ż is an intermediate of the double 
 h^GN on top of h is free), and h^GN alone is a double backward w.r.t. z̄ only, which runs only the tangent-up
 half (one product per downstream linear map).
 
-Why this method.  Any exact HVP costs at least two matrix products per downstream linear map per direction
-(the tangent J ṡ going up, the tangent adjoint going down) against three per linear map for one
-forward+backward; this method does exactly that many (counted with a dispatch mode), touches only the layer's
-downstream part (late layers are nearly free), and shares the forward and the first backward across all layers
-and directions.  Measured on the benchmark (4×384 GPT-2, 64×64 tokens, fp32, 2 CPU threads, K = 20; multiples
+It does two matrix products per downstream linear map per direction (the tangent J ṡ going up, the tangent
+adjoint going down), as Taylor mode does, and shares the forward and the first backward across all layers and
+directions, but its double backward's elementwise work (GELU, LayerNorm, softmax second derivatives) is heavier
+than the jets' closed forms.  Measured on the benchmark before Taylor mode (4×384 GPT-2, 64×64 tokens, fp32, 2 CPU threads, K = 20; multiples
 of one forward+backward in CPU time; see ``benchmarks/bench_curvature.py``): h and h^GN together for the first
 block's c_attn 18 (matmul floor 12.5), middle c_attn 9.8 (6.1), middle c_fc 8.0 (4.7), last c_proj 1.0 (0.35);
 h^GN alone 9.6 / 4.9 / 4.1 / 0.8; K separate double backwards (h only) 21 / 10 / 8.9 / 1.0; ``torch.func``
 forward-over-reverse on the weight (``method="param"``, h only) 51 / 31 / 27 / 11 (it recomputes the upstream
 forward, forms the (K, m, n) tangent of ∇_W L and pays functorch's per-op cost);
 forward mode for h^GN alone was ~1.4× the double backward w.r.t. z̄; forward-over-forward (nested jvp) costs
-three tangent products per linear map.  The gap to the matmul floor is elementwise work of the double
-backward (GELU, LayerNorm, softmax second derivatives), memory-bound on the CPU.  On the CPU, batching the K
+three tangent products per linear map (Taylor mode, which carries ẋ and ẍ together, two).  On the CPU, batching the K
 directions does not pay (same bytes per direction, and large blocks are mapped and zero-filled anew), so the
 default chunk keeps the batched tangent small there (:data:`CHUNK_BUDGET`) and a single direction takes a plain
 double backward; on a GPU the K directions go through ``is_grads_batched`` together.
@@ -49,7 +57,7 @@ A module called more than once per forward (weight reuse) breaks s̈ = 0 when on
 through another call; such a layer goes through ``method="param"``: ``torch.func`` forward-over-reverse on the
 weight itself, (H vec D_k, ż_k) = jvp(∇_W L_b, z)(W; D_k), vmapped over K (exact in every case, slower).
 
-Stage-local building blocks for the pipeline (no autograd graph across processes): :mod:`curvdist.math.stage_tangents`.
+The pipeline's route (no autograd graph across processes): Taylor mode, :mod:`curvdist.math.stage_tangents`.
 """
 from __future__ import annotations
 
@@ -60,11 +68,20 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 
+from curvdist.math import jet, noise, subsample
 from curvdist.math import layers as L
-from curvdist.math import noise, subsample
-from curvdist.math.forward import model_logits, second_order_attention, to_device
+from curvdist.math.forward import batch_size, first_rows, model_logits, second_order_attention, to_device
 from curvdist.math.losses import hessian_quadratic, loss_terms
-from curvdist.math.stage_tangents import layer_param_tangent
+from curvdist.math.stage_tangents import (
+    BlockReplay,
+    HeadSplit,
+    Perturbation,
+    jet_slices,
+    layer_param_tangent,
+    loss_jet,
+    stage_jet,
+    widest_after,
+)
 
 
 @dataclass
@@ -112,11 +129,13 @@ def exact_curvature(model: nn.Module, data: Iterable, loss: str,
     ``data``: iterable of ``(inputs, targets)`` micro-batches (see :mod:`curvdist.math.forward`); floating inputs are
     cast to the model's dtype and everything is computed in that dtype.  ``chunk_size`` bounds how many directions
     go through one batched pass (memory ∝ chunk_size × downstream activations); None: as many as keep the batched
-    layer-output tangent within :data:`CHUNK_BUDGET` elements (all K for small layers).
-    ``method``: ``"output"`` (hooks + batched double backward from the layer outputs, see the module docstring),
-    ``"param"`` (``torch.func`` forward-over-reverse on the weight itself, one extra forward per layer), or
-    ``"auto"``: output, except for a layer whose module is called more than once in a forward — there the input
-    of one call may depend on W, so s is not linear in W and only the param route is exact.  A weight tied to
+    layer-output tangent within :data:`CHUNK_BUDGET` elements (all K for small layers; ``method="output"``) or by
+    :data:`curvdist.math.stage_tangents.JET_BUDGET` (taylor).
+    ``method``: ``"taylor"`` (jets: second-order forward mode, see the module docstring), ``"output"`` (hooks +
+    batched double backward from the layer outputs), ``"param"`` (``torch.func`` forward-over-reverse on the
+    weight itself, one extra forward per layer), or ``"auto"``: taylor, except for a layer whose module is called
+    more than once in a forward — there the input of one call may depend on W, so s is not linear in W and only
+    the param route is exact.  A weight tied to
     another module (GPT-2's lm_head and wte) is measured in its use by THIS module on the output route, as G and
     the Kronecker factors are; ``method="param"`` gives the Hessian w.r.t. the shared tensor instead (all uses).
     The model is evaluated in its current mode (``model.eval()`` switches dropout off).  ``keys``: the micro-batch
@@ -127,8 +146,8 @@ def exact_curvature(model: nn.Module, data: Iterable, loss: str,
     """
     if not (hessian or gn):
         raise ValueError("nothing to compute: hessian=False and gn=False")
-    if method not in ("auto", "output", "param"):
-        raise ValueError(f"method={method!r}: choose auto, output or param")
+    if method not in ("auto", "taylor", "output", "param"):
+        raise ValueError(f"method={method!r}: choose auto, taylor, output or param")
     _check_directions(directions, layers)
     dtype, device = _model_dtype_device(model)
     names = list(directions)
@@ -144,6 +163,7 @@ def exact_curvature(model: nn.Module, data: Iterable, loss: str,
     # A weight tied to another module (GPT-2's lm_head and wte) is measured in its use by THIS module, as G and the
     # Kronecker factors are (and as a pipeline stage, which holds its own copy, must): the output path.
     param_path = {k for k in names if method == "param"}
+    jet_plan: dict = {}   # the Taylor route's slices, cut on the first micro-batch
     n_total = 0
 
     captured: dict[str, list[tuple[Tensor, Tensor]]] = {k: [] for k in names}
@@ -181,9 +201,20 @@ def exact_curvature(model: nn.Module, data: Iterable, loss: str,
             nb = None
             todo = [k for k in names if k in param_path]
             if handles:
-                nb, reused = _output_path(model, inputs, targets, loss, names, param_path, captured, active, layers,
-                                          dirs, hessian, gn, chunk_size, add)
-                if reused and method == "output":
+                nb = None
+                if method != "output":
+                    try:
+                        nb, reused = _taylor_path(model, inputs, targets, loss,
+                                                  [k for k in names if k not in param_path], layers, dirs, hessian,
+                                                  chunk_size, add, gn, jet_plan)
+                    except jet.MissingRule:
+                        if method == "taylor":
+                            raise
+                        method = "output"   # auto: an op without a Taylor rule; the double backward takes over
+                if nb is None:
+                    nb, reused = _output_path(model, inputs, targets, loss, names, param_path, captured, active,
+                                              layers, dirs, hessian, gn, chunk_size, add)
+                if reused and method in ("output", "taylor"):
                     raise ValueError(f"{reused} called more than once per forward; use method='param' or 'auto'")
                 todo += reused
             for k in todo:
@@ -254,6 +285,49 @@ def _output_path(model, inputs, targets, loss, names, param_path, captured, acti
                 add(name, nb, hb, gnb)
     for v in captured.values():
         v.clear()
+    return nb, reused
+
+
+def _taylor_path(model, inputs, targets, loss, names, layers, dirs, hessian, chunk_size, add, gn, plan):
+    """Every direction of every layer as rows of jets (by :data:`curvdist.math.stage_tangents.JET_BUDGET` from
+    the first micro-batch's activations, at most ``chunk_size``; kept in ``plan``), the model's forward in Taylor
+    mode, h and h^GN at the loss (:mod:`curvdist.math.stage_tangents`).  Returns (N_b, layers called more than once: their rows are void,
+    they go to the param route)."""
+    counts = [(k, dirs[k][0].shape[0]) for k in names]
+    if "slices" not in plan:
+        device = next(iter(model.parameters())).device
+        B = batch_size(inputs)    # one sequence's forward, scaled: every activation grows with the batch
+        widest = widest_after(model, lambda: model_logits(model, first_rows(inputs, 1, B)), names, scale=B)
+        plan["slices"] = jet_slices(counts, widest, device, cap=chunk_size)
+    slices = plan["slices"]
+    h = {k: torch.zeros(K, dtype=torch.float64) for k, K in counts}
+    h_gn = {k: torch.zeros(K, dtype=torch.float64) for k, K in counts}
+    calls: dict[str, int] = {}
+    pert = Perturbation({k: layers[k] for k in names})
+    replay, head = BlockReplay(model, pert), HeadSplit(model)
+    nb = None
+    try:
+        for sl in slices:
+            with pert.of(sl, dirs):
+                z, zd, zdd = stage_jet(model, inputs, T=len(sl), call=model_logits, head=head)
+            for k in sl.layers:
+                calls[k] = max(calls.get(k, 0), pert.calls.get(k, 0))
+            hb, gnb, nb = loss_jet(z, zd, zdd, targets, loss, len(sl), hessian=hessian, head=head.term())
+            for t, (k, i) in enumerate(sl.entries):
+                if hessian:
+                    h[k][i] = float(hb[t])
+                h_gn[k][i] = float(gnb[t])
+    finally:
+        replay.close()
+        head.close()
+        pert.close()
+    missing = [k for k in names if not calls.get(k)]
+    if missing:
+        raise RuntimeError(f"layers {missing} were not called by the model's forward")
+    reused = [k for k in names if calls[k] > 1]
+    for k in names:
+        if k not in reused:
+            add(k, nb, h[k] if hessian else None, h_gn[k] if gn else None)
     return nb, reused
 
 

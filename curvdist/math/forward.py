@@ -45,6 +45,17 @@ def to_device(obj: Any, device: torch.device | str, float_dtype: torch.dtype | N
     return obj
 
 
+def first_rows(obj: Any, n: int, batch: int) -> Any:
+    """The first ``n`` rows of every tensor (or mapping/tuple of tensors) whose leading dimension is ``batch``."""
+    if isinstance(obj, torch.Tensor):
+        return obj[:n] if obj.dim() and obj.shape[0] == batch else obj
+    if isinstance(obj, Mapping):
+        return {k: first_rows(v, n, batch) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(first_rows(v, n, batch) for v in obj)
+    return obj
+
+
 def batch_size(inputs: Any) -> int:
     if isinstance(inputs, Mapping):
         return next(iter(inputs.values())).shape[0]

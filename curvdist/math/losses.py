@@ -187,7 +187,8 @@ def hessian_quadratic(logits: torch.Tensor, targets: torch.Tensor, loss: str, zd
     m = mask.to(z.dtype)
     if loss == "cross_entropy":
         p = _probs(z)
-        q = (p[None] * zd * zd).sum(-1) - (p[None] * zd).sum(-1) ** 2  # (K, R)
+        pz = zd * p                                                    # one (K, R, C) temporary
+        q = torch.linalg.vecdot(pz, zd) - pz.sum(-1) ** 2              # (K, R)
     else:
         q = (2.0 / z.shape[-1]) * (zd * zd).sum(-1)
     return (q * m[None]).sum(-1) / n

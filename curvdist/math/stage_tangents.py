@@ -1,142 +1,37 @@
-"""Stage-local forward-over-reverse: exact curvature through a pipeline of stages, no autograd graph spanning them.
+"""Stage-local exact curvature: Taylor mode through a pipeline of stages, no autograd graph spanning them.
 Pure: tensors in, tensors out.
 
-A stage is ``fn(params, x) -> y``.  Forward: (y, ẏ) = (fn, ∂fn·(ẋ, ṗ)) stage by stage (:func:`stage_forward_tangent`).
-At the loss: (z̄, z̄̇) = (∇_z L_b, ∇²_z L_b ż) (:func:`loss_tangent`).  Backward, stage by stage
-(:func:`stage_backward_tangent`, forward-over-reverse of the stage's vjp):
+Every exact layer l of a source stage, with directions D_{l,k} = u_k v_kᵀ, perturbs its output by ε_{l,k} D_{l,k} a
+(ε = 0); along the one-hot tangent of ε_{l,k} the layer output moves by ṡ = (v_kᵀ a) u_k with s̈ = 0 (s is linear in
+W and a does not depend on it).  The T = Σ_l K_l directions of a stage travel together as the T rows of a
+:class:`curvdist.math.jet.Jet` (second-order forward mode: the stage's own forward on (x, ẋ, ẍ) gives (y, ẏ, ÿ)),
+stage to stage to the logits, where
 
-    x̄ = J_xᵀ ȳ,     x̄̇ = J_xᵀ ȳ̇ + (∂²fn[ȳ])·(ẋ, ṗ),     p̄̇ likewise  =  (∇²L · vec D) restricted to p.
+    h_t = ∂²L_b/∂ε_t² = ⟨∇_z L_b, z̈_t⟩ + ż_tᵀ ∇²_z L_b ż_t,      h^GN_t = ż_tᵀ ∇²_z L_b ż_t      (:func:`loss_jet`).
 
-Then h_k = ⟨ṗ_k, p̄̇_k⟩ (:func:`tangent_quadratic`) and h^GN_k = hessian_quadratic(z, ż).
-
-Stacked directions (:class:`DirectionSlice`).  Every exact layer l of a stage, with directions D_{l,k} = u_k v_kᵀ,
-gets a vector of K_l scalar parameters ε_l (primal value 0): the stage computes W_l x + Σ_k ε_{l,k} D_{l,k} x, i.e.
-its output plus Σ_k ε_{l,k} (v_kᵀ a) u_k at the layer's output rows.  Then ∂L/∂ε_{l,k} = ⟨D_{l,k}, ∇_W L⟩ and
-
-    h_{l,k} = ∂²L/∂ε_{l,k}²  = vec(D_{l,k})ᵀ H vec(D_{l,k}),
-
-so the T = Σ_l K_l directions of all exact layers of a stage travel as T one-hot tangents of ε (T × T numbers
-instead of T copies of the weights), through the same forward-over-reverse, in one sweep per micro-batch; h is the
-diagonal of ε̄̇ (T, T).  The extra primal work is K_l(m+n) per row and layer, against m·n for the layer itself.
+One sweep per (source stage, micro-batch, chunk) goes one way only: nothing is kept for a backward, nothing is
+recomputed, and a stage's rows appear only from its own layers on (rows of later layers cost nothing upstream).
+Per direction each downstream linear map does two products (ẏ = Wẋ, ÿ = Wẍ): the FLOP floor of an exact HVP.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp, vjp, vmap
 
+from curvdist.math import jet
 from curvdist.math import layers as L
 from curvdist.math.forward import second_order_attention
-from curvdist.math.losses import loss_terms
-
-StageFn = Callable[[dict, Any], Tensor]
-
-
-def module_stage(module: nn.Module) -> StageFn:
-    """``fn(params, x) = module(x)`` with the named parameters in ``params`` substituted (others: the module's)."""
-    return lambda params, x: functional_call(module, params, (x,))
+from curvdist.math.losses import hessian_quadratic, loss_terms
 
 
 def layer_param_tangent(module: nn.Module, U: Tensor, V: Tensor) -> Tensor:
     """(K, *module.weight.shape): the directions u_k v_kᵀ in the weight's own layout."""
     D = U[:, :, None] * V[:, None, :]  # (K, m, n)
     return torch.stack([L.matrix_to_weight(module, d) for d in D])
-
-
-def _differentiable(x) -> bool:
-    return isinstance(x, Tensor) and x.is_floating_point()
-
-
-def stage_forward_tangent(fn: StageFn, params: Mapping[str, Tensor], x, xdot: Tensor | None = None,
-                          param_tangent: Mapping[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """``(y, ẏ)`` with y = fn(params, x) and ẏ_k = J_x ẋ_k + Σ_p J_p ṗ_k for K tangents.
-
-    ``xdot`` (K, *x.shape) or None (x held fixed, e.g. token ids); ``param_tangent`` name → (K, *param.shape) for the
-    perturbed parameters (others fixed).  Returns y (*y.shape) and ẏ (K, *y.shape).
-    """
-    pt = dict(param_tangent or {})
-    if xdot is None and not pt:
-        raise ValueError("no tangent given: pass xdot and/or param_tangent")
-    names = list(pt)
-    fixed = {k: v for k, v in params.items() if k not in pt}
-    primals = tuple(params[k] for k in names) + ((x,) if xdot is not None else ())
-
-    def f(*args):
-        p = dict(zip(names, args[:len(names)]))
-        return fn({**fixed, **p}, args[len(names)] if xdot is not None else x)
-
-    tangents = tuple(pt[k] for k in names) + ((xdot,) if xdot is not None else ())
-    with second_order_attention(), torch.no_grad():  # torch.func transforms ignore the outer no_grad
-        y, ydot = vmap(lambda *t: jvp(f, primals, t), out_dims=(None, 0))(*tangents)
-    return y, ydot
-
-
-def stage_backward_tangent(fn: StageFn, params: Mapping[str, Tensor], x, xdot: Tensor | None,
-                           param_tangent: Mapping[str, Tensor] | None, ybar: Tensor, ybar_dot: Tensor, *,
-                           input_adjoint: bool = True):
-    """Forward-over-reverse through one stage: ``(x̄, x̄̇, p̄̇)``.
-
-    x̄ = J_xᵀ ȳ (*x.shape, None if x is not floating); x̄̇_k = J_xᵀ ȳ̇_k + ∂_ε[J_x(x+εẋ_k, p+εṗ_k)ᵀ] ȳ (K, *x.shape);
-    p̄̇ name → (K, *param.shape) for the parameters in ``param_tangent`` (the tangent of their gradient, i.e.
-    (H vec D_k) restricted to them when ȳ, ȳ̇ come from the loss).  ``ybar`` (*y.shape) is the adjoint of the stage
-    output, ``ybar_dot`` (K, *y.shape) its tangent.  The stage's forward is recomputed (no graph is kept).
-    ``input_adjoint=False`` skips (x̄, x̄̇) (returned as None) where nothing upstream needs them.
-    """
-    pt = dict(param_tangent or {})
-    names = list(pt)
-    fixed = {k: v for k, v in params.items() if k not in pt}
-    dx = input_adjoint and _differentiable(x)   # False: the source stage of a sweep needs no (x̄, x̄̇)
-
-    def F(*args):  # (p_1..p_r, [x], ȳ) -> (p̄_1..p̄_r, [x̄])
-        p = args[:len(names)]
-        xx = args[len(names)] if dx else x
-        yb = args[-1]
-
-        def g(*a):
-            return fn({**fixed, **dict(zip(names, a[:len(names)]))}, a[len(names)] if dx else x)
-
-        _, pull = vjp(g, *p, *((xx,) if dx else ()))
-        return pull(yb)
-
-    primals = tuple(params[k] for k in names) + ((x,) if dx else ()) + (ybar,)
-    tangents = tuple(pt[k] for k in names)
-    in_dims = [0] * len(names)
-    if dx:
-        tangents += (xdot if xdot is not None else torch.zeros_like(x),)
-        in_dims.append(0 if xdot is not None else None)
-    tangents += (ybar_dot,)
-    in_dims.append(0)
-    # grad mode on even under a caller's no_grad: the vjp's backward then runs silu_backward & co. differentiably
-    # (without it, forward AD of aten::silu_backward is missing: NotImplementedError)
-    with second_order_attention(), torch.enable_grad():
-        out, out_dot = vmap(lambda *t: jvp(F, primals, t), in_dims=tuple(in_dims), out_dims=(None, 0))(*tangents)
-    pbar_dot = {k: t.detach() for k, t in zip(names, out_dot[:len(names)])}
-    xbar, xbar_dot = (out[len(names)].detach(), out_dot[len(names)].detach()) if dx else (None, None)
-    return xbar, xbar_dot, pbar_dot
-
-
-def loss_tangent(logits: Tensor, targets: Tensor, loss: str, zdot: Tensor) -> tuple[Tensor, Tensor, int]:
-    """At the loss: ``(z̄, z̄̇, N_b)`` with z̄ = ∇_z L_b (*z.shape), z̄̇_k = ∇²_z L_b ż_k (K, *z.shape), L_b the
-    micro-batch mean loss.  Scale both by N_b/N when micro-batches are combined."""
-    def grad_z(zz):
-        return torch.func.grad(lambda q: loss_terms(q, targets, loss)[0])(zz)
-
-    with torch.enable_grad():  # see stage_backward_tangent
-        zbar, zbar_dot = vmap(lambda t: jvp(grad_z, (logits.detach(),), (t,)), out_dims=(None, 0))(zdot)
-    return zbar, zbar_dot, loss_terms(logits.detach(), targets, loss)[1]
-
-
-def tangent_quadratic(param_tangent: Mapping[str, Tensor], param_bar_dot: Mapping[str, Tensor]) -> Tensor:
-    """h_k = Σ_p ⟨ṗ_k, p̄̇_k⟩ → (K,)."""
-    return sum((param_tangent[k] * param_bar_dot[k]).flatten(1).sum(1) for k in param_tangent)
-
-
-# ------------------------------------------------------------------------------------------------ stacked directions
-EPS = "eps::"   # parameter-name prefix of the ε vectors (never a module parameter name)
 
 
 @dataclass(frozen=True)
@@ -166,78 +61,242 @@ def chunk_directions(counts: Sequence[tuple[str, int]], chunk: int | None) -> li
     return [DirectionSlice(tuple(entries[i:i + size])) for i in range(0, len(entries), size)]
 
 
-def _eps_output(module: nn.Module, x: Tensor, U: Tensor, V: Tensor, eps: Tensor) -> Tensor:
-    """Σ_k ε_k D_k applied to the layer input x, in the output's layout: Σ_k ε_k (v_kᵀ a) u_k."""
-    U, V, eps = U.to(x.dtype), V.to(x.dtype), eps.to(x.dtype)
-    if isinstance(module, nn.Conv2d):
-        return torch.einsum("k,k...->...", eps, L.directional_output(module, x, U, V))
-    return ((x @ V.T) * eps) @ U   # (..., K) → (..., m)
+JET_BUDGET = {"cpu": 2 ** 25, "cuda": 2 ** 29}   # elements of one derivative part of the widest activation a jet meets
+# CPU: 5 rows through a 64 × 64 × 1536 MLP activation (31 M elements) took 0.64–0.70 of the time of 20 rows in one
+# jet, and 1 row per jet recomputes the plain forward 20 times (benchmarks/bench_curvature.py, docs/design.md).
+# GPU: 2^29 (2 GB per float32 part) lets a LLaMA-7B micro-batch of 2 × 2048 tokens (45 M elements in the MLP) take
+# 11 rows, so each jet's plain forward is under 5 % of its products; ``exact_chunk`` (device memory) caps it too.
 
 
-class PerturbedStage:
-    """``fn(params, x)`` of a stage module whose layers in ``directions`` ({layer: (U (K, m), V (K, n))}) are
-    perturbed by ε (module docstring): ``params`` holds the module's parameters to substitute and, for each
-    perturbed layer, ``EPS + layer`` → ε (K_l,) — those of :meth:`eps_params`.  Forward hooks add the ε term to
-    the layer outputs; they are inert outside :meth:`fn` (the module computes as usual there)."""
+def widest_after(module: nn.Module, run: Callable[[], Tensor], names, scale: int = 1) -> dict[str, tuple[int, int]]:
+    """Per layer in ``names``: (the largest output, in elements, of any module called from that layer on except
+    the final result, the final result ``run()`` returns), times ``scale`` (``run`` may take one sequence of a
+    micro-batch of ``scale``: every activation grows with the batch)."""
+    seen: list[tuple[str | None, Tensor]] = []
+    mods = {m: n for n, m in module.named_modules()}
 
-    def __init__(self, module: nn.Module, layers: Mapping[str, nn.Module]):
-        self.module = module
-        self._active: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+    def hook(mod, args, out):
+        if isinstance(out, Tensor):
+            seen.append((mods.get(mod), out))
+    handles = [m.register_forward_hook(hook) for m in mods]
+    try:
+        with torch.no_grad(), second_order_attention():
+            z = run()
+    finally:
+        for h in handles:
+            h.remove()
+    out, most, names = {}, 1, set(names)
+    for name, t in reversed(seen):
+        most = most if t is z else max(most, t.numel())
+        if name in names:
+            out[name] = (most * scale, z.numel() * scale)
+    return out
+
+
+def jet_slices(counts: Sequence[tuple[str, int]], widest: Mapping[str, tuple[int, int]], device,
+               cap: int | None = None) -> list[DirectionSlice]:
+    """The (layer, k) entries in slices of at most :data:`JET_BUDGET` // (the widest activation after the slice's
+    first layer) rows, 4 × JET_BUDGET // (the final result: logits carry first derivatives only, see
+    :class:`HeadSplit`), and ``cap``: rows of late layers, which meet only small activations, go many to a jet."""
+    budget = JET_BUDGET.get(torch.device(device).type, JET_BUDGET["cuda"])
+    entries = [(layer, k) for layer, K in counts for k in range(K)]
+    out, cur, size = [], [], 0
+    for layer, k in entries:
+        if not cur:
+            inner, final = widest.get(layer, (1, 1))
+            size = max(1, min(budget // max(1, inner), 4 * budget // max(1, final)))
+            size = min(size, cap) if cap else size
+        cur.append((layer, k))
+        if len(cur) >= size:
+            out.append(DirectionSlice(tuple(cur)))
+            cur = []
+    if cur:
+        out.append(DirectionSlice(tuple(cur)))
+    return out
+
+
+class Perturbation:
+    """Forward hooks on a stage's exact layers that seed the jet rows of one slice (:meth:`of`): layer l's output
+    gains ṡ = D_{l,k} a at the rows of its (l, k) entries.  Inert outside :meth:`of`."""
+
+    def __init__(self, layers: Mapping[str, nn.Module]):
+        self._active: dict[str, tuple[Tensor, Tensor, int]] = {}
+        self.calls: dict[str, int] = {}     # layer → its calls in the current :meth:`of` (more than one: reuse)
         self._handles = [mod.register_forward_hook(self._hook(name)) for name, mod in layers.items()]
 
     def _hook(self, name: str):
         def hook(module, args, out):
             got = self._active.get(name)
-            return None if got is None else out + _eps_output(module, args[0], *got)
+            if got is None:
+                return None
+            self.calls[name] = self.calls.get(name, 0) + 1
+            U, V, offset = got
+            return jet.add_rows(out, L.directional_output(module, jet.primal(args[0]), U, V), offset)
         return hook
+
+    @contextmanager
+    def of(self, sl: DirectionSlice, directions: Mapping[str, tuple[Tensor, Tensor]]):
+        """Inside: the layers of ``sl`` seed their rows ({layer: (U, V)} of every direction of the layer)."""
+        t, active = 0, {}
+        for layer in sl.layers:
+            ks = sl.ks(layer)
+            U, V = directions[layer]
+            active[layer] = (U[ks], V[ks], t)
+            t += len(ks)
+        self._active, self.calls = active, {}
+        try:
+            yield
+        finally:
+            self._active = {}
 
     def close(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
 
-    def fn(self, directions: Mapping[str, tuple[Tensor, Tensor]], kwargs: Mapping[str, Any] | None = None) -> StageFn:
-        """The stage function for the perturbed ``directions`` ({layer: (U, V)} of one slice); ``kwargs`` go to the
-        module's forward (an attention mask)."""
-        kwargs = dict(kwargs or {})
-
-        def call(params, x):
-            weights = {k: v for k, v in params.items() if not k.startswith(EPS)}
-            self._active = {name[len(EPS):]: (*directions[name[len(EPS):]], v)
-                            for name, v in params.items() if name.startswith(EPS)}
-            try:
-                return functional_call(self.module, weights, (x,), kwargs)
-            finally:
-                self._active = {}
-        return call
+    @property
+    def active(self) -> set[str]:
+        return set(self._active)
 
 
-def eps_params(sl: DirectionSlice, dtype: torch.dtype, device) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """ε (zeros) for every layer of the slice and their T one-hot tangents: (params, param_tangent), name → (K_l,)
-    and (T, K_l), in :data:`EPS` + layer names."""
-    params, tangents, t = {}, {}, 0
-    T = len(sl)
-    for layer in sl.layers:
-        K = len(sl.ks(layer))
-        params[EPS + layer] = torch.zeros(K, dtype=dtype, device=device)
-        tan = torch.zeros(T, K, dtype=dtype, device=device)
-        tan[t:t + K] = torch.eye(K, dtype=dtype, device=device)
-        tangents[EPS + layer] = tan
-        t += K
-    return params, tangents
+def _carries_jet(obj) -> bool:
+    if isinstance(obj, jet.Jet):
+        return True
+    if isinstance(obj, (list, tuple)):
+        return any(_carries_jet(o) for o in obj)
+    if isinstance(obj, Mapping):
+        return any(_carries_jet(o) for o in obj.values())
+    return False
 
 
-def slice_directions(sl: DirectionSlice, directions: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, tuple]:
-    """The (U, V) rows of the slice's directions, per layer."""
-    return {layer: (directions[layer][0][sl.ks(layer)], directions[layer][1][sl.ks(layer)]) for layer in sl.layers}
+class BlockReplay:
+    """Skips the plain forward upstream of a jet's first seed: every element of an ``nn.ModuleList`` of ``module``
+    (a transformer's blocks) keeps the output of its first call with plain inputs, and a later call with plain
+    inputs and no seeded layer inside (``perturbation``'s active layers) returns it instead of computing it again.
+    One micro-batch at a time: :meth:`clear` between micro-batches."""
+
+    def __init__(self, module: nn.Module, perturbation: Perturbation):
+        self._pert = perturbation
+        self._cache: dict[int, object] = {}
+        self._blocks = []
+        names = {m: n for n, m in module.named_modules()}
+        for lst in module.modules():
+            if isinstance(lst, nn.ModuleList):
+                for block in (b for b in lst if "forward" not in b.__dict__):
+                    inner = {names[m] for m in block.modules() if m in names}
+                    self._blocks.append(block)
+                    block.forward = self._wrap(id(block), block.forward, inner)
+
+    def _wrap(self, key: int, own: Callable, inner: set[str]) -> Callable:
+        def forward(*args, **kwargs):
+            if _carries_jet(args) or _carries_jet(kwargs) or inner & self._pert.active:
+                return own(*args, **kwargs)
+            if key not in self._cache:
+                self._cache[key] = own(*args, **kwargs)
+            return self._cache[key]
+        return forward
+
+    def clear(self) -> None:
+        self._cache = {}
+
+    def close(self) -> None:
+        for block in self._blocks:
+            del block.forward
+        self._blocks, self._cache = [], {}
 
 
-def eps_quadratic(sl: DirectionSlice, eps_bar_dot: Mapping[str, Tensor]) -> Tensor:
-    """h_t = ∂²L/∂ε_t² for every tangent t of the slice (T,): the diagonal of ε̄̇ (T, T) (module docstring)."""
-    out, t = [], 0
-    for layer in sl.layers:
-        K = len(sl.ks(layer))
-        block = eps_bar_dot[EPS + layer][t:t + K]          # (K, K): tangents of this layer × its ε
-        out.append(torch.diagonal(block))
-        t += K
-    return torch.cat(out)
+def output_head(module: nn.Module) -> nn.Linear | None:
+    """The linear map that produces the logits (``get_output_embeddings()``, or a stage's ``lm_head``), if any."""
+    get = getattr(module, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    head = head if head is not None else getattr(module, "lm_head", None)
+    return head if isinstance(head, nn.Linear) else None
+
+
+class HeadSplit:
+    """The head z = hWᵀ (+ b) is the forward's last op: its second part z̈ = ḧWᵀ enters h only as ⟨∇_z L, z̈⟩ =
+    ⟨(∇_z L) W, ḧ⟩, so the head takes (h, ḣ) only and :func:`loss_jet` forms that term from ḧ (:attr:`second`):
+    one product through the head per direction less (half the head's work; the head of a 49152-word vocabulary is
+    most of a small model's).  :meth:`applies` checks that the logits are the head's own output (no op after it);
+    where they are not, the caller runs the jet again with ``enabled = False``."""
+
+    def __init__(self, module: nn.Module):
+        self.head = output_head(module)
+        self.enabled = self.head is not None
+        self.second: Tensor | None = None
+        self._out = None
+        self._handles = [] if self.head is None else [self.head.register_forward_pre_hook(self._pre),
+                                                      self.head.register_forward_hook(self._post)]
+
+    def _pre(self, module, args):
+        x = args[0]
+        if self.enabled and isinstance(x, jet.Jet) and x.b is not None:
+            self.second = x.b
+            return (jet.seed(x.p, x.a, None), *args[1:])
+        return None
+
+    def _post(self, module, args, out):
+        self._out = out
+
+    def reset(self) -> None:
+        self.second, self._out = None, None
+
+    def applies(self, logits) -> bool:
+        return self.second is None or logits is self._out
+
+    def term(self) -> tuple[Tensor, Tensor] | None:
+        """(ḧ, W) for :func:`loss_jet`, or None."""
+        return None if self.second is None else (self.second, self.head.weight)
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def stage_jet(module: nn.Module, x, xdot: Tensor | None = None, xddot: Tensor | None = None, *, T: int,
+              kwargs: Mapping | None = None, call: Callable | None = None, head: HeadSplit | None = None
+              ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(y, ẏ, ÿ)`` of one stage (rows: T directions; ẏ None when no direction reaches y) from its input x with
+    (ẋ, ẍ) ((T, *x.shape) or None: x held fixed, as token ids are).  Seeds come from an active
+    :class:`Perturbation` on the stage's layers; ``call(module, x)`` runs it when not ``module(x, **kwargs)``
+    (:func:`curvdist.math.forward.model_logits` for a whole model); ``head`` (the last stage): its :class:`HeadSplit` leaves ÿ to :meth:`HeadSplit.term`."""
+    xin = jet.seed(x, xdot, xddot) if xdot is not None else x
+    while True:
+        if head is not None:
+            head.reset()
+        with torch.no_grad(), second_order_attention(), jet.fused_activations(module):
+            y = call(module, xin) if call is not None else module(xin, **dict(kwargs or {}))
+        if head is None or head.applies(y):
+            return jet.parts(y, T)
+        head.enabled = False    # an op after the head (a logit soft-cap…) needs its z̈: run again without the split
+
+
+def loss_jet(logits: Tensor, zdot: Tensor | None, zddot: Tensor | None, targets: Tensor, loss: str, T: int,
+             hessian: bool = True, head: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor | None, Tensor, int]:
+    """(h (T,), h^GN (T,), N_b) of the micro-batch mean loss L_b from the logits and their tangents (module
+    docstring); a direction whose tangent does not reach the logits gets 0.  ``head``: (ḧ, W) when the head's
+    second part was left out (:class:`HeadSplit`): ⟨∇_z L_b, z̈⟩ = ⟨(∇_z L_b) W, ḧ⟩."""
+    z = logits.detach()
+    nb = loss_terms(z, targets, loss)[1]
+    if zdot is None:
+        zero = z.new_zeros(T)
+        return (zero if hessian else None), zero, nb
+    gn = hessian_quadratic(z, targets, loss, zdot)
+    if not hessian or (zddot is None and head is None):
+        return (gn if hessian else None), gn, nb
+    with torch.enable_grad():
+        zz = z.clone().requires_grad_()
+        (zbar,) = torch.autograd.grad(loss_terms(zz, targets, loss)[0], zz)
+    h = gn
+    if zddot is not None:
+        h = h + (zddot * zbar.to(zddot.dtype)).flatten(1).sum(1)
+    if head is not None:
+        hdd, W = head
+        pulled = zbar.to(W.dtype) @ W                       # (…, d): once, not per direction
+        h = h + (_pad_rows(hdd, T) * pulled.to(hdd.dtype)).flatten(1).sum(1)
+    return h, gn, nb
+
+
+def _pad_rows(t: Tensor, T: int) -> Tensor:
+    return t if t.shape[0] == T else torch.cat([t, t.new_zeros((T - t.shape[0], *t.shape[1:]))])

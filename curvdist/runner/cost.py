@@ -19,17 +19,16 @@ Per token of the evaluation batch, stage j with blocks b, h hidden, q = heads·h
     spectral       per layer: SVD of G, dense 6·M·N² + 20·N³ (R-SVD, M ≥ N) or randomized i·(4mnl + 4(m+n)l²)
                    (i = 5 iterations fp32, 25 fp64; l = K + 10); eigensolves of C_A, C_δ, dense 9d³ or block
                    Lanczos ~20 products of 2d²b + 4d·basis·b (b = K + 4); per layer, not per token
-    exact          forward-over-reverse: every exact layer owned by stage j < S−1 sends K tangents through stages
-                   j..S−1 and back, each costing (1 + K)·F_i forward (primal and tangents) and (2 + 3K)·F_i backward
-                   (primal vjp; per direction the tangent's transpose and the second-order term), (3 + 4K)·F_i;
+    exact          Taylor mode (second-order forward): every exact layer owned by stage j < S−1 sends K rows of
+                   first and second derivatives through stages j..S−1, each costing (1 + 2K)·F_i (the primal and
+                   two products per linear map per direction; only (h, h^GN) come back, 2K numbers);
                    the last stage measures its own layers in-process: 3·F (forward and create_graph backward) plus
                    per direction two products per downstream linear map, 2·F_down(l), and the directional output
-                   2K(m + n).  Measured on one CPU thread (a 512-wide Llama block, 512 tokens, K = 1, 4, 8):
-                   forward and backward tangents took (7 + 5.5K) forward times against the (3 + 4K) counted here,
-                   i.e. the exact pass runs at ~70 % of the forward's own efficiency there
+                   2K(m + n).  Products only: the jet's elementwise rules (GELU, softmax, norms on K-row
+                   tensors) are memory-bound on top (docs/design.md, "Exact pass")
 
 Bytes: hidden states travel between stages as float32 (t·h·4 per micro-batch and hop, and per seed backward); in the
-exact pass K tangents forward and 1 + K adjoints back per hop; replicas all-reduce G and the factors, a ring sending
+exact pass K first and K second derivatives forward per hop; replicas all-reduce G and the factors, a ring sending
 2(R−1)/R of them per participant.  Transfer time is not part of the time estimate.
 
 Time: products at ``utilization`` × the device's dense peak for their dtype, dense factorisations (SVD, eigh) at
@@ -229,8 +228,8 @@ def estimate_cost(plan, layout: Layout, workload: Workload, throughput: Throughp
         spec.append(Work(stat=prods, solver=solver))
         # exact: tangents of upstream layers (and this stage's own, unless it is the last) pass through here
         through = [l for l in exact_layers if owner[l.name] < j or (owner[l.name] == j and not last)]
-        fl = tokens_x * len(through) * (3.0 + 4.0 * K) * F[j]
-        sent = mb_x * hop * sum((0 if last else K) + (1 + K if owner[l.name] < j else 0) for l in through)
+        fl = tokens_x * len(through) * (1.0 + 2.0 * K) * F[j]
+        sent = mb_x * hop * sum(0 if last else 2 * K for l in through)
         if last:
             local = [l for l in exact_layers if owner[l.name] == j]
             if local:

@@ -29,7 +29,7 @@ Per stage j, with B micro_batch, T seq_len, t = B·T tokens per micro-batch, M_r
                  every worker holds all of its rows, else streams): a layer's projected input rows, R · K · r
     finalize     G, C_A, C_δ again: ``finalize`` normalises into new tensors while the running sums are alive
     spectral     the largest layer's SVD of G and eigensolve workspace (:func:`spectral_workspace`)
-    exact        forward-over-reverse through the stage for K directions and one micro-batch
+    exact        a sweep's jet (K rows of first and second derivatives) through the stage for one micro-batch
                  (:func:`exact_route_bytes`; the last stage's own layers: :func:`exact_local_bytes`)
 
     pass peaks   statistics  = weights + factors + held · activations + backward + rows
@@ -73,8 +73,8 @@ from curvdist.math import modes as M
 from curvdist.runner.plan import ITEMSIZE, Arch, Layout, Workload
 
 PASSES = ("statistics", "spectral", "projections", "exact")
-# elements per token of the batched layer-output tangent in one pass of curvdist.math.curvature (CHUNK_BUDGET)
-CHUNK_BUDGET = {"cpu": 2 ** 20, "cuda": 2 ** 26}
+# elements of one derivative part of the widest activation a jet meets (curvdist.math.stage_tangents.JET_BUDGET)
+JET_BUDGET = {"cpu": 2 ** 25, "cuda": 2 ** 29}
 # dense SVD / eigh at or below these sizes (curvdist.math.spectral.EXACT_*_BELOW, EXACT_BELOW_CUDA)
 DENSE_BELOW = {"cuda": {"svd": 8192, "eig": 8192}, "cpu": {"svd": 384, "eig": 512}}
 DENSE_BELOW_FP64_CPU = 768
@@ -253,31 +253,34 @@ def exact_itemsize(exact_dtype: str, itemsize: int) -> int:
     return {"float32": max(4, itemsize), "float64": 8, "model": itemsize}[exact_dtype]
 
 
-def exact_route_bytes(act_autograd: int, tokens: int, arch: Arch, k: int, itemsize: int, *, last: bool,
-                      owned_mn: int) -> int:
-    """Workspace of forward-over-reverse through one stage for one micro-batch (``act_autograd``: its saved tensors).
+def exact_route_bytes(act_autograd: int, tokens: int, arch: Arch, k: int, itemsize: int, *, last: bool) -> int:
+    """Workspace of a sweep's jet through one stage for one micro-batch (``act_autograd``: the saved tensors of
+    its forward, the scale of everything the stage computes).
 
-    ``stage_backward_tangent`` (``vmap`` over K of a ``jvp`` of the stage's ``vjp``) keeps the saved tensors, a
-    K-batched tangent of each, and the transients of the backward and of its tangent: measured (peak resident memory
-    with every allocation of 64 kB or more mmap'd, tangents through a whole Llama block, fp32, K = 1, 4, 8)
-    (1.9 + 1.8·K)·act, taken here as (2 + 2K)·act; plus the tangents that arrive, ẋ and ȳ̇, 2·K·t·h·s; the stage
-    owning the layer also holds the parameter tangents ṗ_k = u_k v_kᵀ and their images p̄̇, 2·K·m·n·s; the last
-    stage adds the logit tangents ż and z̄̇, 2·K·t·W·s.
+    ``stage_jet`` runs the stage's forward on (x, ẋ, ẍ) with K rows under no_grad: nothing is kept, the peak is
+    the residual stream and one op's first and second derivatives with their transients: measured (peak resident
+    memory with every allocation of 64 kB or more mmap'd, a Llama block, K = 1, 4, 8) (0.4 + 1.25·K)·act in
+    float32, (0.5 + 1.8·K)·act in bfloat16 (RMSNorm's float32 transients), taken here as (0.75 + 1.5K)·act; plus
+    the derivatives that arrive, ẋ and ẍ, 2·K·t·h·s; the last stage adds the logits' ż and z̈, 2·K·t·W·s.
     """
-    out = (2 + 2 * k) * act_autograd + 2 * k * tokens * arch.hidden * itemsize + 2 * k * owned_mn * itemsize
+    out = int((0.75 + 1.5 * k) * act_autograd) + 2 * k * tokens * arch.hidden * itemsize
     if last and not arch.logits_per_sequence:
         out += 2 * k * tokens * arch.logit_width * itemsize
     return out
 
 
-def exact_local_bytes(act_autograd: int, tokens: int, k: int, device: str, min_m: int, cached_all: int) -> int:
+def exact_local_bytes(act_autograd: int, tokens: int, arch: Arch, k: int, itemsize: int, device: str, min_m: int,
+                      cached_all: int, chunk: int | None = None) -> int:
     """Workspace of the last stage measuring its own layers in-process (:func:`curvdist.math.curvature.
-    exact_curvature`): a forward and a create_graph backward (≈ 3 × act), a chunk of c = min(K, CHUNK_BUDGET /
-    (t·m)) directions of the batched double backward (≈ c × act; the narrowest layer, ``min_m``, has the largest
-    chunk and bounds the peak), and every cached input moved to the device
-    (measured on a one-block Llama, fp32: 4.0·act for K = 1, 6.8·act for K = 8 in chunks of 4)."""
-    chunk = max(1, min(k, CHUNK_BUDGET.get(device, CHUNK_BUDGET["cuda"]) // max(1, tokens * min_m)))
-    return (3 + chunk) * act_autograd + cached_all
+    exact_curvature`, Taylor mode): a jet of r rows through the stage, (0.75 + 1.5·r)·act as in
+    :func:`exact_route_bytes`, with r = min(K (the stage's directions), ``chunk`` (exact_chunk), JET_BUDGET / (t·m))
+    taking the narrowest layer ``min_m`` for the widest activation after it (so r is not underestimated); the
+    logits' first derivatives and one temporary at the loss, 2·r·t·W·s; every cached input moved to the device."""
+    rows = max(1, min(k, chunk or k, JET_BUDGET.get(device, JET_BUDGET["cuda"]) // max(1, tokens * min_m)))
+    out = int((0.75 + 1.5 * rows) * act_autograd) + cached_all
+    if not arch.logits_per_sequence:
+        out += 2 * rows * tokens * arch.logit_width * itemsize
+    return out
 
 
 def sweep_tangents(plan, workload: Workload, stage: int) -> int:
@@ -362,12 +365,13 @@ def memory_plan(plan, layout: Layout, workload: Workload, device: str) -> Memory
         xs = exact_itemsize(workload.exact_dtype, s)
         act_exact = act_autograd * xs // s
         exact = 0
-        if through:   # stacked sweeps through this stage: ε tangents (T × T numbers on the source, no ṗ copies)
-            exact = exact_route_bytes(act_exact, t, arch, through, xs, last=is_last, owned_mn=0)
+        if through:   # stacked sweeps through this stage: jets of T rows (seeded on the source stage)
+            exact = exact_route_bytes(act_exact, t, arch, through, xs, last=is_last)
         if exact_mine and is_last:                   # the last stage's own layers: in-process route
             mb_x = math.ceil(workload.exact_microbatches / layout.replicas)   # the inputs the exact pass measures
-            exact = max(exact, exact_local_bytes(act_exact, t, k, device, min(l.m for l in exact_mine),
-                                                 mb_x * t * h * xs))
+            dirs = sum(min(k, l.m, l.n) for l in exact_mine)
+            exact = max(exact, exact_local_bytes(act_exact, t, arch, dirs, xs, device, min(l.m for l in exact_mine),
+                                                 mb_x * t * h * xs, workload.exact_chunk))
         if exact:
             exact += st.param_bytes * (xs - s) // s
         out.append(StageMemory(st.index, layout.held(st.index, mb), st.param_bytes, factors, act_autograd, stats_act,

@@ -1,17 +1,18 @@
-"""The exact-curvature steps of a stage worker: stacked sweeps of forward-over-reverse across stages, no autograd
-graph spanning actors (:mod:`curvdist.math.stage_tangents`).
+"""The exact-curvature steps of a stage worker: stacked sweeps in Taylor mode across stages, no autograd graph
+spanning actors (:mod:`curvdist.math.stage_tangents`).
 
 One **sweep** per (source stage j, micro-batch b, chunk c): the directions of every exact layer of stage j (a
-:class:`~curvdist.math.stage_tangents.DirectionSlice` of at most ``exact_chunk`` of them) travel together as
-one-hot tangents of the stage's ε parameters:
+:class:`~curvdist.math.stage_tangents.DirectionSlice` of at most ``exact_chunk`` of them) travel together as the
+T rows of a jet (first and second derivatives along each direction):
 
-    stage j          sweep_forward(b, j, c)             ẏ_j = ∂y/∂ε · e_t   for every tangent t of the slice
-    stage j<i<S-1    sweep_forward(b, j, c, ẏ)          ẏ_i = J_x ẋ
-    last stage       sweep_loss(b, j, c, ẏ)             ż, h^GN_t = ż_tᵀH_ℓż_t, (z̄, z̄̇), its tangent backward
-    stage i>j        sweep_backward(b, j, c, msg)       (x̄, x̄̇) = (J_xᵀȳ, J_xᵀȳ̇ + ∂²f[ȳ]·ẋ)
-    stage j          sweep_backward(b, j, c, msg)       h_t = ε̄̇_tt ; accumulates N_b·h_b per (layer, k)
+    stage j          sweep_forward(b, j, c)             (y, ẏ, ÿ) seeded at j's exact layers (ṡ_t = D_t a, s̈_t = 0)
+    stage j<i<S-1    sweep_forward(b, j, c, (ẋ, ẍ))     (ẏ, ÿ) = second-order forward mode of the stage
+    last stage       sweep_loss(b, j, c, (ẋ, ẍ))        h_t = ⟨z̄, z̈_t⟩ + ż_tᵀH_ℓż_t, h^GN_t = ż_tᵀH_ℓż_t
+    stage i>j        sweep_backward(b, j, c, msg)       passes (h, h^GN, N_b) on: 2T numbers, no compute
+    stage j          sweep_backward(b, j, c, msg)       accumulates N_b·h_b per (layer, k)
 
-so a stage's layers share every downstream forward, adjoint and message.  Layers on the last stage have their
+so a stage's layers share every downstream forward and message, and nothing is kept or recomputed between the
+way up and the way back.  Layers on the last stage have their
 whole downstream network there and use the in-process route (:func:`curvdist.math.curvature.exact_curvature`) on
 the cached stage inputs.  Every stage input was cached by the statistics pass, so nothing upstream is recomputed.
 The HVPs run in ``exact_dtype`` (the parameters are upcast for the pass, then cast back losslessly).
@@ -29,18 +30,17 @@ import time
 import numpy as np
 import torch
 
-from curvdist.math import losses, noise, subsample
+from curvdist.math import noise, subsample
 from curvdist.math.curvature import Curvature, exact_curvature
 from curvdist.math.forward import exact_torch_dtype, parameters_in
 from curvdist.math.stage_tangents import (
-    PerturbedStage,
+    HeadSplit,
+    Perturbation,
     chunk_directions,
-    eps_params,
-    eps_quadratic,
-    loss_tangent,
-    slice_directions,
-    stage_backward_tangent,
-    stage_forward_tangent,
+    jet_slices,
+    loss_jet,
+    stage_jet,
+    widest_after,
 )
 from curvdist.runner import transport
 
@@ -57,12 +57,11 @@ class ExactSteps:
     ``layers``, ``m`` (the measurement), ``spec``, ``group`` (replicas), ``_inputs``, ``_targets``, ``_n_terms``."""
 
     def reset_exact(self) -> None:
-        self._saved: dict[tuple, tuple] = {}         # (micro-batch, source, chunk) → what the tangent backward needs
         self._h: dict[str, dict] = {}                # layer → sums over micro-batches (see _accumulate)
         self._local: dict[str, Curvature] = {}
         self._n_local = 0
         self._slices = []
-        self._pert: PerturbedStage | None = None
+        self._pert: Perturbation | None = None
         self._exact_ctx = None
         self._busy_exact, self._sent_bytes, self._sweeps = 0.0, 0, 0
         self._per_mb: dict[str, dict[int, list]] = {}  # layer → micro-batch → [N_b, h_b (K,), h^GN_b (K,)]
@@ -76,11 +75,13 @@ class ExactSteps:
     # ------------------------------------------------------------------ pass bracket
     def begin_exact(self, chunk: int | None, microbatches: tuple[int, ...] | None = None,
                     population: int | None = None) -> int:
-        """Upcast the parameters to the exact dtype, hook ε onto this stage's exact layers (a non-last stage), cut
-        their directions into slices of at most ``chunk`` tangents.  ``microbatches``: the sampled micro-batches
-        the pass measures (None: all), out of ``population`` in the batch.  Returns the number of slices."""
+        """Upcast the parameters to the exact dtype, hook the seeds onto this stage's exact layers (a non-last
+        stage), cut their directions into slices of at most ``chunk`` tangents.  ``microbatches``: the sampled
+        micro-batches the pass measures (None: all), out of ``population`` in the batch.  Returns the number of
+        slices."""
         self.reset_exact()
         self._exact_mbs = None if microbatches is None else frozenset(int(b) for b in microbatches)
+        self._chunk = chunk
         self._population = population
         self._xdtype = exact_torch_dtype(self.m.exact_dtype, self.dtype)
         self._exact_ctx = parameters_in(self.module, self._xdtype)
@@ -88,8 +89,15 @@ class ExactSteps:
         self._t_exact = time.perf_counter()
         mine = self.live_layers()
         if mine and not self.spec.is_last:
-            self._pert = PerturbedStage(self.module, {n: self.layers[n] for n in mine})
-            self._slices = chunk_directions([(n, self.spectra[n].k) for n in mine], chunk)
+            self._pert = Perturbation({n: self.layers[n] for n in mine})
+            counts = [(n, self.spectra[n].k) for n in mine]
+            if self._inputs:    # rows per jet by this stage's widest activation after each layer, at most ``chunk``
+                x, mask = self._primal(min(self._inputs))    # one sequence's forward, scaled by the batch
+                x1, m1 = x[:1], (None if mask is None else mask[:1])
+                widest = widest_after(self.module, lambda: self.module(x1, attention_mask=m1), mine, x.shape[0])
+                self._slices = jet_slices(counts, widest, self.device, cap=chunk)
+            else:
+                self._slices = chunk_directions(counts, chunk)
         return len(self._slices)
 
     def _restore_dtype(self) -> None:
@@ -109,21 +117,6 @@ class ExactSteps:
             xt = xt.to(self._xdtype)
         return xt, mask
 
-    def _params(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.module.named_parameters()}
-
-    def _stage_fn(self, mb: int, src: int, chunk: int):
-        """(fn, params, param_tangent) of this stage in sweep (src, chunk): perturbed by ε on the source stage."""
-        x, mask = self._primal(mb)
-        kwargs = {"attention_mask": mask}
-        if src == self.spec.stage:
-            sl = self._slices[chunk]
-            dirs = {n: (self.spectra[n].U, self.spectra[n].V) for n in sl.layers}
-            eps, eps_dot = eps_params(sl, self._xdtype, self.device)
-            return x, self._pert.fn(slice_directions(sl, dirs), kwargs), {**self._params(), **eps}, eps_dot
-        from torch.func import functional_call
-        return x, (lambda p, xx: functional_call(self.module, p, (xx,), kwargs)), self._params(), None
-
     def _tensor(self, a) -> torch.Tensor | None:
         return None if a is None else torch.as_tensor(a).to(self.device, self._xdtype)
 
@@ -135,55 +128,56 @@ class ExactSteps:
         self._sent_bytes += transport.nbytes(out)
         return out
 
-    def sweep_forward(self, mb: int, src: int, chunk: int, xdot=None):
-        """ẏ (T, *y.shape) of this stage: seeded by ε on the source stage, carried from ``xdot`` downstream."""
+    def _jet(self, mb: int, src: int, chunk: int, msg: dict | None, head: HeadSplit | None = None):
+        """(y, ẏ, ÿ) of this stage in sweep (src, chunk), seeded here on the source stage."""
+        x, mask = self._primal(mb)
+        T = msg["rows"] if msg is not None else len(self._slices[chunk])
+        xd, xdd = (self._tensor(msg["first"]), self._tensor(msg["second"])) if msg is not None else (None, None)
+        kwargs = {"attention_mask": mask}
+        if src != self.spec.stage:
+            return (*stage_jet(self.module, x, xd, xdd, T=T, kwargs=kwargs, head=head), T)
+        sl = self._slices[chunk]
+        with self._pert.of(sl, {n: (self.spectra[n].U, self.spectra[n].V) for n in sl.layers}):
+            return (*stage_jet(self.module, x, xd, xdd, T=T, kwargs=kwargs), T)
+
+    def sweep_forward(self, mb: int, src: int, chunk: int, msg: dict | None = None) -> dict:
+        """(ẏ, ẏ̇) of this stage's output for the next: seeded on the source stage, carried from ``msg`` (the
+        previous stage's) downstream."""
         t0 = time.perf_counter()
         if self.spec.sleep_s:   # schedule tests: the stage's compute replaced by a fixed time
             time.sleep(self.spec.sleep_s)
-        x, fn, params, pt = self._stage_fn(mb, src, chunk)
-        xd = self._tensor(xdot)
         self._sweeps += src == self.spec.stage
-        _, ydot = stage_forward_tangent(fn, params, x, xd, pt)
-        self._saved[(mb, src, chunk)] = (xd,)
-        out = self._send(ydot)
+        _, first, second, T = self._jet(mb, src, chunk, msg)
+        out = {"rows": T, "first": self._send(first), "second": self._send(second)}
         self._busy_exact += time.perf_counter() - t0
         return out
 
-    def sweep_loss(self, mb: int, src: int, chunk: int, xdot) -> dict:
-        """Last stage: forward tangents to the logits, h^GN, (z̄, z̄̇) at the loss, then its tangent backward."""
+    def sweep_loss(self, mb: int, src: int, chunk: int, msg: dict) -> dict:
+        """Last stage: the jet to the logits, then h_t and h^GN_t at the loss (2T numbers go back)."""
         t0 = time.perf_counter()
         if self.spec.sleep_s:
             time.sleep(self.spec.sleep_s)
-        x, fn, params, _ = self._stage_fn(mb, src, chunk)
-        xd = self._tensor(xdot)
-        z, zdot = stage_forward_tangent(fn, params, x, xd, None)
-        tgt = torch.as_tensor(self._targets[mb]).to(self.device)
-        h_gn = losses.hessian_quadratic(z, tgt, self.m.loss, zdot) if self.m.gn else None
-        zbar, zbar_dot, n_b = loss_tangent(z.detach(), tgt, self.m.loss, zdot)
-        xbar, xbar_dot, _ = stage_backward_tangent(fn, params, x, xd, None, zbar, zbar_dot)
-        msg = {"n_terms": int(n_b), "h_gn": None if h_gn is None else to_numpy(h_gn),
-               "xbar": self._send(xbar), "xbar_dot": self._send(xbar_dot)}
-        self._busy_exact += time.perf_counter() - t0
-        return msg
-
-    def sweep_backward(self, mb: int, src: int, chunk: int, msg: dict) -> dict | int:
-        """Pass (x̄, x̄̇) upstream, or, on the source stage, read h_t = ε̄̇_tt and accumulate; returns the tangents
-        measured there (so the driver can count finished sweeps)."""
-        t0 = time.perf_counter()
-        x, fn, params, pt = self._stage_fn(mb, src, chunk)
-        (xd,) = self._saved.pop((mb, src, chunk))
-        xbar, xbar_dot, pbar_dot = stage_backward_tangent(fn, params, x, xd, pt, self._tensor(msg["xbar"]),
-                                                          self._tensor(msg["xbar_dot"]),
-                                                          input_adjoint=src != self.spec.stage)
-        if src == self.spec.stage:
-            sl = self._slices[chunk]
-            self._accumulate(mb, sl, eps_quadratic(sl, pbar_dot), msg)
-            self._busy_exact += time.perf_counter() - t0
-            return len(sl)
-        out = {"n_terms": msg["n_terms"], "h_gn": msg["h_gn"], "xbar": self._send(xbar),
-               "xbar_dot": self._send(xbar_dot)}
+        head = HeadSplit(self.module)
+        try:
+            z, zd, zdd, T = self._jet(mb, src, chunk, msg, head)
+            tgt = torch.as_tensor(self._targets[mb]).to(self.device)
+            h, h_gn, n_b = loss_jet(z, zd, zdd, tgt, self.m.loss, T, head=head.term())
+        finally:
+            head.close()
+        out = {"n_terms": int(n_b), "h": to_numpy(h), "h_gn": to_numpy(h_gn) if self.m.gn else None}
         self._busy_exact += time.perf_counter() - t0
         return out
+
+    def sweep_backward(self, mb: int, src: int, chunk: int, msg: dict) -> dict | int:
+        """Pass (h, h^GN, N_b) upstream, or, on the source stage, accumulate them; returns the tangents measured
+        there (so the driver can count finished sweeps)."""
+        if src != self.spec.stage:
+            return msg
+        t0 = time.perf_counter()
+        sl = self._slices[chunk]
+        self._accumulate(mb, sl, torch.as_tensor(msg["h"]), msg)
+        self._busy_exact += time.perf_counter() - t0
+        return len(sl)
 
     def _accumulate(self, mb: int, sl, h: torch.Tensor, msg: dict) -> None:
         """Per (layer, k): N_b·h_b, N_b·h^GN_b, per half, and N_b (a layer's directions may span chunks)."""
@@ -224,6 +218,7 @@ class ExactSteps:
             dirs = {n: (self.spectra[n].U, self.spectra[n].V) for n in layers}
             self._local = exact_curvature(self.module, data, self.m.loss, dirs,
                                           layers={n: self.layers[n] for n in layers}, gn=self.m.gn, keys=mbs,
+                                          chunk_size=self._chunk,
                                           population=self._population)
         self._busy_exact += time.perf_counter() - t0
         self.timings["exact_local_s"] = time.perf_counter() - t0
