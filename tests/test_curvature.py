@@ -554,3 +554,69 @@ def test_head_split_engages_on_gpt2():
     finally:
         head.close()
         pert.close()
+
+
+class Looped(nn.Module):
+    """Blocks in a ModuleList, the first called twice (a weight-shared loop), the layers keyed by the caller's own
+    names: block replay must key its outputs by call and match seeded layers by identity."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(9, 6)
+        self.blocks = nn.ModuleList([nn.Linear(6, 6), nn.Linear(6, 6)])
+        self.out = nn.Linear(6, 9)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for b in (self.blocks[0], self.blocks[0], self.blocks[1]):
+            x = torch.tanh(b(x))
+        return self.out(x)
+
+
+def test_block_replay_keys_calls_and_matches_layers_by_identity():
+    torch.manual_seed(5)
+    model = Looped().to(DT).eval()
+    data = lm_data(9, seed=7)
+    lay = {"second": model.blocks[1], "head": model.out}         # caller keys, not module names
+    dirs = random_dirs(lay, 3, seed=8)
+    ref = exact_curvature(model, data, "cross_entropy", dirs, layers=lay, method="output")
+    for chunk in (None, 2):
+        got = exact_curvature(model, data, "cross_entropy", dirs, layers=lay, method="taylor", chunk_size=chunk)
+        for n in lay:
+            close(got[n].h, ref[n].h)
+            close(got[n].h_gn, ref[n].h_gn)
+    close(ref["second"].h, dense.quadratic(dense.layer_hessian(model, data, oracle.cross_entropy, model.blocks[1]),
+                                           *dirs["second"]))
+
+
+def test_fallback_keeps_auto_for_a_reused_layer():
+    """An op without a Taylor rule sends auto to the double backward; a layer called twice still goes to the param
+    route (not refused as under method='output')."""
+    class OddReuse(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return torch.cumsum(self.b(torch.tanh(self.a(torch.tanh(self.a(x))))), -1)
+
+    torch.manual_seed(6)
+    model = OddReuse().to(DT).eval()
+    check_dense(model, [(torch.randn(5, 4, dtype=DT), torch.randint(0, 3, (5,)))], "cross_entropy",
+                {"a": model.a, "b": model.b}, methods=("auto",))
+
+
+def test_products_with_a_lower_rank_jet_broadcast_after_the_rows():
+    """x (N, D) carrying T rows times a plain (B, N, D) with T = B: the rows must not line up with B."""
+    from curvdist.math import jet
+    g = torch.Generator().manual_seed(0)
+    p, a, b = (torch.randn(3, 4, generator=g, dtype=DT) for _ in range(3))
+    a, b = a[None].repeat(2, 1, 1), b[None].repeat(2, 1, 1) * torch.tensor([1.0, 2.0], dtype=DT)[:, None, None]
+    c = torch.randn(2, 3, 4, generator=g, dtype=DT)
+    for op in (torch.mul, torch.div):
+        y = op(jet.seed(p, a, b), c)
+        _, ya, yb = jet.parts(y, 2)
+        want = op(a[:, None], c)                                   # (T, B, N, D): each row against all of c
+        assert ya.shape == (2, 2, 3, 4)
+        close(ya, want, 1e-14)
+        close(yb, op(b[:, None], c), 1e-14)

@@ -202,7 +202,7 @@ def exact_curvature(model: nn.Module, data: Iterable, loss: str,
             todo = [k for k in names if k in param_path]
             if handles:
                 nb = None
-                if method != "output":
+                if method != "output" and not jet_plan.get("fallback"):
                     try:
                         nb, reused = _taylor_path(model, inputs, targets, loss,
                                                   [k for k in names if k not in param_path], layers, dirs, hessian,
@@ -210,7 +210,7 @@ def exact_curvature(model: nn.Module, data: Iterable, loss: str,
                     except jet.MissingRule:
                         if method == "taylor":
                             raise
-                        method = "output"   # auto: an op without a Taylor rule; the double backward takes over
+                        jet_plan["fallback"] = True   # auto: an op without a Taylor rule; the double backward instead
                 if nb is None:
                     nb, reused = _output_path(model, inputs, targets, loss, names, param_path, captured, active,
                                               layers, dirs, hessian, gn, chunk_size, add)
@@ -297,7 +297,8 @@ def _taylor_path(model, inputs, targets, loss, names, layers, dirs, hessian, chu
     if "slices" not in plan:
         device = next(iter(model.parameters())).device
         B = batch_size(inputs)    # one sequence's forward, scaled: every activation grows with the batch
-        widest = widest_after(model, lambda: model_logits(model, first_rows(inputs, 1, B)), names, scale=B)
+        widest = widest_after(model, lambda: model_logits(model, first_rows(inputs, 1, B)),
+                              {k: layers[k] for k in names}, scale=B)
         plan["slices"] = jet_slices(counts, widest, device, cap=chunk_size)
     slices = plan["slices"]
     h = {k: torch.zeros(K, dtype=torch.float64) for k, K in counts}
@@ -309,14 +310,17 @@ def _taylor_path(model, inputs, targets, loss, names, layers, dirs, hessian, chu
     try:
         for sl in slices:
             with pert.of(sl, dirs):
-                z, zd, zdd = stage_jet(model, inputs, T=len(sl), call=model_logits, head=head)
+                z, zd, zdd = stage_jet(model, inputs, T=len(sl), call=model_logits, head=head, pert=pert,
+                                       replay=replay)
             for k in sl.layers:
                 calls[k] = max(calls.get(k, 0), pert.calls.get(k, 0))
             hb, gnb, nb = loss_jet(z, zd, zdd, targets, loss, len(sl), hessian=hessian, head=head.term())
+            hb = None if hb is None else hb.double().cpu()   # one copy to the host, not one sync per direction
+            gnb = gnb.double().cpu()
             for t, (k, i) in enumerate(sl.entries):
                 if hessian:
-                    h[k][i] = float(hb[t])
-                h_gn[k][i] = float(gnb[t])
+                    h[k][i] = hb[t]
+                h_gn[k][i] = gnb[t]
     finally:
         replay.close()
         head.close()

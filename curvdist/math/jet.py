@@ -259,15 +259,23 @@ def _bilinear(op: Callable[[Tensor, Tensor], Tensor]):
 
 
 def _mul(func, x, y):
+    """Elementwise product: the parts are lifted to the output's rank first, so the leading T never lines up with
+    a dimension of the other operand."""
     out = func(primal(x), primal(y))
-    a, b = _bilinear(lambda u, v: u * v)(x, y, out.shape)
-    return _make(out, a, b)
+    T = max(rows(x), rows(y))
+    ax, bx = _parts(x, T, out.shape)
+    ay, by = _parts(y, T, out.shape)
+    px, py = primal(x), primal(y)
+    first = _add(None if ax is None else ax * py, None if ay is None else px * ay)
+    second = _add(None if bx is None else bx * py, None if by is None else px * by,
+                  None if ax is None or ay is None else 2 * ax * ay)
+    return _make(out, first, second)
 
 
 def _div(func, x, y):
     if not isinstance(y, Jet):
         out = func(primal(x), y)
-        return Jet(out, _fit(x.a / y, out.shape), None if x.b is None else _fit(x.b / y, out.shape))
+        return Jet(out, _fit(x.a, out.shape) / y, None if x.b is None else _fit(x.b, out.shape) / y)
     inv = _unary(taylor.DERIVATIVES["reciprocal"])(aten.reciprocal.default, y)
     return _mul(aten.mul.Tensor, x, inv)
 
@@ -346,7 +354,8 @@ def _layer_norm(func, x, shape, weight=None, bias=None, eps=1e-5):
     """native_layer_norm over the last len(shape) dims (mean and rstd come back as plain tensors)."""
     out, mean, rstd = func(x.p, shape, weight, bias, eps)
     dims = list(range(-len(shape), 0))
-    return Jet(out, *taylor.layer_norm(x.p - mean, rstd, x.a, x.b, dims, primal(weight))), mean, rstd
+    xc, r = (x.p - mean).to(x.a.dtype), rstd.to(x.a.dtype)   # CUDA keeps mean and rstd in float32 for bf16 input
+    return Jet(out, *taylor.layer_norm(xc, r, x.a, x.b, dims, primal(weight))), mean, rstd
 
 
 def _detach(func, x):

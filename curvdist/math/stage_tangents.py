@@ -68,27 +68,28 @@ JET_BUDGET = {"cpu": 2 ** 25, "cuda": 2 ** 29}   # elements of one derivative pa
 # 11 rows, so each jet's plain forward is under 5 % of its products; ``exact_chunk`` (device memory) caps it too.
 
 
-def widest_after(module: nn.Module, run: Callable[[], Tensor], names, scale: int = 1) -> dict[str, tuple[int, int]]:
-    """Per layer in ``names``: (the largest output, in elements, of any module called from that layer on except
+def widest_after(module: nn.Module, run: Callable[[], Tensor], layers: Mapping[str, nn.Module],
+                 scale: int = 1) -> dict[str, tuple[int, int]]:
+    """Per layer of ``layers`` (name → module, matched by identity): (the largest output, in elements, of any module called from that layer on except
     the final result, the final result ``run()`` returns), times ``scale`` (``run`` may take one sequence of a
     micro-batch of ``scale``: every activation grows with the batch)."""
     seen: list[tuple[str | None, Tensor]] = []
-    mods = {m: n for n, m in module.named_modules()}
+    keys = {id(m): n for n, m in layers.items()}
 
     def hook(mod, args, out):
         if isinstance(out, Tensor):
-            seen.append((mods.get(mod), out))
-    handles = [m.register_forward_hook(hook) for m in mods]
+            seen.append((keys.get(id(mod)), out))
+    handles = [m.register_forward_hook(hook) for m in module.modules()]
     try:
         with torch.no_grad(), second_order_attention():
             z = run()
     finally:
         for h in handles:
             h.remove()
-    out, most, names = {}, 1, set(names)
+    out, most = {}, 1
     for name, t in reversed(seen):
         most = most if t is z else max(most, t.numel())
-        if name in names:
+        if name is not None:
             out[name] = (most * scale, z.numel() * scale)
     return out
 
@@ -120,6 +121,7 @@ class Perturbation:
     gains ṡ = D_{l,k} a at the rows of its (l, k) entries.  Inert outside :meth:`of`."""
 
     def __init__(self, layers: Mapping[str, nn.Module]):
+        self._layers = dict(layers)
         self._active: dict[str, tuple[Tensor, Tensor, int]] = {}
         self.calls: dict[str, int] = {}     # layer → its calls in the current :meth:`of` (more than one: reuse)
         self._handles = [mod.register_forward_hook(self._hook(name)) for name, mod in layers.items()]
@@ -155,8 +157,9 @@ class Perturbation:
         self._handles = []
 
     @property
-    def active(self) -> set[str]:
-        return set(self._active)
+    def active_modules(self) -> set[int]:
+        """ids of the modules seeded now."""
+        return {id(self._layers[n]) for n in self._active}
 
 
 def _carries_jet(obj) -> bool:
@@ -171,38 +174,44 @@ def _carries_jet(obj) -> bool:
 
 class BlockReplay:
     """Skips the plain forward upstream of a jet's first seed: every element of an ``nn.ModuleList`` of ``module``
-    (a transformer's blocks) keeps the output of its first call with plain inputs, and a later call with plain
-    inputs and no seeded layer inside (``perturbation``'s active layers) returns it instead of computing it again.
-    One micro-batch at a time: :meth:`clear` between micro-batches."""
+    (a transformer's blocks) keeps the output of each of its calls with plain inputs (by call number within the
+    forward: a block called twice keeps two), and the same call of a later forward with plain inputs and no seeded
+    layer inside (``perturbation``'s active modules, by identity) returns it instead of computing it again; an
+    output that carries a jet is never kept.  One micro-batch: :meth:`start` before each forward of it."""
 
     def __init__(self, module: nn.Module, perturbation: Perturbation):
         self._pert = perturbation
-        self._cache: dict[int, object] = {}
+        self._cache: dict[tuple[int, int], object] = {}
+        self._calls: dict[int, int] = {}
         self._blocks = []
-        names = {m: n for n, m in module.named_modules()}
         for lst in module.modules():
             if isinstance(lst, nn.ModuleList):
                 for block in (b for b in lst if "forward" not in b.__dict__):
-                    inner = {names[m] for m in block.modules() if m in names}
                     self._blocks.append(block)
-                    block.forward = self._wrap(id(block), block.forward, inner)
+                    block.forward = self._wrap(id(block), block.forward, {id(m) for m in block.modules()})
 
-    def _wrap(self, key: int, own: Callable, inner: set[str]) -> Callable:
+    def _wrap(self, key: int, own: Callable, inner: set[int]) -> Callable:
         def forward(*args, **kwargs):
-            if _carries_jet(args) or _carries_jet(kwargs) or inner & self._pert.active:
+            n = self._calls.get(key, 0)
+            self._calls[key] = n + 1
+            if _carries_jet(args) or _carries_jet(kwargs) or inner & self._pert.active_modules:
                 return own(*args, **kwargs)
-            if key not in self._cache:
-                self._cache[key] = own(*args, **kwargs)
-            return self._cache[key]
+            if (key, n) not in self._cache:
+                out = own(*args, **kwargs)
+                if _carries_jet(out):
+                    return out
+                self._cache[(key, n)] = out
+            return self._cache[(key, n)]
         return forward
 
-    def clear(self) -> None:
-        self._cache = {}
+    def start(self) -> None:
+        """A new forward of the same micro-batch begins."""
+        self._calls = {}
 
     def close(self) -> None:
         for block in self._blocks:
             del block.forward
-        self._blocks, self._cache = [], {}
+        self._blocks, self._cache, self._calls = [], {}, {}
 
 
 def output_head(module: nn.Module) -> nn.Linear | None:
@@ -255,16 +264,23 @@ class HeadSplit:
 
 
 def stage_jet(module: nn.Module, x, xdot: Tensor | None = None, xddot: Tensor | None = None, *, T: int,
-              kwargs: Mapping | None = None, call: Callable | None = None, head: HeadSplit | None = None
+              kwargs: Mapping | None = None, call: Callable | None = None, head: HeadSplit | None = None,
+              pert: Perturbation | None = None, replay: BlockReplay | None = None
               ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(y, ẏ, ÿ)`` of one stage (rows: T directions; ẏ None when no direction reaches y) from its input x with
     (ẋ, ẍ) ((T, *x.shape) or None: x held fixed, as token ids are).  Seeds come from an active
     :class:`Perturbation` on the stage's layers; ``call(module, x)`` runs it when not ``module(x, **kwargs)``
-    (:func:`curvdist.math.forward.model_logits` for a whole model); ``head`` (the last stage): its :class:`HeadSplit` leaves ÿ to :meth:`HeadSplit.term`."""
+    (:func:`curvdist.math.forward.model_logits` for a whole model); ``head`` (the last stage): its
+    :class:`HeadSplit` leaves ÿ to :meth:`HeadSplit.term`; ``pert`` and ``replay`` are restarted before each
+    forward (a rerun counts the layers' calls afresh)."""
     xin = jet.seed(x, xdot, xddot) if xdot is not None else x
     while True:
         if head is not None:
             head.reset()
+        if pert is not None:
+            pert.calls = {}
+        if replay is not None:
+            replay.start()
         with torch.no_grad(), second_order_attention(), jet.fused_activations(module):
             y = call(module, xin) if call is not None else module(xin, **dict(kwargs or {}))
         if head is None or head.applies(y):

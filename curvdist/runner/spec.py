@@ -53,6 +53,7 @@ class WorkerSpec:
     factor_mode: str                  # the policy (config factor_mode), for layers the plan gave no modes
     factor_modes: tuple[tuple[str, str | None, str | None], ...]   # (layer, mode of C_A, mode of C_δ) from the plan
     row_cache_bytes: int              # the statistics pass's rows kept for the projections pass (0: none)
+    micro_batch: int                  # sequences of a full micro-batch (data.micro_batch): sizes the exact jets
     measurement: Measurement
     config_json: str | None = None    # model.config_json: a DeepSpeed checkpoint's config.json kept elsewhere
     collective: str = "gloo"          # replicas' all-reduce: nccl (a GPU per worker) or gloo (CPU, shared GPUs)
@@ -79,7 +80,8 @@ class WorkerSpec:
                    device=device, threads=int(threads), attn_implementation=cfg.model.attn_implementation,
                    factor_budget_bytes=int(cfg.factor_budget_gb * 2**30), factor_mode=cfg.factor_mode,
                    factor_modes=tuple((n, *plan.modes[n]) for n in layers if n in plan.modes),
-                   row_cache_bytes=int(cfg.row_cache_gb * 2**30), measurement=measurement(cfg),
+                   row_cache_bytes=int(cfg.row_cache_gb * 2**30), micro_batch=int(cfg.data.micro_batch),
+                   measurement=measurement(cfg),
                    config_json=cfg.model.config_json,
                    collective="nccl" if device == "cuda" and gpus_per_worker >= 1 else "gloo", transport=transport,
                    fault=os.environ.get(FAULT_ENV) or None, sleep_s=float(os.environ.get(SLEEP_ENV) or 0.0))

@@ -36,7 +36,6 @@ from curvdist.math.forward import exact_torch_dtype, parameters_in
 from curvdist.math.stage_tangents import (
     HeadSplit,
     Perturbation,
-    chunk_directions,
     jet_slices,
     loss_jet,
     stage_jet,
@@ -91,13 +90,13 @@ class ExactSteps:
         if mine and not self.spec.is_last:
             self._pert = Perturbation({n: self.layers[n] for n in mine})
             counts = [(n, self.spectra[n].k) for n in mine]
-            if self._inputs:    # rows per jet by this stage's widest activation after each layer, at most ``chunk``
-                x, mask = self._primal(min(self._inputs))    # one sequence's forward, scaled by the batch
-                x1, m1 = x[:1], (None if mask is None else mask[:1])
-                widest = widest_after(self.module, lambda: self.module(x1, attention_mask=m1), mine, x.shape[0])
-                self._slices = jet_slices(counts, widest, self.device, cap=chunk)
-            else:
-                self._slices = chunk_directions(counts, chunk)
+            # rows per jet by this stage's widest activation after each layer for a full micro-batch (one
+            # sequence's forward, scaled: the same on every replica, whatever micro-batches it holds), at most chunk
+            x, mask = self._primal(min(self._inputs))
+            x1, m1 = x[:1], (None if mask is None else mask[:1])
+            widest = widest_after(self.module, lambda: self.module(x1, attention_mask=m1),
+                                  {n: self.layers[n] for n in mine}, self.spec.micro_batch)
+            self._slices = jet_slices(counts, widest, self.device, cap=chunk)
         return len(self._slices)
 
     def _restore_dtype(self) -> None:
