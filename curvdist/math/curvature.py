@@ -13,8 +13,8 @@ contributes (N_b/N)·h_b.  Since s is linear in W and a does not depend on W, th
 
 which involves the network *downstream* of the layer only.
 
-Default method of :func:`exact_curvature`: Taylor mode (second-order forward, :mod:`curvdist.math.jet`)
---------------------------------------------------------------------------------------------------------
+``method="taylor"``: Taylor mode (second-order forward, :mod:`curvdist.math.jet`), the pipeline's route
+-------------------------------------------------------------------------------------------------------
 Every direction of every layer is a row of a jet seeded at its layer's output (ṡ_t = D_t a, s̈_t = 0); the model's
 own forward on the jet gives (z, ż, z̈) and h_t = ⟨∇_z L_b, z̈_t⟩ + ż_tᵀ∇²_z L_b ż_t, h^GN_t = ż_tᵀ∇²_z L_b ż_t
 (:mod:`curvdist.math.stage_tangents`, the same code as a pipeline stage's sweep).  Two products per downstream
@@ -23,8 +23,12 @@ takes as many rows as :data:`curvdist.math.stage_tangents.JET_BUDGET` allows for
 recomputes the plain forward, which the method below shares.  Measured in ``benchmarks/bench_curvature.py``
 (docs/design.md, "Exact pass").
 
-``method="output"``: reverse-over-reverse from the layer outputs, batched over K
+Default (``auto``): reverse-over-reverse from the layer outputs, batched over K
 ------------------------------------------------------------------------------
+Not yet Taylor mode by default in process: a direction whose h is zero in exact arithmetic (a cross-entropy head's
+softmax null direction) comes out of the jets as the rounding of ż ᵀ∇²ℓ ż, of either sign per micro-batch, and
+whether the fits keep it then depends on rounding (tests/test_noise.py's identical halves); the double backward
+gives it exactly 0.
 Per micro-batch, one forward with hooks keeps every analysed layer's output s_l (parameters are switched to
 ``requires_grad=False`` for that forward, so no weight-gradient graph is built), then
 
@@ -68,7 +72,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 
-from curvdist.math import jet, noise, subsample
+from curvdist.math import noise, subsample
 from curvdist.math import layers as L
 from curvdist.math.forward import batch_size, first_rows, model_logits, second_order_attention, to_device
 from curvdist.math.losses import hessian_quadratic, loss_terms
@@ -133,7 +137,7 @@ def exact_curvature(model: nn.Module, data: Iterable, loss: str,
     :data:`curvdist.math.stage_tangents.JET_BUDGET` (taylor).
     ``method``: ``"taylor"`` (jets: second-order forward mode, see the module docstring), ``"output"`` (hooks +
     batched double backward from the layer outputs), ``"param"`` (``torch.func`` forward-over-reverse on the
-    weight itself, one extra forward per layer), or ``"auto"``: taylor, except for a layer whose module is called
+    weight itself, one extra forward per layer), or ``"auto"``: output, except for a layer whose module is called
     more than once in a forward — there the input of one call may depend on W, so s is not linear in W and only
     the param route is exact.  A weight tied to
     another module (GPT-2's lm_head and wte) is measured in its use by THIS module on the output route, as G and
@@ -202,15 +206,9 @@ def exact_curvature(model: nn.Module, data: Iterable, loss: str,
             todo = [k for k in names if k in param_path]
             if handles:
                 nb = None
-                if method != "output" and not jet_plan.get("fallback"):
-                    try:
-                        nb, reused = _taylor_path(model, inputs, targets, loss,
-                                                  [k for k in names if k not in param_path], layers, dirs, hessian,
-                                                  chunk_size, add, gn, jet_plan)
-                    except jet.MissingRule:
-                        if method == "taylor":
-                            raise
-                        jet_plan["fallback"] = True   # auto: an op without a Taylor rule; the double backward instead
+                if method == "taylor":
+                    nb, reused = _taylor_path(model, inputs, targets, loss, [k for k in names if k not in param_path],
+                                              layers, dirs, hessian, chunk_size, add, gn, jet_plan)
                 if nb is None:
                     nb, reused = _output_path(model, inputs, targets, loss, names, param_path, captured, active,
                                               layers, dirs, hessian, gn, chunk_size, add)
