@@ -590,8 +590,8 @@ def test_block_replay_keys_calls_and_matches_layers_by_identity():
 
 
 def test_fallback_keeps_auto_for_a_reused_layer():
-    """An op without a Taylor rule sends auto to the double backward; a layer called twice still goes to the param
-    route (not refused as under method='output')."""
+    """A model with an op without a Taylor rule and a layer called twice: auto measures the one by the double
+    backward and the other by the param route (method='output' would refuse it), both equal to the dense Hessian."""
     class OddReuse(nn.Module):
         def __init__(self):
             super().__init__()
