@@ -10,7 +10,7 @@ from curvdist.math import dense
 from curvdist.math import layers as L
 from curvdist.math.curvature import Curvature, exact_curvature
 from curvdist.math.forward import model_logits
-from curvdist.math.stage_tangents import Perturbation, chunk_directions, layer_param_tangent, loss_jet, stage_jet
+from curvdist.math.stage_tangents import Perturbation, jet_slices, layer_param_tangent, loss_jet, stage_jet
 
 DT = torch.float64
 RTOL = 1e-10
@@ -317,7 +317,7 @@ def chained(stages, data, loss, j, mods, dirs, chunk=None, call=None):
             with torch.no_grad():
                 for s in stages[:j]:
                     x = s(x)
-            for sl in chunk_directions([(n, dirs[n][0].shape[0]) for n in mods], chunk):
+            for sl in jet_slices([(n, dirs[n][0].shape[0]) for n in mods], {}, "cpu", cap=chunk):
                 xd = xdd = None
                 with pert.of(sl, dirs):
                     x1, xd, xdd = stage_jet(stages[j], x, T=len(sl), call=call)
@@ -392,7 +392,7 @@ def test_stacked_directions_of_several_layers_in_one_sweep(chunk):
     data = lm_data(9, seed=4)
     dirs = random_dirs(mods, 3, seed=5)
     ref = exact_curvature(model, data, "cross_entropy", dirs, layers=mods, method="output")
-    assert len(chunk_directions([(n, 3) for n in mods], chunk)) == (1 if chunk is None else 3)
+    assert len(jet_slices([(n, 3) for n in mods], {}, "cpu", cap=chunk)) == (1 if chunk is None else 3)
     h, hgn = chained(stages, data, "cross_entropy", 1, mods, dirs, chunk)
     for n in mods:
         close(h[n], ref[n].h)
@@ -537,7 +537,7 @@ def test_head_split_steps_aside_when_an_op_follows_the_head():
 def test_head_split_engages_on_gpt2():
     """On GPT-2 the logits are lm_head's own output: the jet leaves the head with first derivatives only and hands
     ḧ to the loss."""
-    from curvdist.math.stage_tangents import HeadSplit, Perturbation, chunk_directions
+    from curvdist.math.stage_tangents import HeadSplit, Perturbation
 
     model = tiny_gpt2(n_layer=2, seed=1)
     mod = model.transformer.h[0].mlp.c_fc
@@ -545,7 +545,7 @@ def test_head_split_engages_on_gpt2():
     ids = lm_data(11, seed=1)[0][0]
     pert, head = Perturbation({"fc": mod}), HeadSplit(model)
     try:
-        (sl,) = chunk_directions([("fc", 2)], None)
+        (sl,) = jet_slices([("fc", 2)], {}, "cpu")
         with pert.of(sl, dirs):
             z, zd, zdd = stage_jet(model, ids, T=2, call=model_logits, head=head)
         assert zd is not None and zdd is None

@@ -82,7 +82,7 @@ def rows(x) -> int:
     return x.a.shape[0] if isinstance(x, Jet) else 0
 
 
-def _pad(t: Tensor | None, T: int) -> Tensor | None:
+def pad_rows(t: Tensor | None, T: int) -> Tensor | None:
     """``t`` (r, ...) with zero rows appended up to T (rows of directions whose layer came later)."""
     if t is None or t.shape[0] == T:
         return t
@@ -103,7 +103,7 @@ def _parts(x, T: int, shape) -> tuple[Tensor | None, Tensor | None]:
     """(ẋ, ẍ) of an operand with T rows at ``shape`` (None for a constant or a zero second part)."""
     if not isinstance(x, Jet):
         return None, None
-    return _fit(_pad(x.a, T), shape), _fit(_pad(x.b, T), shape)
+    return _fit(pad_rows(x.a, T), shape), _fit(pad_rows(x.b, T), shape)
 
 
 def _add(*ts):
@@ -214,8 +214,8 @@ def _cat(func, tensors, dim=0):
     for t in tensors:
         p = primal(t)
         if isinstance(t, Jet):
-            ta.append(_pad(t.a, T))
-            tb.append(_pad(t.b, T))
+            ta.append(pad_rows(t.a, T))
+            tb.append(pad_rows(t.b, T))
         else:
             ta.append(p.new_zeros((T, *p.shape)))
             tb.append(None)
@@ -247,10 +247,10 @@ def _bilinear(op: Callable[[Tensor, Tensor], Tensor]):
     def parts(A, B, out_shape):
         T = max(rows(A), rows(B))
         pa, pb = primal(A), primal(B)
-        a1 = _pad(A.a, T) if isinstance(A, Jet) else None
-        a2 = _pad(A.b, T) if isinstance(A, Jet) else None
-        b1 = _pad(B.a, T) if isinstance(B, Jet) else None
-        b2 = _pad(B.b, T) if isinstance(B, Jet) else None
+        a1 = pad_rows(A.a, T) if isinstance(A, Jet) else None
+        a2 = pad_rows(A.b, T) if isinstance(A, Jet) else None
+        b1 = pad_rows(B.a, T) if isinstance(B, Jet) else None
+        b2 = pad_rows(B.b, T) if isinstance(B, Jet) else None
         first = _add(None if a1 is None else op(a1, pb), None if b1 is None else op(pa, b1))
         second = _add(None if a2 is None else op(a2, pb), None if b2 is None else op(pa, b2),
                       None if a1 is None or b1 is None else 2 * op(a1, b1))
@@ -427,7 +427,7 @@ def parts(x, T: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(x, ẋ (T, *x.shape) or None, ẍ or None) of a result, with the rows of all T directions."""
     if not isinstance(x, Jet):
         return x, None, None
-    return x.p, _pad(x.a, T), _pad(x.b, T)
+    return x.p, pad_rows(x.a, T), pad_rows(x.b, T)
 
 
 def seed(p: Tensor, first: Tensor, second: Tensor | None = None) -> Jet:
@@ -442,7 +442,7 @@ def add_rows(out, first: Tensor, offset: int) -> Jet:
     K = first.shape[0]
     T = max(rows(out), offset + K)
     if isinstance(out, Jet):
-        a, b = _pad(out.a, T).clone(), _pad(out.b, T)
+        a, b = pad_rows(out.a, T).clone(), pad_rows(out.b, T)
     else:
         a, b = p.new_zeros((T, *p.shape)), None
     a[offset:offset + K] += first.to(a.dtype)

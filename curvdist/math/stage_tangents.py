@@ -51,16 +51,6 @@ class DirectionSlice:
         return len(self.entries)
 
 
-def chunk_directions(counts: Sequence[tuple[str, int]], chunk: int | None) -> list[DirectionSlice]:
-    """The (layer, k) of every exact layer (``counts``: (layer, K_l) in order), cut into slices of at most ``chunk``
-    tangents (None: one slice)."""
-    entries = [(layer, k) for layer, K in counts for k in range(K)]
-    if not entries:
-        return []
-    size = len(entries) if not chunk else max(1, int(chunk))
-    return [DirectionSlice(tuple(entries[i:i + size])) for i in range(0, len(entries), size)]
-
-
 JET_BUDGET = {"cpu": 2 ** 25, "cuda": 2 ** 29}   # elements of one derivative part of the widest activation a jet meets
 # CPU: 5 rows through a 64 × 64 × 1536 MLP activation (31 M elements) took 0.64–0.70 of the time of 20 rows in one
 # jet, and 1 row per jet recomputes the plain forward 20 times (benchmarks/bench_curvature.py, docs/design.md).
@@ -98,7 +88,8 @@ def jet_slices(counts: Sequence[tuple[str, int]], widest: Mapping[str, tuple[int
                cap: int | None = None) -> list[DirectionSlice]:
     """The (layer, k) entries in slices of at most :data:`JET_BUDGET` // (the widest activation after the slice's
     first layer) rows, 4 × JET_BUDGET // (the final result: logits carry first derivatives only, see
-    :class:`HeadSplit`), and ``cap``: rows of late layers, which meet only small activations, go many to a jet."""
+    :class:`HeadSplit`), and ``cap``: rows of late layers, which meet only small activations, go many to a jet.
+    A layer missing from ``widest`` bounds nothing: ``jet_slices(counts, {}, device, cap)`` cuts by ``cap`` alone."""
     budget = JET_BUDGET.get(torch.device(device).type, JET_BUDGET["cuda"])
     entries = [(layer, k) for layer, K in counts for k in range(K)]
     out, cur, size = [], [], 0
@@ -310,9 +301,6 @@ def loss_jet(logits: Tensor, zdot: Tensor | None, zddot: Tensor | None, targets:
     if head is not None:
         hdd, W = head
         pulled = zbar.to(W.dtype) @ W                       # (…, d): once, not per direction
-        h = h + (_pad_rows(hdd, T) * pulled.to(hdd.dtype)).flatten(1).sum(1)
+        h = h + (jet.pad_rows(hdd, T) * pulled.to(hdd.dtype)).flatten(1).sum(1)
     return h, gn, nb
 
-
-def _pad_rows(t: Tensor, T: int) -> Tensor:
-    return t if t.shape[0] == T else torch.cat([t, t.new_zeros((T - t.shape[0], *t.shape[1:]))])

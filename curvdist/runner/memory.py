@@ -70,11 +70,10 @@ import math
 from dataclasses import dataclass
 
 from curvdist.math import modes as M
+from curvdist.math.stage_tangents import JET_BUDGET
 from curvdist.runner.plan import ITEMSIZE, Arch, Layout, Workload
 
 PASSES = ("statistics", "spectral", "projections", "exact")
-# elements of one derivative part of the widest activation a jet meets (curvdist.math.stage_tangents.JET_BUDGET)
-JET_BUDGET = {"cpu": 2 ** 25, "cuda": 2 ** 29}
 # dense SVD / eigh at or below these sizes (curvdist.math.spectral.EXACT_*_BELOW, EXACT_BELOW_CUDA)
 DENSE_BELOW = {"cuda": {"svd": 8192, "eig": 8192}, "cpu": {"svd": 384, "eig": 512}}
 DENSE_BELOW_FP64_CPU = 768
