@@ -92,10 +92,12 @@ class ExactSteps:
             counts = [(n, self.spectra[n].k) for n in mine]
             # rows per jet by this stage's widest activation after each layer for a full micro-batch (one
             # sequence's forward, scaled: the same on every replica, whatever micro-batches it holds), at most chunk
-            x, mask = self._primal(min(self._inputs))
-            x1, m1 = x[:1], (None if mask is None else mask[:1])
-            widest = widest_after(self.module, lambda: self.module(x1, attention_mask=m1),
-                                  {n: self.layers[n] for n in mine}, self.spec.micro_batch)
+            widest = {}   # a replica that holds no micro-batch runs no sweep: its slices are never used
+            if self._inputs:
+                x, mask = self._primal(min(self._inputs))
+                x1, m1 = x[:1], (None if mask is None else mask[:1])
+                widest = widest_after(self.module, lambda: self.module(x1, attention_mask=m1),
+                                      {n: self.layers[n] for n in mine}, self.spec.micro_batch)
             self._slices = jet_slices(counts, widest, self.device, cap=chunk)
         return len(self._slices)
 
@@ -140,7 +142,7 @@ class ExactSteps:
             return (*stage_jet(self.module, x, xd, xdd, T=T, kwargs=kwargs), T)
 
     def sweep_forward(self, mb: int, src: int, chunk: int, msg: dict | None = None) -> dict:
-        """(ẏ, ẏ̇) of this stage's output for the next: seeded on the source stage, carried from ``msg`` (the
+        """(ẏ, ÿ) of this stage's output for the next: seeded on the source stage, carried from ``msg`` (the
         previous stage's) downstream."""
         t0 = time.perf_counter()
         if self.spec.sleep_s:   # schedule tests: the stage's compute replaced by a fixed time
