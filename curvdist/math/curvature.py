@@ -289,8 +289,8 @@ def _output_path(model, inputs, targets, loss, names, param_path, captured, acti
 def _taylor_path(model, inputs, targets, loss, names, layers, dirs, hessian, chunk_size, add, gn, plan):
     """Every direction of every layer as rows of jets (by :data:`curvdist.math.stage_tangents.JET_BUDGET` from
     the first micro-batch's activations, at most ``chunk_size``; kept in ``plan``), the model's forward in Taylor
-    mode, h and h^GN at the loss (:mod:`curvdist.math.stage_tangents`).  Returns (N_b, layers called more than once: their rows are void,
-    they go to the param route)."""
+    mode, h and h^GN at the loss (:mod:`curvdist.math.stage_tangents`).  Returns (N_b, layers called more than
+    once: their rows are void, they go to the param route)."""
     counts = [(k, dirs[k][0].shape[0]) for k in names]
     if "slices" not in plan:
         device = next(iter(model.parameters())).device
