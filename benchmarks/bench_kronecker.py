@@ -10,6 +10,9 @@ multiple of one forward + backward of the same batch (``loss.backward()``, MATH 
   step: top-20 SVD of G, top-20 eigenpairs of C_A and C_δ, Rayleigh quotients; projections: h^SoP);
 - **naive torch**: forward hooks and full backward hooks (C_A, C_δ per layer), G from ``loss.backward()``, then a full
   float64 ``eigh`` of every factor and a full SVD of every G;
+- **floor**: what the statistics step cannot avoid, on this machine: one forward+backward (its weight-gradient
+  GEMMs are G), half of each full product Σ a aᵀ, Σ δ δᵀ (the flops of a symmetric rank-R update at full GEMM speed,
+  which no blocked triangle reaches) and the per-unit Gram products of the gradient-noise statistic;
 - **kronfluence** 1.0.1 when installed (``pip install --no-deps kronfluence``): covariance fit (empirical Fisher) and
   its float64 eigendecomposition, in memory (its GPT-2 ``Conv1D`` layers swapped for equal ``nn.Linear``).
 
@@ -134,6 +137,41 @@ def naive_steps(model, ids, tgt):
     return run
 
 
+def floor_steps(model, ids, tgt):
+    """What the statistics step cannot avoid, at this machine's GEMM rate: one forward+backward (it includes the
+    weight-gradient GEMMs, i.e. G), half of each full product Σ a aᵀ and Σ δ δᵀ (a symmetric rank-R update done at
+    full GEMM speed with no redundant flops: the syrk ideal), and the per-unit Gram products of the gradient-noise
+    statistic (T²(m + n) per unit).  Rows are the layers' real input and error rows of the batch."""
+    layers = families.select_layers(model)
+    rows: dict[str, list] = {}
+    handles = []
+    for name, mod in layers.items():
+        handles.append(mod.register_forward_hook(
+            lambda m, i, o, name=name: rows.setdefault(name, [None, None]).__setitem__(0, L.input_rows(m, i[0].detach()))))
+        handles.append(mod.register_full_backward_hook(
+            lambda m, gi, go, name=name: rows[name].__setitem__(1, L.output_rows(m, go[0].detach()))))
+    with forward.second_order_attention():
+        loss_sum(model, ids, tgt).backward()
+    for h in handles:
+        h.remove()
+    model.zero_grad(set_to_none=True)
+    fb = forward_backward(model, ids, tgt)
+
+    def run():
+        t_fb = fb()["total"]
+        t0 = clock()
+        for a, d in rows.values():
+            torch.mm(a.T, a)
+            torch.mm(d.T, d)
+        t1 = clock()
+        for a, d in rows.values():
+            A, D = a.reshape(B, T, -1), d.reshape(B, T, -1)
+            (torch.bmm(A, A.mT) * torch.bmm(D, D.mT)).sum()
+        t2 = clock()
+        return {"statistics": t_fb + (t1 - t0) / 2 + (t2 - t1)}
+    return run
+
+
 def as_linear(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with transformers' ``Conv1D`` swapped for equal ``nn.Linear`` (kronfluence tracks Linear)."""
     from transformers.pytorch_utils import Conv1D
@@ -229,6 +267,7 @@ def main() -> None:
     cols = {} if args.no_peers else {"kronfluence 1.0.1 (in memory)": kronfluence_steps(model, ids, tgt),
                                      "naive torch (hooks + eigh + svd)": naive_steps(model, ids, tgt)}
     cols["curvdist.analyze(exact=False)"] = curvdist_steps(model, ids, tgt)
+    cols["floor (fwd+bwd, syrk ideal, unit Grams)"] = floor_steps(model, ids, tgt)
     times, fbs = {}, []
     for name, fn in cols.items():
         times[name] = None
