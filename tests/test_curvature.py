@@ -470,7 +470,7 @@ def test_taylor_rules_of_elementwise_ops_equal_the_double_backward():
     close(got["b"].h, dense.quadratic(dense.layer_hessian(model, data, oracle.cross_entropy, stages[1].b), U, V))
 
 
-def test_a_model_op_without_a_taylor_rule_is_named():
+def test_a_model_op_without_a_taylor_rule_is_named_and_auto_falls_back():
     class Odd(nn.Module):
         def __init__(self):
             super().__init__()

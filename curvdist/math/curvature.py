@@ -13,8 +13,8 @@ contributes (N_b/N)·h_b.  Since s is linear in W and a does not depend on W, th
 
 which involves the network *downstream* of the layer only.
 
-``method="taylor"``: Taylor mode (second-order forward, :mod:`curvdist.math.jet`), the pipeline's route
--------------------------------------------------------------------------------------------------------
+Default method of :func:`exact_curvature`: Taylor mode (second-order forward, :mod:`curvdist.math.jet`)
+--------------------------------------------------------------------------------------------------------
 Every direction of every layer is a row of a jet seeded at its layer's output (ṡ_t = D_t a, s̈_t = 0); the model's
 own forward on the jet gives (z, ż, z̈) and h_t = ⟨∇_z L_b, z̈_t⟩ + ż_tᵀ∇²_z L_b ż_t, h^GN_t = ż_tᵀ∇²_z L_b ż_t
 (:mod:`curvdist.math.stage_tangents`, the same code as a pipeline stage's sweep).  Two products per downstream
@@ -23,12 +23,12 @@ takes as many rows as :data:`curvdist.math.stage_tangents.JET_BUDGET` allows for
 recomputes the plain forward, which the method below shares.  Measured in ``benchmarks/bench_curvature.py``
 (docs/design.md, "Exact pass").
 
-Default (``auto``): reverse-over-reverse from the layer outputs, batched over K
+Every route reports h and h^GN as exactly 0 within c·ε of the magnitude of the sums at the loss (a softmax null
+direction, ż ∝ 1, whose h is 0 but computes as rounding of either sign: :func:`curvdist.math.stage_tangents.loss_jet`;
+the two routes below, which have ż but not z̈ apart, by :func:`curvdist.math.losses.gn_and_rounded`).
+
+``method="output"``: reverse-over-reverse from the layer outputs, batched over K
 ------------------------------------------------------------------------------
-Not yet Taylor mode by default in process: a direction whose h is zero in exact arithmetic (a cross-entropy head's
-softmax null direction) comes out of the jets as the rounding of ż ᵀ∇²ℓ ż, of either sign per micro-batch, and
-whether the fits keep it then depends on rounding (tests/test_noise.py's identical halves); the double backward
-gives it exactly 0.
 Per micro-batch, one forward with hooks keeps every analysed layer's output s_l (parameters are switched to
 ``requires_grad=False`` for that forward, so no weight-gradient graph is built), then
 
@@ -72,10 +72,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 
-from curvdist.math import noise, subsample
+from curvdist.math import jet, noise, subsample
 from curvdist.math import layers as L
 from curvdist.math.forward import batch_size, first_rows, model_logits, second_order_attention, to_device
-from curvdist.math.losses import hessian_quadratic, loss_terms
+from curvdist.math.losses import gn_and_rounded, loss_terms
 from curvdist.math.stage_tangents import (
     BlockReplay,
     HeadSplit,
@@ -137,9 +137,11 @@ def exact_curvature(model: nn.Module, data: Iterable, loss: str,
     :data:`curvdist.math.stage_tangents.JET_BUDGET` (taylor).
     ``method``: ``"taylor"`` (jets: second-order forward mode, see the module docstring), ``"output"`` (hooks +
     batched double backward from the layer outputs), ``"param"`` (``torch.func`` forward-over-reverse on the
-    weight itself, one extra forward per layer), or ``"auto"``: output, except for a layer whose module is called
-    more than once in a forward — there the input of one call may depend on W, so s is not linear in W and only
-    the param route is exact.  A weight tied to
+    weight itself, one extra forward per layer), or ``"auto"``: taylor (output where the model runs an op that has
+    no Taylor-mode rule, :class:`curvdist.math.jet.MissingRule`), except for a layer whose module is called more
+    than once in a forward — there the input of one call may depend on W, so s is not linear in W and only the
+    param route is exact.  Every route reports a value within the rounding of its sums at the loss as exactly 0
+    (module docstring).  A weight tied to
     another module (GPT-2's lm_head and wte) is measured in its use by THIS module on the output route, as G and
     the Kronecker factors are; ``method="param"`` gives the Hessian w.r.t. the shared tensor instead (all uses).
     The model is evaluated in its current mode (``model.eval()`` switches dropout off).  ``keys``: the micro-batch
@@ -206,9 +208,15 @@ def exact_curvature(model: nn.Module, data: Iterable, loss: str,
             todo = [k for k in names if k in param_path]
             if handles:
                 nb = None
-                if method == "taylor":
-                    nb, reused = _taylor_path(model, inputs, targets, loss, [k for k in names if k not in param_path],
-                                              layers, dirs, hessian, chunk_size, add, gn, jet_plan)
+                if method != "output" and not jet_plan.get("fallback"):
+                    try:
+                        nb, reused = _taylor_path(model, inputs, targets, loss,
+                                                  [k for k in names if k not in param_path], layers, dirs, hessian,
+                                                  chunk_size, add, gn, jet_plan)
+                    except jet.MissingRule:
+                        if method == "taylor":
+                            raise
+                        jet_plan["fallback"] = True   # auto: an op without a Taylor rule; the double backward instead
                 if nb is None:
                     nb, reused = _output_path(model, inputs, targets, loss, names, param_path, captured, active,
                                               layers, dirs, hessian, gn, chunk_size, add)
@@ -365,11 +373,11 @@ def _param_pass(model, inputs, targets, loss, module, pname, U, V, hessian, gn, 
             Dc = D[a:a + step]
             if hessian:
                 (_, z), (gdot, zdot) = vmap(lambda d: jvp(grad_and_logits, (W,), (d,)), out_dims=(None, 0))(Dc)
-                hs.append((gdot * Dc).flatten(1).sum(1))  # ⟨D_k, H vec D_k⟩
             else:
                 z, zdot = vmap(lambda d: jvp(logits, (W,), (d,)), out_dims=(None, 0))(Dc)
-            if gn:
-                gns.append(hessian_quadratic(z, targets, loss, zdot))
+            hb, gnb = gn_and_rounded(z, targets, loss, zdot, (gdot * Dc).flatten(1).sum(1) if hessian else None)
+            hs.append(hb)  # ⟨D_k, H vec D_k⟩
+            gns.append(gnb)
     nb = loss_terms(z.detach(), targets, loss)[1]
     return (torch.cat(hs) if hessian else None), (torch.cat(gns) if gn else None), nb
 
@@ -400,19 +408,21 @@ def _layer_pass(module, x, s, g, zbar, z, targets, loss, U, V, hessian, gn, chun
     out_h, out_gn = [], []
     for a in range(0, K, step):
         sdot = L.directional_output(module, x, U[a:a + step], V[a:a + step])  # (k, *s.shape)
-        wrt = ([s] if hessian else []) + ([zbar] if gn else [])
+        wrt = ([s] if hessian else []) + [zbar]     # ż = J ṡ: h^GN, and the rounding bound of both at the loss
         if sdot.shape[0] == 1:  # a plain double backward: no vmap wrappers for one direction (~10% faster)
             res = [r if r is None else r[None] for r in
                    torch.autograd.grad(g, wrt, grad_outputs=sdot[0], retain_graph=True, allow_unused=True)]
         else:
             res = torch.autograd.grad(g, wrt, grad_outputs=sdot, retain_graph=True, is_grads_batched=True,
                                       allow_unused=True)
+        zdot = res[-1]  # (k, *z.shape) = J ṡ
+        if zdot is None:
+            zdot = torch.zeros((sdot.shape[0], *z.shape), dtype=z.dtype, device=z.device)
+        hb = None
         if hessian:  # ⟨ṡ, ∇²_s L ṡ⟩
-            out_h.append((sdot * res[0]).flatten(1).sum(1) if res[0] is not None
-                         else torch.zeros(sdot.shape[0], dtype=z.dtype, device=z.device))
-        if gn:
-            zdot = res[-1]  # (k, *z.shape) = J ṡ
-            if zdot is None:
-                zdot = torch.zeros((sdot.shape[0], *z.shape), dtype=z.dtype, device=z.device)
-            out_gn.append(hessian_quadratic(z.detach(), targets, loss, zdot))
+            hb = ((sdot * res[0]).flatten(1).sum(1) if res[0] is not None
+                  else torch.zeros(sdot.shape[0], dtype=z.dtype, device=z.device))
+        hb, gnb = gn_and_rounded(z.detach(), targets, loss, zdot, hb)
+        out_h.append(hb)
+        out_gn.append(gnb)
     return (torch.cat(out_h) if hessian else None), (torch.cat(out_gn) if gn else None)

@@ -180,15 +180,64 @@ def hessian_quadratic(logits: torch.Tensor, targets: torch.Tensor, loss: str, zd
 
     This is the Gauss–Newton quadratic form vᵀ Jᵀ H_ℓ J v once ż = J v is known.
     """
+    return _quadratic(logits, targets, loss, zdot, False)[0]
+
+
+def hessian_quadratic_bounded(logits: torch.Tensor, targets: torch.Tensor, loss: str,
+                              zdot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(:func:`hessian_quadratic`, its magnitude Σ_t ż_tᵀ|∇²_z ℓ_t|ż_t / N), both (K,).  The magnitude bounds the
+    sum of the absolute values of the products the quadratic form adds, so its rounding is a small multiple of
+    ε·magnitude (:func:`within_rounding`).  CE: |diag p − p pᵀ| ≤ diag p + p pᵀ elementwise, so per row
+    żᵀdiag(p)ż + (pᵀ|ż|)²; a direction that shifts a row's logits uniformly (ż ∝ 1, the softmax's null direction)
+    has the form 0 in exact arithmetic and, computed, the rounding of the difference of these two terms.  MSE: the
+    Hessian is (2/C) I, no cancellation: the magnitude is the form itself."""
+    q, scale = _quadratic(logits, targets, loss, zdot, True)
+    assert scale is not None
+    return q, scale
+
+
+def _quadratic(logits, targets, loss, zdot, bound: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     z, _, mask = _flat(logits.detach(), targets, loss)
     n = int(mask.sum())
     K = zdot.shape[0]
     zd = zdot.reshape(K, -1, z.shape[-1]).to(z.dtype)
     m = mask.to(z.dtype)
+    scale = None
     if loss == "cross_entropy":
         p = _probs(z)
         pz = zd * p                                                    # one (K, R, C) temporary
-        q = torch.linalg.vecdot(pz, zd) - pz.sum(-1) ** 2              # (K, R)
+        diag = torch.linalg.vecdot(pz, zd)                             # (K, R): żᵀ diag(p) ż
+        q = diag - pz.sum(-1) ** 2
+        if bound:
+            scale = ((diag + pz.abs_().sum(-1) ** 2) * m[None]).sum(-1) / n    # p ≥ 0: |p ż| = p |ż|
     else:
         q = (2.0 / z.shape[-1]) * (zd * zd).sum(-1)
-    return (q * m[None]).sum(-1) / n
+    q = (q * m[None]).sum(-1) / n
+    if bound and scale is None:
+        scale = q
+    return q, scale
+
+
+ROUNDING_C = 16.0
+"""c of :func:`within_rounding` (see there; measured in tests/test_null_directions.py)."""
+
+
+def rounding_eps(*dtypes: torch.dtype) -> float:
+    """ε of the coarsest of ``dtypes`` (the dtypes the loss-level products were computed in)."""
+    return max(torch.finfo(d).eps for d in dtypes)
+
+
+def within_rounding(value: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """``value`` with every entry of |value| ≤ c·ε·scale (c = :data:`ROUNDING_C`) set to exactly 0: a sum whose
+    terms' absolute values add up to ``scale`` is not resolved below its rounding, whose sign is chance."""
+    return torch.where(value.abs() <= ROUNDING_C * eps * scale.to(value.dtype), torch.zeros_like(value), value)
+
+
+def gn_and_rounded(logits: torch.Tensor, targets: torch.Tensor, loss: str, zdot: torch.Tensor,
+                   h: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(h, h^GN) for a route that has ż but not z̈ apart (the double backward, the param route): h^GN from ż, and
+    both set to 0 within the rounding of żᵀ∇²ℓ ż (:func:`within_rounding` with the magnitude of
+    :func:`hessian_quadratic_bounded`, a lower bound of h's: such a route zeroes no more than the jets would)."""
+    q, scale = hessian_quadratic_bounded(logits, targets, loss, zdot)
+    eps = rounding_eps(q.dtype, zdot.dtype)
+    return (None if h is None else within_rounding(h, scale, eps)), within_rounding(q, scale, eps)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from curvdist.math import jet
 from curvdist.math import layers as L
 from curvdist.math.forward import second_order_attention
-from curvdist.math.losses import hessian_quadratic, loss_terms
+from curvdist.math.losses import hessian_quadratic_bounded, loss_terms, rounding_eps, within_rounding
 
 
 def layer_param_tangent(module: nn.Module, U: Tensor, V: Tensor) -> Tensor:
@@ -279,28 +279,81 @@ def stage_jet(module: nn.Module, x, xdot: Tensor | None = None, xddot: Tensor | 
         head.enabled = False    # an op after the head (a logit soft-cap…) needs its z̈: run again without the split
 
 
-def loss_jet(logits: Tensor, zdot: Tensor | None, zddot: Tensor | None, targets: Tensor, loss: str, T: int,
-             hessian: bool = True, head: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor | None, Tensor, int]:
-    """(h (T,), h^GN (T,), N_b) of the micro-batch mean loss L_b from the logits and their tangents (module
-    docstring); a direction whose tangent does not reach the logits gets 0.  ``head``: (ḧ, W) when the head's
-    second part was left out (:class:`HeadSplit`): ⟨∇_z L_b, z̈⟩ = ⟨(∇_z L_b) W, ḧ⟩."""
+@dataclass(frozen=True)
+class LossCurvature:
+    """What the loss makes of a jet's logits (:func:`loss_curvature`): h (T,) (None: not asked), h^GN (T,), N_b,
+    and the magnitudes ``scale_h``, ``scale_gn`` (T,) of the sums that give them: Σ of the absolute values of
+    their products (:func:`curvdist.math.losses.within_rounding`); ``eps``: ε of the coarsest dtype they were
+    computed in."""
+    h: Tensor | None
+    h_gn: Tensor
+    n_terms: int
+    scale_h: Tensor | None
+    scale_gn: Tensor
+    eps: float
+
+
+def loss_curvature(logits: Tensor, zdot: Tensor | None, zddot: Tensor | None, targets: Tensor, loss: str, T: int,
+                   hessian: bool = True, head: tuple[Tensor, Tensor] | None = None) -> LossCurvature:
+    """h_t = ⟨∇_z L_b, z̈_t⟩ + ż_tᵀ∇²_z L_b ż_t and h^GN_t = ż_tᵀ∇²_z L_b ż_t as computed, with their magnitudes
+    s_t = Σ|∇_z L_b|·|z̈_t| + Σ(|∇_z L_b|·|W|)·|ḧ_t| (``head``) + ż_tᵀ|∇²_z L_b|ż_t and s^GN_t = ż_tᵀ|∇²_z L_b|ż_t
+    (:func:`curvdist.math.losses.hessian_quadratic_bounded`); see :func:`loss_jet`."""
     z = logits.detach()
     nb = loss_terms(z, targets, loss)[1]
     if zdot is None:
         zero = z.new_zeros(T)
-        return (zero if hessian else None), zero, nb
-    gn = hessian_quadratic(z, targets, loss, zdot)
+        return LossCurvature(zero if hessian else None, zero, nb, zero if hessian else None, zero,
+                             rounding_eps(z.dtype))
+    gn, s_gn = hessian_quadratic_bounded(z, targets, loss, zdot)
+    dtypes = [gn.dtype, zdot.dtype]
     if not hessian or (zddot is None and head is None):
-        return (gn if hessian else None), gn, nb
+        return LossCurvature(gn if hessian else None, gn, nb, s_gn if hessian else None, s_gn, rounding_eps(*dtypes))
     with torch.enable_grad():
         zz = z.clone().requires_grad_()
         (zbar,) = torch.autograd.grad(loss_terms(zz, targets, loss)[0], zz)
-    h = gn
+    h, s_h = gn, s_gn
     if zddot is not None:
-        h = h + (zddot * zbar.to(zddot.dtype)).flatten(1).sum(1)
+        zb = zbar.to(zddot.dtype)
+        h = h + (zddot * zb).flatten(1).sum(1)
+        s_h = s_h + zddot.abs().mul_(zb.abs()).flatten(1).sum(1)
+        dtypes.append(zddot.dtype)
     if head is not None:
         hdd, W = head
-        pulled = zbar.to(W.dtype) @ W                       # (…, d): once, not per direction
-        h = h + (jet.pad_rows(hdd, T) * pulled.to(hdd.dtype)).flatten(1).sum(1)
-    return h, gn, nb
+        hdd = jet.pad_rows(hdd, T)
+        zb = zbar.to(W.dtype)
+        pulled = (zb @ W).to(hdd.dtype)                     # (…, d): once, not per direction
+        bound = _abs_product(zb, W).to(hdd.dtype)           # |∇_z L|·|W|: the matmul's rounding too
+        h = h + (hdd * pulled).flatten(1).sum(1)
+        s_h = s_h + (hdd.abs() * bound).flatten(1).sum(1)
+        dtypes += [hdd.dtype, W.dtype]
+    return LossCurvature(h, gn, nb, s_h, s_gn, rounding_eps(*dtypes))
 
+
+def _abs_product(a: Tensor, W: Tensor, step: int = 4096) -> Tensor:
+    """|a|·|W| (a (…, C), W (C, d)) by blocks of W's rows: no copy of a large head's |W| or of |a| at once."""
+    out = None
+    for i in range(0, W.shape[0], step):
+        part = a[..., i:i + step].abs() @ W[i:i + step].abs()
+        out = part if out is None else out.add_(part)
+    return out
+
+
+def loss_jet(logits: Tensor, zdot: Tensor | None, zddot: Tensor | None, targets: Tensor, loss: str, T: int,
+             hessian: bool = True, head: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor | None, Tensor, int]:
+    """(h (T,), h^GN (T,), N_b) of the micro-batch mean loss L_b from the logits and their tangents (module
+    docstring); a direction whose tangent does not reach the logits gets 0.  ``head``: (ḧ, W) when the head's
+    second part was left out (:class:`HeadSplit`): ⟨∇_z L_b, z̈⟩ = ⟨(∇_z L_b) W, ḧ⟩.
+
+    Each is reported as exactly 0 where it is within the rounding of its sums at the loss, |h_t| ≤ c·ε·s_t
+    (:func:`loss_curvature`, :func:`curvdist.math.losses.within_rounding`).  The case this is for: a cross-entropy
+    head's softmax null direction (ż_t ∝ 1, a uniform shift of a row's logits; z̈_t ∝ 1 too, and ⟨∇_z ℓ, 1⟩ = 0),
+    where both terms are 0 in exact arithmetic but the computed sums are their rounding, of either sign per
+    micro-batch, and the h > 0 fits would keep or drop the direction by chance.  That cancellation happens at the
+    loss, so the bound is taken there: the network's rounding upstream leaves ż_t = c·1 + δ with |δ| of order
+    ε|c|, whose true form δᵀ∇²ℓ δ is of order ε² (the null direction's cross term is exactly 0); in z̈_t it enters
+    the gradient term at first order, relative to |∇_z ℓ|·|z̈_t|, which s_t carries.  A genuine direction's h lies
+    orders of magnitude above the bound (tests/test_null_directions.py); one that does not is not resolved by
+    this dtype anyway."""
+    r = loss_curvature(logits, zdot, zddot, targets, loss, T, hessian, head)
+    h = None if r.h is None else within_rounding(r.h, r.scale_h, r.eps)
+    return h, within_rounding(r.h_gn, r.scale_gn, r.eps), r.n_terms
