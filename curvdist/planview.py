@@ -131,8 +131,8 @@ def _memory(c: Console, est) -> None:
             f"keeps on its device (row_cache_gb={est.workload.row_cache_bytes / 2**30:g}), replayed by the "
             f"projections pass when they fit (replay: no activations then), else emptied at the budget (stream: the "
             f"projections pass streams the batch again); spectral ws: the finalize copy of G and the "
-            f"factors, or the SVD/eigensolver workspace; exact ws: a jet of K = {est.workload.top_k} "
-            f"directions for one micro-batch, in exact_dtype={est.workload.exact_dtype} (parameters upcast for the "
+            f"factors, or the SVD/eigensolver workspace; exact ws: one jet (the directions a sweep "
+            f"carries together, as many as the jet budget and exact_chunk allow) for one micro-batch, in exact_dtype={est.workload.exact_dtype} (parameters upcast for the "
             f"pass included). ")
     if dm.bytes is None:
         line += f"Device memory {dm.source}: not checked."

@@ -227,19 +227,24 @@ def test_shipped_configs_fit_their_gpu():
 
 
 def test_over_memory_names_the_fix_and_the_fix_works():
-    # exact-bound: every direction of a stage in one sweep does not fit; the message names exact_chunk, and with
-    # exact_chunk=null the plan picks the largest chunk that fits
-    _, _, est = _est(LLAMA7B, "exact_chunk=400")
+    # exact-bound: on a 40 GB device the jets the budget allows (32 directions each for this config) do not fit;
+    # the message names exact_chunk, and with exact_chunk=null the plan picks the largest chunk that fits
+    small = "hardware.device_memory_gb=40"
+    _, _, est = _est(LLAMA7B, "exact_chunk=400", small)
     with pytest.raises(OverMemory) as e:
         est.check()
     msg = str(e.value)
     assert "\n" not in msg and "exact pass" in msg and "exact workspace" in msg and "exact_chunk" in msg
-    _, _, est = _est(LLAMA7B)
+    _, _, est = _est(LLAMA7B, small)
     est.check()
     chunk = est.workload.exact_chunk
-    assert 1 <= chunk < 400
+    assert 1 <= chunk < 32
     with pytest.raises(OverMemory):
-        _est(LLAMA7B, f"exact_chunk={chunk + 1}")[2].check()      # the largest that fits: one more does not
+        _est(LLAMA7B, f"exact_chunk={chunk + 1}", small)[2].check()      # the largest that fits: one more does not
+    # the jets' rows are capped by the budget, not by exact_chunk: 400 needs no more memory than the cap (80 GB fits)
+    big = [m.exact for m in _est(LLAMA7B, "exact_chunk=400")[2].memory.stages]
+    assert big == [m.exact for m in _est(LLAMA7B, "exact_chunk=32")[2].memory.stages]
+    assert big != [m.exact for m in _est(LLAMA7B, "exact_chunk=31")[2].memory.stages]
     # activation-bound: a large micro-batch; the suggested micro-batch fits
     _, _, est = _est(LLAMA7B, "data.micro_batch=8")
     with pytest.raises(OverMemory) as e:
@@ -292,3 +297,31 @@ def test_exact_pass_over_a_sample_holds_only_the_sampled_inputs():
     _, _, big = _est(LLAMA7B, "data.sequences=4096", "data.exact_sequences=64")
     assert big.workload.exact_chunk == small.workload.exact_chunk >= 8
     assert big.memory.stages[-1].exact == small.memory.stages[-1].exact
+
+
+def test_jet_rows_of_the_plan_are_the_rows_the_runtime_cuts(monkeypatch):
+    """The memory model's rows per jet (memory.jet_rows) are what jet_slices cuts from widest_after on the real
+    model, here where the MATH kernel's attention scores (B·heads·T²) are the widest tensor, wider than the MLP and
+    than any module output: counting module outputs only would give more rows than the budget allows."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from curvdist.math.stage_tangents import JET_BUDGET, jet_slices, widest_after
+    from curvdist.runner.memory import jet_rows
+
+    h, f, heads, V, B, T = 64, 176, 4, 100, 2, 128
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=h, intermediate_size=f, num_hidden_layers=2,
+                                         num_attention_heads=heads, num_key_value_heads=2,
+                                         max_position_embeddings=T)).eval()
+    model.config._attn_implementation = "sdpa"
+    ids = torch.randint(0, V, (B, T))
+    name = "model.layers.0.self_attn.q_proj"
+    scores = B * heads * T * T
+    monkeypatch.setitem(JET_BUDGET, "cpu", 3 * scores)
+    widest = widest_after(model, lambda: model(input_ids=ids[:1]).logits, {name: model.get_submodule(name)},
+                          scale=B)
+    assert widest[name] == (scores, B * T * V)            # the scores, not the MLP's B·T·f, nor a module output
+    arch = planning.arch_from_config(model.config.to_dict(), "llama", "LlamaForCausalLM")
+    rows = len(jet_slices([(name, 20)], widest, "cpu")[0].entries)
+    assert rows == jet_rows(20, B * T, T, arch, "cpu") == 3
+    assert JET_BUDGET["cpu"] // (B * T * f) > 3              # by the MLP alone it would have been more

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from curvdist.math import jet
 from curvdist.math import layers as L
@@ -60,28 +61,48 @@ JET_BUDGET = {"cpu": 2 ** 25, "cuda": 2 ** 29}   # elements of one derivative pa
 
 def widest_after(module: nn.Module, run: Callable[[], Tensor], layers: Mapping[str, nn.Module],
                  scale: int = 1) -> dict[str, tuple[int, int]]:
-    """Per layer of ``layers`` (name → module, matched by identity): (the largest output, in elements, of any module called from that layer on except
-    the final result, the final result ``run()`` returns), times ``scale`` (``run`` may take one sequence of a
-    micro-batch of ``scale``: every activation grows with the batch)."""
-    seen: list[tuple[str | None, Tensor]] = []
+    """Per layer of ``layers`` (name → module, matched by identity): (the largest tensor, in elements, that any op
+    computes from that layer's output on, except the final result; the final result ``run()`` returns), times
+    ``scale`` (``run`` may take one sequence of a micro-batch of ``scale``: every activation grows with the batch).
+    Every op counts, not only module outputs: the attention scores (B·heads·T² under the MATH kernel, which the
+    jets run) are the widest tensor of a long-sequence block and live inside the attention module."""
+    seen: list[tuple[str | None, int, int]] = []          # (layer name or None, elements, data pointer)
     keys = {id(m): n for n, m in layers.items()}
 
     def hook(mod, args, out):
-        if isinstance(out, Tensor):
-            seen.append((keys.get(id(mod)), out))
+        name = keys.get(id(mod))
+        if name is not None and isinstance(out, Tensor):
+            seen.append((name, out.numel(), out.data_ptr()))
     handles = [m.register_forward_hook(hook) for m in module.modules()]
     try:
-        with torch.no_grad(), second_order_attention():
+        with torch.no_grad(), second_order_attention(), _Sizes(seen):
             z = run()
     finally:
         for h in handles:
             h.remove()
     out, most = {}, 1
-    for name, t in reversed(seen):
-        most = most if t is z else max(most, t.numel())
+    final = (z.numel(), z.untyped_storage().data_ptr())
+    for name, n, ptr in reversed(seen):
+        if (n, ptr) != final:
+            most = max(most, n)
         if name is not None:
             out[name] = (most * scale, z.numel() * scale)
     return out
+
+
+class _Sizes(TorchDispatchMode):
+    """Records (None, elements, data pointer) of every tensor an op returns (for :func:`widest_after`)."""
+
+    def __init__(self, seen: list):
+        super().__init__()
+        self.seen = seen
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, Tensor):
+                self.seen.append((None, t.numel(), t.untyped_storage().data_ptr()))
+        return out
 
 
 def jet_slices(counts: Sequence[tuple[str, int]], widest: Mapping[str, tuple[int, int]], device,

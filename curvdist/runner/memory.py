@@ -252,31 +252,47 @@ def exact_itemsize(exact_dtype: str, itemsize: int) -> int:
     return {"float32": max(4, itemsize), "float64": 8, "model": itemsize}[exact_dtype]
 
 
-def exact_route_bytes(act_autograd: int, tokens: int, arch: Arch, k: int, itemsize: int, *, last: bool) -> int:
-    """Workspace of a sweep's jet through one stage for one micro-batch (``act_autograd``: the saved tensors of
-    its forward, the scale of everything the stage computes).
+def jet_rows(k: int, tokens: int, seq_len: int, arch: Arch, device: str, chunk: int | None = None) -> int:
+    """Rows of one jet (directions carried together) as :func:`curvdist.math.stage_tangents.jet_slices` cuts them:
+    at most ``k``, ``chunk`` (exact_chunk), :data:`JET_BUDGET` // (t · the widest tensor of a block per token:
+    max(intermediate, hidden, attn_dim, heads·T), the last the MATH kernel's attention scores) and 4 · JET_BUDGET //
+    (t · logit width): the jets' size is bounded by the budget, not by K."""
+    budget = JET_BUDGET.get(device, JET_BUDGET["cuda"])
+    widest = max(arch.intermediate, arch.hidden, arch.attn_dim, arch.heads * seq_len)
+    rows = min(k, chunk or k, budget // max(1, tokens * widest))
+    if not arch.logits_per_sequence:
+        rows = min(rows, 4 * budget // max(1, tokens * arch.logit_width))
+    return max(1, rows)
 
-    ``stage_jet`` runs the stage's forward on (x, ẋ, ẍ) with K rows under no_grad: nothing is kept, the peak is
-    the residual stream and one op's first and second derivatives with their transients: measured (peak resident
-    memory with every allocation of 64 kB or more mmap'd, a Llama block, K = 1, 4, 8) (0.4 + 1.25·K)·act in
-    float32, (0.5 + 1.8·K)·act in bfloat16 (RMSNorm's float32 transients), taken here as (0.75 + 1.5K)·act; plus
-    the derivatives that arrive, ẋ and ẍ, 2·K·t·h·s; the last stage adds the logits' ż and z̈, 2·K·t·W·s.
+
+def exact_route_bytes(act_block: int, tokens: int, arch: Arch, k: int, itemsize: int, *, last: bool,
+                      seq_len: int, device: str = "cuda") -> int:
+    """Workspace of a sweep's jets through one stage for one micro-batch, K tangents in jets of
+    :func:`jet_rows` rows (``act_block``: the saved tensors of one block's forward with its input and output, the
+    scale of what one op of the stage computes).
+
+    ``stage_jet`` runs the stage's forward on (x, ẋ, ẍ) with r rows under no_grad: nothing is kept from one block to
+    the next, the peak is the residual stream and one op's first and second derivatives with their transients, so
+    it does not grow with the stage's blocks: measured (peak resident memory with every allocation of 64 kB or more
+    mmap'd, a one-block Llama stage, r = 1, 4, 8) (0.4 + 1.25·r)·act in float32, (0.5 + 1.8·r)·act in bfloat16
+    (RMSNorm's float32 transients), taken here as (0.75 + 1.5r)·act; plus the derivatives that arrive, ẋ and ẍ,
+    2·r·t·h·s; the last stage adds the logits' ż and a temporary at the loss, 2·r·t·W·s.
     """
-    out = int((0.75 + 1.5 * k) * act_autograd) + 2 * k * tokens * arch.hidden * itemsize
+    rows = jet_rows(k, tokens, seq_len, arch, device)
+    out = int((0.75 + 1.5 * rows) * act_block) + 2 * rows * tokens * arch.hidden * itemsize
     if last and not arch.logits_per_sequence:
-        out += 2 * k * tokens * arch.logit_width * itemsize
+        out += 2 * rows * tokens * arch.logit_width * itemsize
     return out
 
 
-def exact_local_bytes(act_autograd: int, tokens: int, arch: Arch, k: int, itemsize: int, device: str, min_m: int,
-                      cached_all: int, chunk: int | None = None) -> int:
+def exact_local_bytes(act_block: int, tokens: int, arch: Arch, k: int, itemsize: int, device: str,
+                      cached_all: int, chunk: int | None = None, *, seq_len: int) -> int:
     """Workspace of the last stage measuring its own layers in-process (:func:`curvdist.math.curvature.
-    exact_curvature`, Taylor mode): a jet of r rows through the stage, (0.75 + 1.5·r)·act as in
-    :func:`exact_route_bytes`, with r = min(K (the stage's directions), ``chunk`` (exact_chunk), JET_BUDGET / (t·m))
-    taking the narrowest layer ``min_m`` for the widest activation after it (so r is not underestimated); the
-    logits' first derivatives and one temporary at the loss, 2·r·t·W·s; every cached input moved to the device."""
-    rows = max(1, min(k, chunk or k, JET_BUDGET.get(device, JET_BUDGET["cuda"]) // max(1, tokens * min_m)))
-    out = int((0.75 + 1.5 * rows) * act_autograd) + cached_all
+    exact_curvature`, Taylor mode): a jet of :func:`jet_rows` rows through the stage, (0.75 + 1.5·r)·act as in
+    :func:`exact_route_bytes`; the logits' first derivatives and one temporary at the loss, 2·r·t·W·s; every cached
+    input moved to the device."""
+    rows = jet_rows(k, tokens, seq_len, arch, device, chunk)
+    out = int((0.75 + 1.5 * rows) * act_block) + cached_all
     if not arch.logits_per_sequence:
         out += 2 * rows * tokens * arch.logit_width * itemsize
     return out
@@ -362,15 +378,15 @@ def memory_plan(plan, layout: Layout, workload: Workload, device: str) -> Memory
         # the exact pass computes in exact_dtype: parameters upcast in place (the model-dtype copy is freed),
         # activations and tangents in that dtype
         xs = exact_itemsize(workload.exact_dtype, s)
-        act_exact = act_autograd * xs // s
+        act_jet = t * (per_block + 2 * h * s) * xs // s     # one block with its input and output (exact dtype)
         exact = 0
         if through:   # stacked sweeps through this stage: jets of T rows (seeded on the source stage)
-            exact = exact_route_bytes(act_exact, t, arch, through, xs, last=is_last)
+            exact = exact_route_bytes(act_jet, t, arch, through, xs, last=is_last, seq_len=T, device=device)
         if exact_mine and is_last:                   # the last stage's own layers: in-process route
             mb_x = math.ceil(workload.exact_microbatches / layout.replicas)   # the inputs the exact pass measures
             dirs = sum(min(k, l.m, l.n) for l in exact_mine)
-            exact = max(exact, exact_local_bytes(act_exact, t, arch, dirs, xs, device, min(l.m for l in exact_mine),
-                                                 mb_x * t * h * xs, workload.exact_chunk))
+            exact = max(exact, exact_local_bytes(act_jet, t, arch, dirs, xs, device, mb_x * t * h * xs,
+                                                 workload.exact_chunk, seq_len=T))
         if exact:
             exact += st.param_bytes * (xs - s) // s
         out.append(StageMemory(st.index, layout.held(st.index, mb), st.param_bytes, factors, act_autograd, stats_act,
