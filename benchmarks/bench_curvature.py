@@ -5,10 +5,10 @@ float32, eager attention; batch 64 × 64 tokens.  For K = 20 directions of four 
 the middle block's attn.c_attn and mlp.c_fc, last block mlp.c_proj) it times, each in multiples of one
 forward+backward (re-measured around every layer; the machine may be shared):
 
-- ``taylor``: :func:`curvdist.math.curvature.exact_curvature`, the default route (Taylor mode in process: the K
+- ``taylor``: :func:`curvdist.math.curvature.exact_curvature` with ``method="taylor"`` (in process: the K
   directions as rows of jets, as many rows per jet as ``JET_BUDGET`` allows for the widest activation after the
   layer; h and h^GN together);
-- ``2×bwd``, ``GN``: the same with ``method="output"`` (one forward, one create_graph backward, batched double
+- ``2×bwd``, ``GN``: the default route (``method="output"``: one forward, one create_graph backward, batched double
   backwards from the layer output; h and h^GN together, and h^GN alone);
 - ``loop h``: the same forward + create_graph backward, then K separate double backwards (retained graph);
 - ``param h`` (``--param``): the torch.func forward-over-reverse route on the weight (``method="param"``);

@@ -470,7 +470,7 @@ def test_taylor_rules_of_elementwise_ops_equal_the_double_backward():
     close(got["b"].h, dense.quadratic(dense.layer_hessian(model, data, oracle.cross_entropy, stages[1].b), U, V))
 
 
-def test_a_model_op_without_a_taylor_rule_is_named_and_auto_falls_back():
+def test_a_model_op_without_a_taylor_rule_is_named():
     class Odd(nn.Module):
         def __init__(self):
             super().__init__()
@@ -492,7 +492,7 @@ def test_a_model_op_without_a_taylor_rule_is_named_and_auto_falls_back():
 
 
 def test_taylor_route_on_transformers_equals_the_double_backward():
-    """The default route (jets in process: block replay upstream of the seeds, the head's second part left to the
+    """The Taylor route in process (jets: block replay upstream of the seeds, the head's second part left to the
     loss) against the double backward, on GPT-2 (tied head, eager attention) and Llama (GQA, rotary, sdpa) with
     layers in first and last blocks and the head.  Llama to float32 rounding: transformers' RMSNorm computes in
     float32 whatever the input dtype, and the two routes round there differently."""

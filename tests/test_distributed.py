@@ -96,11 +96,11 @@ def gpt2_v48(tmp_path_factory):
 def test_distributed_equals_in_process(ray_local, gpt2_v48, tmp_path, model, stages, replicas, fisher, exact, labels):
     """Every layout (stages × replicas, several micro-batches in flight) gives the in-process numbers to 1e-9 in
     float64, for every fisher, with and without exact_layers; every number, the signal-or-noise ones included
-    (per-unit noise, halves by micro-batch key, per-half h from the stage-chained exact pass).  Both routes run
-    Taylor mode (in process on the whole model, and in sweeps across stages), with the same rounding bound at the
-    loss; the in-process route is checked against the double backward and the dense Hessian in
-    tests/test_curvature.py."""
-    tol = 1e-9
+    (per-unit noise, halves by micro-batch key, per-half h from the stage-chained exact pass).  Llama:
+    transformers' LlamaRMSNorm computes in float32 whatever the input dtype, so its second derivatives by two AD
+    routes (double backward in process, Taylor mode across stages) agree only to float32 rounding there
+    (measured: h to 1.3e-7 of the largest, α_se, which divides by a small spread, to 1.1e-5)."""
+    tol = 5e-5 if model == "tiny-llama" else 1e-9
     src = f"model.path={gpt2_v48}" if model == "gpt2-v48" else f"model.name={model}"
     over = COMMON + [src, f"stages={stages}", f"replicas={replicas}", f"fisher={fisher}",
                      f"out={tmp_path}", "data.sequences=6", "data.micro_batch=2", f"gradient_labels={labels}"]

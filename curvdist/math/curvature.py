@@ -13,8 +13,8 @@ contributes (N_b/N)·h_b.  Since s is linear in W and a does not depend on W, th
 
 which involves the network *downstream* of the layer only.
 
-Default method of :func:`exact_curvature`: Taylor mode (second-order forward, :mod:`curvdist.math.jet`)
---------------------------------------------------------------------------------------------------------
+``method="taylor"``: Taylor mode (second-order forward, :mod:`curvdist.math.jet`), the pipeline's route
+-------------------------------------------------------------------------------------------------------
 Every direction of every layer is a row of a jet seeded at its layer's output (ṡ_t = D_t a, s̈_t = 0); the model's
 own forward on the jet gives (z, ż, z̈) and h_t = ⟨∇_z L_b, z̈_t⟩ + ż_tᵀ∇²_z L_b ż_t, h^GN_t = ż_tᵀ∇²_z L_b ż_t
 (:mod:`curvdist.math.stage_tangents`, the same code as a pipeline stage's sweep).  Two products per downstream
@@ -27,8 +27,12 @@ Every route reports h and h^GN as exactly 0 within c·ε of the magnitude of the
 direction, ż ∝ 1, whose h is 0 but computes as rounding of either sign: :func:`curvdist.math.stage_tangents.loss_jet`;
 the two routes below, which have ż but not z̈ apart, by :func:`curvdist.math.losses.gn_and_rounded`).
 
-``method="output"``: reverse-over-reverse from the layer outputs, batched over K
+Default (``auto``): reverse-over-reverse from the layer outputs, batched over K
 ------------------------------------------------------------------------------
+Not Taylor mode by default in process: measured on SmolLM2-135M (49152-word head, 4 × 64 tokens, K = 10, one
+thread), the 7 layers of block 20 (nine blocks downstream) took 176 s by the jets against 111 s by the double
+backward, and ``make run``'s exact pass 623 s against 342 s (the last block alone: 36 s against 61 s; the GPT-2 of
+``benchmarks/bench_curvature.py``: 0.85–0.94 of the double backward's time).
 Per micro-batch, one forward with hooks keeps every analysed layer's output s_l (parameters are switched to
 ``requires_grad=False`` for that forward, so no weight-gradient graph is built), then
 
@@ -72,7 +76,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 
-from curvdist.math import jet, noise, subsample
+from curvdist.math import noise, subsample
 from curvdist.math import layers as L
 from curvdist.math.forward import batch_size, first_rows, model_logits, second_order_attention, to_device
 from curvdist.math.losses import gn_and_rounded, loss_terms
@@ -137,10 +141,9 @@ def exact_curvature(model: nn.Module, data: Iterable, loss: str,
     :data:`curvdist.math.stage_tangents.JET_BUDGET` (taylor).
     ``method``: ``"taylor"`` (jets: second-order forward mode, see the module docstring), ``"output"`` (hooks +
     batched double backward from the layer outputs), ``"param"`` (``torch.func`` forward-over-reverse on the
-    weight itself, one extra forward per layer), or ``"auto"``: taylor (output where the model runs an op that has
-    no Taylor-mode rule, :class:`curvdist.math.jet.MissingRule`), except for a layer whose module is called more
-    than once in a forward — there the input of one call may depend on W, so s is not linear in W and only the
-    param route is exact.  Every route reports a value within the rounding of its sums at the loss as exactly 0
+    weight itself, one extra forward per layer), or ``"auto"``: output (module docstring: measured faster in process
+    than the jets on a real model), except for a layer whose module is called more than once in a forward — there
+    the input of one call may depend on W, so s is not linear in W and only the param route is exact.  Every route reports a value within the rounding of its sums at the loss as exactly 0
     (module docstring).  A weight tied to
     another module (GPT-2's lm_head and wte) is measured in its use by THIS module on the output route, as G and
     the Kronecker factors are; ``method="param"`` gives the Hessian w.r.t. the shared tensor instead (all uses).
@@ -207,17 +210,10 @@ def exact_curvature(model: nn.Module, data: Iterable, loss: str,
             nb = None
             todo = [k for k in names if k in param_path]
             if handles:
-                nb = None
-                if method != "output" and not jet_plan.get("fallback"):
-                    try:
-                        nb, reused = _taylor_path(model, inputs, targets, loss,
-                                                  [k for k in names if k not in param_path], layers, dirs, hessian,
-                                                  chunk_size, add, gn, jet_plan)
-                    except jet.MissingRule:
-                        if method == "taylor":
-                            raise
-                        jet_plan["fallback"] = True   # auto: an op without a Taylor rule; the double backward instead
-                if nb is None:
+                if method == "taylor":
+                    nb, reused = _taylor_path(model, inputs, targets, loss, [k for k in names if k not in param_path],
+                                              layers, dirs, hessian, chunk_size, add, gn, jet_plan)
+                else:
                     nb, reused = _output_path(model, inputs, targets, loss, names, param_path, captured, active,
                                               layers, dirs, hessian, gn, chunk_size, add)
                 if reused and method in ("output", "taylor"):

@@ -204,9 +204,9 @@ class ExactSteps:
             acc["h_gn"][k] += h_gn[t]
 
     def exact_local(self, layers: list[str]) -> int:
-        """Last stage: its own layers' downstream network is all here, so the in-process route applies (the same
-        jets, on the whole stage, with block replay and the head split; :func:`exact_curvature`'s default) on the
-        cached stage inputs of this replica's micro-batches.  Returns how many micro-batches it measured."""
+        """Last stage: its own layers' downstream network is all here, so the in-process route applies
+        (:func:`exact_curvature`'s default: one forward per micro-batch, one create_graph backward, a batched double
+        backward per layer from the layer outputs) on the cached stage inputs of this replica's micro-batches.  Returns how many micro-batches it measured."""
         t0 = time.perf_counter()
         mbs = self._measured(self._inputs)
         self._local, self._n_local = {}, sum(self._n_terms[b] for b in mbs)
