@@ -30,9 +30,10 @@ the two routes below, which have ż but not z̈ apart, by :func:`curvdist.math.l
 Default (``auto``): reverse-over-reverse from the layer outputs, batched over K
 ------------------------------------------------------------------------------
 Not Taylor mode by default in process: measured on SmolLM2-135M (49152-word head, 4 × 64 tokens, K = 10, one
-thread), the 7 layers of block 20 (nine blocks downstream) took 176 s by the jets against 111 s by the double
-backward, and ``make run``'s exact pass 623 s against 342 s (the last block alone: 36 s against 61 s; the GPT-2 of
-``benchmarks/bench_curvature.py``: 0.85–0.94 of the double backward's time).
+thread; ``benchmarks/bench_exact_routes.py``), the 7 layers of block 20 took 179 s by the jets against 115 s by the
+double backward, those of the last block 83 s against 48 s, and ``make run``'s exact pass 623 s against 342–358 s;
+only on the small-vocabulary GPT-2 of ``benchmarks/bench_curvature.py`` are the jets faster (0.85–0.94 of the
+double backward's time).
 Per micro-batch, one forward with hooks keeps every analysed layer's output s_l (parameters are switched to
 ``requires_grad=False`` for that forward, so no weight-gradient graph is built), then
 
