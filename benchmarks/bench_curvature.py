@@ -132,7 +132,7 @@ def sweep(model, ids, targets, name, mod, U, V, chunk=None):
     to the logits, h and h^GN at the loss (:mod:`curvdist.math.stage_tangents`); rows per jet as a stage worker
     cuts them (``jet_slices`` by the widest activation after the layer, at most ``chunk``)."""
     from curvdist.math.stage_tangents import HeadSplit, Perturbation, jet_slices, loss_jet, stage_jet, widest_after
-    widest = widest_after(model, lambda: model(ids[:1]).logits, [name], scale=ids.shape[0])
+    widest = widest_after(model, lambda: model(ids[:1]).logits, {name: mod}, scale=ids.shape[0])
     pert, head = Perturbation({name: mod}), HeadSplit(model)
     out = []
     try:

@@ -223,14 +223,18 @@ ROUNDING_C = 16.0
 
 
 def rounding_eps(*dtypes: torch.dtype) -> float:
-    """ε of the coarsest of ``dtypes`` (the dtypes the loss-level products were computed in)."""
-    return max(torch.finfo(d).eps for d in dtypes)
+    """ε of the coarsest of ``dtypes`` (the dtypes the loss-level products were computed in), at most float32's: in
+    half precision (``exact_dtype: model`` on a bf16 model) c·ε would be 1/8 and zero genuine values whose sums
+    cancel to that degree, while PyTorch accumulates those sums in float32; a null direction's rounding in half
+    precision is then left as it is (that mode's error is reported, not hidden)."""
+    return max(min(torch.finfo(d).eps, torch.finfo(torch.float32).eps) for d in dtypes)
 
 
 def within_rounding(value: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """``value`` with every entry of |value| ≤ c·ε·scale (c = :data:`ROUNDING_C`) set to exactly 0: a sum whose
     terms' absolute values add up to ``scale`` is not resolved below its rounding, whose sign is chance."""
-    return torch.where(value.abs() <= ROUNDING_C * eps * scale.to(value.dtype), torch.zeros_like(value), value)
+    return torch.where(value.abs() <= ROUNDING_C * eps * scale.to(value.device, value.dtype), torch.zeros_like(value),
+                       value)
 
 
 def gn_and_rounded(logits: torch.Tensor, targets: torch.Tensor, loss: str, zdot: torch.Tensor,
@@ -239,5 +243,5 @@ def gn_and_rounded(logits: torch.Tensor, targets: torch.Tensor, loss: str, zdot:
     both set to 0 within the rounding of żᵀ∇²ℓ ż (:func:`within_rounding` with the magnitude of
     :func:`hessian_quadratic_bounded`, a lower bound of h's: such a route zeroes no more than the jets would)."""
     q, scale = hessian_quadratic_bounded(logits, targets, loss, zdot)
-    eps = rounding_eps(q.dtype, zdot.dtype)
+    eps = rounding_eps(q.dtype, zdot.dtype, *(() if h is None else (h.dtype,)))
     return (None if h is None else within_rounding(h, scale, eps)), within_rounding(q, scale, eps)

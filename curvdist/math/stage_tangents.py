@@ -72,7 +72,7 @@ def widest_after(module: nn.Module, run: Callable[[], Tensor], layers: Mapping[s
     def hook(mod, args, out):
         name = keys.get(id(mod))
         if name is not None and isinstance(out, Tensor):
-            seen.append((name, out.numel(), out.data_ptr()))
+            seen.append((name, out.numel(), out.untyped_storage().data_ptr()))
     handles = [m.register_forward_hook(hook) for m in module.modules()]
     try:
         with torch.no_grad(), second_order_attention(), _Sizes(seen):

@@ -29,8 +29,9 @@ Per stage j, with B micro_batch, T seq_len, t = B·T tokens per micro-batch, M_r
                  every worker holds all of its rows, else streams): a layer's projected input rows, R · K · r
     finalize     G, C_A, C_δ again: ``finalize`` normalises into new tensors while the running sums are alive
     spectral     the largest layer's SVD of G and eigensolve workspace (:func:`spectral_workspace`)
-    exact        a sweep's jet (K rows of first and second derivatives) through the stage for one micro-batch
-                 (:func:`exact_route_bytes`; the last stage's own layers: :func:`exact_local_bytes`)
+    exact        a sweep's jet (r rows of first and second derivatives, :func:`jet_rows`) through the stage for one
+                 micro-batch (:func:`exact_route_bytes`; the last stage's own layers, by the double backward:
+                 :func:`exact_local_bytes`)
 
     pass peaks   statistics  = weights + factors + held · activations + backward + rows
                  spectral    = weights + factors + max(finalize, spectral) + rows          (the stage's rows fit)
@@ -70,6 +71,7 @@ import math
 from dataclasses import dataclass
 
 from curvdist.math import modes as M
+from curvdist.math.curvature import CHUNK_BUDGET
 from curvdist.math.stage_tangents import JET_BUDGET
 from curvdist.runner.plan import ITEMSIZE, Arch, Layout, Workload
 
@@ -276,26 +278,24 @@ def exact_route_bytes(act_block: int, tokens: int, arch: Arch, k: int, itemsize:
     it does not grow with the stage's blocks: measured (peak resident memory with every allocation of 64 kB or more
     mmap'd, a one-block Llama stage, r = 1, 4, 8) (0.4 + 1.25·r)·act in float32, (0.5 + 1.8·r)·act in bfloat16
     (RMSNorm's float32 transients), taken here as (0.75 + 1.5r)·act; plus the derivatives that arrive, ẋ and ẍ,
-    2·r·t·h·s; the last stage adds the logits' ż and a temporary at the loss, 2·r·t·W·s.
+    2·r·t·h·s; the last stage adds the logits' ż and a temporary at the loss, 2·r·t·W·s, and the logits, their
+    softmax and ∇_z L, 3·t·W·s.
     """
     rows = jet_rows(k, tokens, seq_len, arch, device)
     out = int((0.75 + 1.5 * rows) * act_block) + 2 * rows * tokens * arch.hidden * itemsize
-    if last and not arch.logits_per_sequence:
-        out += 2 * rows * tokens * arch.logit_width * itemsize
+    if last and not arch.logits_per_sequence:   # ż and a temporary per row; the logits, softmax and ∇_z L once
+        out += (2 * rows + 3) * tokens * arch.logit_width * itemsize
     return out
 
 
-def exact_local_bytes(act_block: int, tokens: int, arch: Arch, k: int, itemsize: int, device: str,
-                      cached_all: int, chunk: int | None = None, *, seq_len: int) -> int:
+def exact_local_bytes(act_autograd: int, tokens: int, k: int, device: str, min_m: int, cached_all: int) -> int:
     """Workspace of the last stage measuring its own layers in-process (:func:`curvdist.math.curvature.
-    exact_curvature`, Taylor mode): a jet of :func:`jet_rows` rows through the stage, (0.75 + 1.5·r)·act as in
-    :func:`exact_route_bytes`; the logits' first derivatives and one temporary at the loss, 2·r·t·W·s; every cached
-    input moved to the device."""
-    rows = jet_rows(k, tokens, seq_len, arch, device, chunk)
-    out = int((0.75 + 1.5 * rows) * act_block) + cached_all
-    if not arch.logits_per_sequence:
-        out += 2 * rows * tokens * arch.logit_width * itemsize
-    return out
+    exact_curvature`'s default, the double backward): a forward and a create_graph backward (≈ 3 × act of the whole
+    stage), a chunk of c = min(K, CHUNK_BUDGET / (t·m)) directions of the batched double backward (≈ c × act; the
+    narrowest layer, ``min_m``, has the largest chunk and bounds the peak), and every cached input moved to the
+    device (measured on a one-block Llama, fp32: 4.0·act for K = 1, 6.8·act for K = 8 in chunks of 4)."""
+    chunk = max(1, min(k, CHUNK_BUDGET.get(device, CHUNK_BUDGET["cuda"]) // max(1, tokens * min_m)))
+    return (3 + chunk) * act_autograd + cached_all
 
 
 def sweep_tangents(plan, workload: Workload, stage: int) -> int:
@@ -380,13 +380,12 @@ def memory_plan(plan, layout: Layout, workload: Workload, device: str) -> Memory
         xs = exact_itemsize(workload.exact_dtype, s)
         act_jet = t * (per_block + 2 * h * s) * xs // s     # one block with its input and output (exact dtype)
         exact = 0
-        if through:   # stacked sweeps through this stage: jets of T rows (seeded on the source stage)
+        if through:   # stacked sweeps through this stage: jets of jet_rows rows (seeded on the source stage)
             exact = exact_route_bytes(act_jet, t, arch, through, xs, last=is_last, seq_len=T, device=device)
         if exact_mine and is_last:                   # the last stage's own layers: in-process route
             mb_x = math.ceil(workload.exact_microbatches / layout.replicas)   # the inputs the exact pass measures
-            dirs = sum(min(k, l.m, l.n) for l in exact_mine)
-            exact = max(exact, exact_local_bytes(act_jet, t, arch, dirs, xs, device, mb_x * t * h * xs,
-                                                 workload.exact_chunk, seq_len=T))
+            exact = max(exact, exact_local_bytes(act_autograd * xs // s, t, k, device, min(l.m for l in exact_mine),
+                                                 mb_x * t * h * xs))
         if exact:
             exact += st.param_bytes * (xs - s) // s
         out.append(StageMemory(st.index, layout.held(st.index, mb), st.param_bytes, factors, act_autograd, stats_act,

@@ -98,6 +98,11 @@ class ExactSteps:
                 x1, m1 = x[:1], (None if mask is None else mask[:1])
                 widest = widest_after(self.module, lambda: self.module(x1, attention_mask=m1),
                                       {n: self.layers[n] for n in mine}, self.spec.micro_batch)
+                # the sweep's rows reach the last stage's logits: cap them as there (4·JET_BUDGET over the logits
+                # of a micro-batch, as runner.memory.jet_rows assumes), which this stage's own output does not show
+                vocab = getattr(getattr(self.module, "config", None), "vocab_size", None) or 0
+                logits = self.spec.micro_batch * x1.shape[1] * vocab
+                widest = {n: (w, max(f, logits)) for n, (w, f) in widest.items()}
             self._slices = jet_slices(counts, widest, self.device, cap=chunk)
         return len(self._slices)
 
@@ -219,8 +224,7 @@ class ExactSteps:
             dirs = {n: (self.spectra[n].U, self.spectra[n].V) for n in layers}
             self._local = exact_curvature(self.module, data, self.m.loss, dirs,
                                           layers={n: self.layers[n] for n in layers}, gn=self.m.gn, keys=mbs,
-                                          chunk_size=self._chunk,
-                                          population=self._population)
+                                          population=self._population)   # chunks by CHUNK_BUDGET (memory model)
         self._busy_exact += time.perf_counter() - t0
         self.timings["exact_local_s"] = time.perf_counter() - t0
         return len(mbs)
