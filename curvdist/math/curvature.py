@@ -144,8 +144,8 @@ def exact_curvature(model: nn.Module, data: Iterable, loss: str,
     batched double backward from the layer outputs), ``"param"`` (``torch.func`` forward-over-reverse on the
     weight itself, one extra forward per layer), or ``"auto"``: output (module docstring: measured faster in process
     than the jets on a real model), except for a layer whose module is called more than once in a forward — there
-    the input of one call may depend on W, so s is not linear in W and only the param route is exact.  Every route reports a value within the rounding of its sums at the loss as exactly 0
-    (module docstring).  A weight tied to
+    the input of one call may depend on W, so s is not linear in W and only the param route is exact.  Every route
+    reports a value within the rounding of its sums at the loss as exactly 0 (module docstring).  A weight tied to
     another module (GPT-2's lm_head and wte) is measured in its use by THIS module on the output route, as G and
     the Kronecker factors are; ``method="param"`` gives the Hessian w.r.t. the shared tensor instead (all uses).
     The model is evaluated in its current mode (``model.eval()`` switches dropout off).  ``keys``: the micro-batch
